@@ -114,6 +114,20 @@ class MeshConfig:
 
 
 @dataclass
+class DemoConfig:
+    """Budget of `reasonrag-jax demo`; `quick` holds dotted overrides applied by `--quick`."""
+    entities: int = 300
+    sft_questions: int = 300        # train questions whose gold chains make the SFT set
+    sft_epochs: int = 1
+    sft_learning_rate: float = 5e-5
+    mcts_questions: int = 48        # train questions searched for PRL / ORL pairs
+    dpo_epochs: int = 2
+    dpo_learning_rate: float = 5e-6
+    test_questions: int = 100
+    quick: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -122,6 +136,7 @@ class Config:
     mcts: MCTSConfig = field(default_factory=MCTSConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     seed: int = 0
 
 
@@ -130,7 +145,7 @@ def _check(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise InputError(f"key '{where}': expected a mapping, got {type(value).__name__}")
         return _build(typ, value, where)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(typ):
@@ -138,7 +153,7 @@ def _check(value: Any, typ: Any, where: str) -> Any:
                 return _check(value, option, where)
             except InputError:
                 continue
-        raise InputError(f"{where}: {value!r} does not match {typ}")
+        raise InputError(f"key '{where}': {value!r} does not match {typ}")
     if typ is Any:
         return value
     if typ is type(None):
@@ -147,18 +162,23 @@ def _check(value: Any, typ: Any, where: str) -> Any:
         raise InputError(f"{where}: expected null")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+            raise InputError(f"key '{where}': expected a list, got {type(value).__name__}")
         args = typing.get_args(typ)
-        item = args[0] if args else Any
-        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) == 2 and args[1] is Ellipsis or not args:
+            items = [args[0] if args else Any] * len(value)
+        elif len(args) != len(value):
+            raise InputError(f"key '{where}': expected {len(args)} items, got {len(value)}")
+        else:
+            items = list(args)
+        return tuple(_check(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where}: expected a list, got {type(value).__name__}")
+            raise InputError(f"key '{where}': expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(typ) or (Any,)
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise InputError(f"key '{where}': expected a mapping, got {type(value).__name__}")
         _, val_t = typing.get_args(typ) or (Any, Any)
         return {k: _check(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if typ is float and isinstance(value, int) and not isinstance(value, bool):

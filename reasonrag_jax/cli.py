@@ -1,0 +1,119 @@
+"""`reasonrag-jax` command line: parse, load the config, call one function.
+
+Every subcommand takes `--config FILE` and `--set key=value`. User errors (`InputError`) print
+one line and exit 2; everything heavy is imported lazily so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from reasonrag_jax.config import Config, load_config
+from reasonrag_jax.io import InputError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2_cpu.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reasonrag-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--config", type=Path, default=None,
+                        help="YAML config (default: configs/smollm2_cpu.yaml when present)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. train.beta=0.1")
+        return sp
+
+    sp = add("synth", "write the embedded synthetic knowledge base and questions")
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("index", "embed a FlashRAG corpus and build a ScaNN (or exact) index")
+    sp.add_argument("--corpus", type=Path, required=True)
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("eval", "run agentic RAG episodes and score EM / F1 / acc")
+    sp.add_argument("--dataset", type=Path, required=True)
+    sp.add_argument("--index", type=Path, required=True)
+    sp.add_argument("--checkpoint", default=None, help="policy: training dir, HF dir or GGUF")
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("generate", "MCTS + SPRE preference pairs (RAG-ProGuide format)")
+    sp.add_argument("--dataset", type=Path, required=True)
+    sp.add_argument("--index", type=Path, required=True)
+    sp.add_argument("--checkpoint", default=None)
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("train", "DPO (or SFT with --set train.objective=sft) on a pairs / SFT jsonl")
+    sp.add_argument("--pairs", type=Path, required=True)
+    sp.add_argument("--init", default=None, help="starting policy (default: model.policy)")
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("export", "write a trained checkpoint as a Hugging Face directory")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", type=Path, required=True)
+    sp = add("demo", "the whole method on the embedded default (Base / SFT / ORL / PRL table)")
+    sp.add_argument("--out", type=Path, default=Path("runs/demo"))
+    sp.add_argument("--quick", action="store_true", help="small budget (about 8 minutes)")
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, args.overrides)
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    from reasonrag_jax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    if args.command == "synth":
+        from reasonrag_jax.data.synthetic import write_synthetic
+
+        for name, path in write_synthetic(args.out, seed=cfg.seed).items():
+            print(f"{name}: {path}")
+    elif args.command == "index":
+        from reasonrag_jax.retrieval.index import build_index
+
+        print(build_index(args.corpus, args.out, cfg.retrieval))
+    elif args.command == "eval":
+        from reasonrag_jax.eval.evaluate import run_eval
+
+        run_eval(cfg, args.dataset, args.index, args.checkpoint, args.out)
+    elif args.command == "generate":
+        from reasonrag_jax.mcts.search import run_generate
+
+        run_generate(cfg, args.dataset, args.index, args.out, args.checkpoint)
+    elif args.command == "train":
+        from reasonrag_jax.train.trainer import run_sft, run_train
+
+        train = run_sft if cfg.train.objective == "sft" else run_train
+        train(cfg, args.pairs, args.out, args.init)
+    elif args.command == "export":
+        from reasonrag_jax.models.weights import export_hf, load_policy
+
+        model, tokenizer = load_policy(args.checkpoint)
+        export_hf(model, tokenizer, args.out)
+        print(args.out)
+    elif args.command == "demo":
+        from reasonrag_jax.demo import run_demo
+
+        run_demo(cfg, args.out, quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"reasonrag-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reasonrag-jax {args.command}: interrupted; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
