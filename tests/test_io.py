@@ -5,8 +5,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reasonrag_jax.io import (InputError, append_jsonl, atomic_dir, done_keys, drop_torn_tail,
-                              read_jsonl, write_json_atomic)
+from reasonrag_jax.io import (
+    InputError,
+    append_jsonl,
+    atomic_dir,
+    done_keys,
+    drop_torn_tail,
+    read_jsonl,
+    write_json_atomic,
+)
 
 SCHEMA = {"id": str, "n": int}
 
@@ -61,10 +68,9 @@ def test_drop_torn_tail_keeps_exactly_the_complete_lines(tmp_path_factory, data)
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "index"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
     assert not target.exists()
     with atomic_dir(target) as tmp:  # the next build clears the leftover partial dir
         (tmp / "done").write_text("y")
