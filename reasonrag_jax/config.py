@@ -62,6 +62,7 @@ class AgentConfig:
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 16            # questions in flight
+    num_passages: int = 3           # passages retrieved per query and shown to grounding (paper: 3)
 
 
 @dataclass

@@ -1,0 +1,246 @@
+"""Batched agentic-RAG episodes: one runner for evaluation, MCTS expansion and SPRE rollouts.
+
+Episodes are immutable values (an MCTS node keeps its own), and the runner advances many of
+them at once, each at its own state: per round it makes at most one `sampler.score` call (the
+guided scaffold choice), one `sampler.generate` call and one `retriever.search` call, each
+batched over every row that needs it. Randomness is derived from the row's seed and its step
+index only, so a row's trajectory never depends on which other rows share its batch.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from reasonrag_jax.agent import protocol as P
+from reasonrag_jax.config import AgentConfig
+from reasonrag_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from reasonrag_jax.data.qa import QAExample
+    from reasonrag_jax.retrieval.index import Passage
+    from reasonrag_jax.sampling import Completion
+
+_SALTS = {"": 1, P.QUERY_SCAFFOLD: 2, P.ANSWER_SCAFFOLD: 3, P.EVIDENCE_SCAFFOLD: 4}
+_CHOICE_SALT = 0
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str                      # "query" | "evidence" | "answer"
+    instruction: str               # system message of the step (RAG-ProGuide `instruction`)
+    input: str                     # user message of the step (RAG-ProGuide `input`)
+    prompt: str                    # chat-templated (instruction, input) + generation prompt
+    response: str                  # full assistant text, guided scaffold included
+    content: str                   # text inside the step's tag ("" = unusable query,
+                                   # "None" = no evidence)
+    logprob: float                 # policy log-prob of the text it chose (scaffold choice incl.)
+    retrieved: tuple[Passage, ...] = ()      # query steps: passages shown to grounding
+
+    @property
+    def state(self) -> str:
+        return P.GROUNDING if self.kind == P.EVIDENCE else P.REASONING
+
+    def to_trace(self) -> dict[str, Any]:
+        evidence = self.kind == P.EVIDENCE and self.content != P.NO_EVIDENCE
+        return {"state": self.state, "kind": self.kind, "prompt": self.prompt,
+                "response": self.response,
+                "query": self.content if self.kind == P.QUERY else None,
+                "retrieved": [p.id for p in self.retrieved],
+                "evidence": self.content if evidence else None,
+                "answer": self.content if self.kind == P.ANSWER else None,
+                "logprob": self.logprob}
+
+
+@dataclass(frozen=True)
+class Episode:
+    example: QAExample
+    steps: tuple[Step, ...] = ()
+    done: bool = False
+    prediction: str | None = None
+
+    @property
+    def next_state(self) -> str:
+        """ "reasoning" | "grounding" | "terminal"."""
+        return P.next_state(self.steps)
+
+    @property
+    def num_retrievals(self) -> int:
+        return P.num_queries(self.steps)
+
+    @property
+    def num_iterations(self) -> int:
+        """Reasoning steps taken (queries, unusable ones included, and the answer)."""
+        return sum(1 for s in self.steps if s.kind != P.EVIDENCE)
+
+    @property
+    def passages(self) -> list[Passage]:
+        """Every passage retrieved during the episode, in order."""
+        return [p for s in self.steps for p in s.retrieved]
+
+    def to_trace(self) -> dict[str, Any]:
+        ex = self.example
+        return {"id": ex.id, "question": ex.question, "golden_answers": list(ex.golden_answers),
+                "prediction": self.prediction, "retrievals": self.num_retrievals,
+                "iterations": self.num_iterations, "steps": [s.to_trace() for s in self.steps]}
+
+    def advance(self, step: Step) -> Episode:
+        done = step.kind == P.ANSWER
+        return Episode(self.example, self.steps + (step,), done, step.content if done else None)
+
+
+def derive_seed(seed: int, *salts: int) -> int:
+    """A 31-bit seed that depends on (seed, salts) only."""
+    return int(np.random.SeedSequence([seed % 2**63, *salts]).generate_state(1)[0]) >> 1
+
+
+class EpisodeRunner:
+    """Advances batches of episodes through the protocol with a sampler and a retriever.
+
+    `sampler` needs `tokenizer` (chat template), `generate(prompts, params, seeds, n)` and, in
+    guided mode, `score(prompts, continuations)`; `retriever` needs `search(queries, k)`.
+    """
+
+    def __init__(self, sampler: Any, retriever: Any, cfg: AgentConfig):
+        if cfg.mode not in ("guided", "free"):
+            raise ValueError(f"agent.mode must be 'guided' or 'free', got {cfg.mode!r}")
+        self.sampler, self.retriever, self.cfg = sampler, retriever, cfg
+
+    def start(self, examples: Sequence[QAExample]) -> list[Episode]:
+        return [Episode(ex) for ex in examples]
+
+    def expand(self, episodes: Sequence[Episode], n: int, temperature: float,
+               seeds: Sequence[int]) -> list[list[Episode]]:
+        """`n` one-step continuations of each episode (none for a finished one)."""
+        live = [i for i, ep in enumerate(episodes) if not ep.done]
+        children = self._advance([episodes[i] for i in live], [seeds[i] for i in live], n,
+                                 temperature)
+        out: list[list[Episode]] = [[] for _ in episodes]
+        for i, c in zip(live, children):
+            out[i] = c
+        return out
+
+    def rollouts(self, episodes: Sequence[Episode], temperature: float, seeds: Sequence[int],
+                 k: int = 1) -> Iterator[tuple[int, int, Episode]]:
+        """Yield `(episode index, rollout index, finished episode)` as rollouts end.
+
+        At most `cfg.batch_size` rollouts are in flight; a finished one frees its slot for the
+        next at once, so long episodes do not hold short ones back.
+        """
+        queue = deque((i, r) for i in range(len(episodes)) for r in range(k))
+        flight: list[tuple[int, int, Episode, int]] = []
+        while queue or flight:
+            while queue and len(flight) < self.cfg.batch_size:
+                i, r = queue.popleft()
+                if episodes[i].done:
+                    yield i, r, episodes[i]
+                else:
+                    flight.append((i, r, episodes[i], derive_seed(seeds[i], r)))
+            if not flight:
+                continue
+            advanced = self._advance([f[2] for f in flight], [f[3] for f in flight], 1,
+                                     temperature)
+            kept = []
+            for (i, r, _, seed), (ep,) in zip(flight, advanced):
+                if ep.done:
+                    yield i, r, ep
+                else:
+                    kept.append((i, r, ep, seed))
+            flight = kept
+
+    def finish(self, episodes: Sequence[Episode], temperature: float, seeds: Sequence[int],
+               k: int = 1) -> list[list[Episode]]:
+        """Run every episode to its answer `k` times: `[len(episodes)][k]`."""
+        out: list[list[Any]] = [[None] * k for _ in episodes]
+        for i, r, ep in self.rollouts(episodes, temperature, seeds, k):
+            out[i][r] = ep
+        return out
+
+    # -----------------------------------------------------------------------------------------
+
+    def _advance(self, episodes: Sequence[Episode], seeds: Sequence[int], n: int,
+                 temperature: float) -> list[list[Episode]]:
+        """One protocol step for every (unfinished) episode, `n` alternatives each."""
+        if not episodes:
+            return []
+        turns = [P.turn(ep.example.question, ep.steps, self.cfg.max_iter) for ep in episodes]
+        prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
+        seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
+        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature)
+        completions = self._generate(prompts, scaffolds, seeds, temperature)
+
+        steps: list[list[Step]] = []
+        for t, prompt, row_scaffolds, row_logp, row_comps in zip(
+                turns, prompts, scaffolds, choice_logp, completions):
+            row = []
+            for scaffold, logp, comp in zip(row_scaffolds, row_logp, row_comps):
+                response = scaffold + comp.text
+                if t.state == P.GROUNDING:
+                    kind, content = P.EVIDENCE, P.parse_evidence(response) or P.NO_EVIDENCE
+                elif t.forced:
+                    kind, content = P.ANSWER, P.parse_answer(response)
+                else:
+                    kind, content = P.parse_reasoning(response)
+                row.append(Step(kind, t.instruction, t.input, prompt, response, content,
+                                float(logp + sum(comp.logprobs))))
+            steps.append(row)
+
+        queries = list(dict.fromkeys(s.content for row in steps for s in row
+                                     if s.kind == P.QUERY and s.content))
+        found = dict(zip(queries, self.retriever.search(queries, self.cfg.num_passages))) \
+            if queries else {}
+        return [[ep.advance(replace(s, retrieved=tuple(found[s.content]))
+                            if s.kind == P.QUERY and s.content else s) for s in row]
+                for ep, row in zip(episodes, steps)]
+
+    def _scaffolds(self, turns: list[P.Turn], prompts: list[str], seeds: list[int], n: int,
+                   temperature: float) -> tuple[list[list[str]], list[list[float]]]:
+        """Per row and alternative: the text the runner writes before the model continues, and
+        the log-prob of the model choosing it (guided reasoning only)."""
+        if self.cfg.mode == "free":
+            return [[""] * n for _ in turns], [[0.0] * n for _ in turns]
+        options = (P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD)
+        choose = [i for i, t in enumerate(turns) if t.state == P.REASONING and not t.forced]
+        scores = self.sampler.score([prompts[i] for i in choose], [list(options)] * len(choose)) \
+            if choose else np.zeros((0, 2))
+        scaffolds = [[P.EVIDENCE_SCAFFOLD if t.state == P.GROUNDING else P.ANSWER_SCAFFOLD] * n
+                     for t in turns]
+        logps = [[0.0] * n for _ in turns]
+        for i, lp in zip(choose, np.asarray(scores, dtype=np.float64)):
+            if temperature <= 0:
+                picks = [int(np.argmax(lp))] * n
+            else:
+                z = lp / temperature
+                p = np.exp(z - z.max())
+                rng = np.random.default_rng(derive_seed(seeds[i], _CHOICE_SALT))
+                picks = list(rng.choice(len(options), size=n, p=p / p.sum()))
+            scaffolds[i] = [options[c] for c in picks]
+            logps[i] = [float(lp[c]) for c in picks]
+        return scaffolds, logps
+
+    def _generate(self, prompts: list[str], scaffolds: list[list[str]], seeds: list[int],
+                  temperature: float) -> list[list[Completion]]:
+        """Completions after each (row, scaffold); alternatives sharing a scaffold are `n`
+        samples of one prompt. One sampler call per distinct group size (one when n = 1)."""
+        cfg = self.cfg
+        params = SamplingParams(max_new_tokens=cfg.max_step_tokens, temperature=temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, stop=P.CLOSING_TAGS)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for row, row_scaffolds in enumerate(scaffolds):
+            for alt, scaffold in enumerate(row_scaffolds):
+                groups.setdefault((row, scaffold), []).append(alt)
+        by_size: dict[int, list[tuple[int, str]]] = {}
+        for key, alts in groups.items():
+            by_size.setdefault(len(alts), []).append(key)
+        out: list[list[Any]] = [[None] * len(s) for s in scaffolds]
+        for size, keys in sorted(by_size.items()):
+            results = self.sampler.generate(
+                [prompts[row] + scaffold for row, scaffold in keys], params,
+                [derive_seed(seeds[row], _SALTS[scaffold]) for row, scaffold in keys], n=size)
+            for key, comps in zip(keys, results):
+                for alt, comp in zip(groups[key], comps):
+                    out[key[0]][alt] = comp
+        return out

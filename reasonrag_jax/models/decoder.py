@@ -1,0 +1,248 @@
+"""Llama / Qwen2 decoder in Flax NNX, with a per-row-position KV cache.
+
+Layer weights are stacked on a leading `layers` axis and the forward pass is one `lax.scan`, so
+a 30-layer model compiles as one layer (seconds on CPU) and rematerialisation is one flag.
+Every parameter carries logical axis names (`sharding_names`) that `sharding.py` maps to a mesh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+    model_type: str = "llama"          # 'llama' | 'qwen2'
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "float32"             # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
+        """Build from a Hugging Face `config.json` dict (LlamaConfig / Qwen2Config fields)."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r} (llama and qwen2 are)")
+        if hf.get("rope_scaling"):
+            raise ValueError("rope_scaling is not supported")
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        fields = dict(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            model_type=model_type, bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict[str, Any]:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        out = {
+            "architectures": [arch], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.param_dtype,
+        }
+        if self.model_type == "llama":
+            out.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        return out
+
+
+PRESETS: dict[str, DecoderConfig] = {
+    "smollm2-135m": DecoderConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, qkv_bias=False, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_id=2),
+    "qwen2.5-0.5b": DecoderConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=32768,
+        model_type="qwen2", bos_token_id=151643, eos_token_id=151645),
+    "qwen2.5-7b": DecoderConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, qkv_bias=True, max_position_embeddings=32768,
+        model_type="qwen2", bos_token_id=151643, eos_token_id=151645),
+}
+
+
+class KVCache(flax.struct.PyTreeNode):
+    k: jax.Array  # [L, B, S, KVH, Dh]
+    v: jax.Array  # [L, B, S, KVH, Dh]
+
+    @classmethod
+    def init(cls, cfg: DecoderConfig, batch: int, size: int) -> KVCache:
+        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+
+    def take(self, rows: jax.Array) -> KVCache:
+        """Rows gathered by index (copies a prefilled prompt into n sample rows)."""
+        return KVCache(k=jnp.take(self.k, rows, axis=1), v=jnp.take(self.v, rows, axis=1))
+
+
+# Per-layer parameters: name -> (shape builder, logical axes without the leading "layers").
+def _layer_shapes(c: DecoderConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    h, n, k, d, m = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    shapes = {
+        "attn_norm": ((h,), ("embed",)),
+        "wq": ((h, n, d), ("embed", "heads", "head_dim")),
+        "wk": ((h, k, d), ("embed", "kv_heads", "head_dim")),
+        "wv": ((h, k, d), ("embed", "kv_heads", "head_dim")),
+        "wo": ((n, d, h), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((h,), ("embed",)),
+        "w_gate": ((h, m), ("embed", "mlp")),
+        "w_up": ((h, m), ("embed", "mlp")),
+        "w_down": ((m, h), ("mlp", "embed")),
+    }
+    if c.qkv_bias:
+        shapes.update(bq=((n, d), ("heads", "head_dim")), bk=((k, d), ("kv_heads", "head_dim")),
+                      bv=((k, d), ("kv_heads", "head_dim")))
+    return shapes
+
+
+LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down",
+                "bq", "bk", "bv")
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in Hugging Face's rotate-half layout. x: [B, T, H, D]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angle = positions.astype(jnp.float32)[..., None] * inv                 # [B, T, D/2]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [B, S, K, D] ← new [B, T, K, D] at slots positions [B, T] (per row)."""
+    return jax.vmap(lambda c, n, p: c.at[p].set(n, mode="drop"))(cache, new, positions)
+
+
+class Decoder(nnx.Module):
+    """Causal LM. `__call__(tokens, positions, cache) -> (float32 logits, cache)`."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        init = jax.nn.initializers.normal(0.02)
+
+        def param(shape, axes, ones=False):
+            value = jnp.ones(shape, pdt) if ones else init(rngs.params(), shape, pdt)
+            return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+        self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        for name, (shape, axes) in _layer_shapes(cfg).items():
+            ones = name.endswith("norm")
+            zeros = name.startswith("b")
+            p = param((cfg.num_layers, *shape), ("layers", *axes), ones=ones)
+            if zeros:
+                p.value = jnp.zeros_like(p.value)
+            setattr(self, name, p)
+        self.final_norm = param((cfg.hidden_size,), ("embed",), ones=True)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        hidden, cache = self.hidden(tokens, positions, cache)
+        return self.logits(hidden), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, H] → float32 [B, T, V] (split out so DPO can take log-probs in chunks)."""
+        w = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        return jnp.einsum("bth,hv->btv", hidden, w.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
+        layers = {n: getattr(self, n).value.astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
+        if cache is None:
+            key_pos = positions                                              # [B, T]
+        else:
+            key_pos = jnp.broadcast_to(jnp.arange(cache.k.shape[2]), (tokens.shape[0],
+                                                                       cache.k.shape[2]))
+        mask = key_pos[:, None, :] <= positions[:, :, None]                  # [B, T, S]
+
+        def layer(x, inputs):
+            p, kv = inputs
+            x, kv = _block(cfg, p, x, positions, mask, kv)
+            return x, kv
+
+        if cfg.remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+        kv_in = (cache.k, cache.v) if cache is not None else None
+        x, kv_out = jax.lax.scan(layer, x, (layers, kv_in))
+        x = rms_norm(x, self.final_norm.value, cfg.rms_norm_eps)
+        return x, (KVCache(k=kv_out[0], v=kv_out[1]) if cache is not None else None)
+
+
+def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
+           mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
+    """One pre-norm transformer layer; returns the new residual stream and this layer's cache."""
+    b, t, _ = x.shape
+    groups = cfg.num_heads // cfg.num_kv_heads
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", h, p["wq"])
+    k = jnp.einsum("bth,hkd->btkd", h, p["wk"])
+    v = jnp.einsum("bth,hkd->btkd", h, p["wv"])
+    if "bq" in p:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    if kv is not None:
+        kv = (_write_cache(kv[0], k, positions), _write_cache(kv[1], v, positions))
+        k, v = kv
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    x = x + jnp.einsum("btnd,ndh->bth", attn, p["wo"])
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = jax.nn.silu(h @ p["w_gate"])
+    x = x + (gate * (h @ p["w_up"])) @ p["w_down"]
+    return x, kv
