@@ -42,8 +42,12 @@ class DecoderConfig:
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "qwen2"):
             raise ValueError(f"unsupported model_type {model_type!r} (llama and qwen2 are)")
-        if hf.get("rope_scaling"):
-            raise ValueError("rope_scaling is not supported")
+        # transformers ≥ 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"rope scaling {rope} is not supported (plain RoPE is)")
+        if hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         fields = dict(
@@ -51,7 +55,7 @@ class DecoderConfig:
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
             num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
@@ -154,8 +158,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [B, S, K, D] ← new [B, T, K, D] at slots positions [B, T] (per row)."""
-    return jax.vmap(lambda c, n, p: c.at[p].set(n, mode="drop"))(cache, new, positions)
+    """cache [..., B, S, K, D] ← new [..., B, T, K, D] at slot positions[row, t] of each row."""
+    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    return cache.at[..., rows, positions, :, :].set(new.astype(cache.dtype), mode="drop")
 
 
 class Decoder(nnx.Module):
@@ -166,19 +171,17 @@ class Decoder(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         init = jax.nn.initializers.normal(0.02)
 
-        def param(shape, axes, ones=False):
-            value = jnp.ones(shape, pdt) if ones else init(rngs.params(), shape, pdt)
-            return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+        def param(shape, axes, fill=None):
+            """`out_sharding` holds the logical axis names (flax ≥ 0.12 spelling)."""
+            value = (init(rngs.params(), shape, pdt) if fill is None
+                     else jnp.full(shape, fill, pdt))
+            return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
         self.embed = param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         for name, (shape, axes) in _layer_shapes(cfg).items():
-            ones = name.endswith("norm")
-            zeros = name.startswith("b")
-            p = param((cfg.num_layers, *shape), ("layers", *axes), ones=ones)
-            if zeros:
-                p.value = jnp.zeros_like(p.value)
-            setattr(self, name, p)
-        self.final_norm = param((cfg.hidden_size,), ("embed",), ones=True)
+            fill = 1.0 if name.endswith("norm") else 0.0 if name.startswith("b") else None
+            setattr(self, name, param((cfg.num_layers, *shape), ("layers", *axes), fill))
+        self.final_norm = param((cfg.hidden_size,), ("embed",), 1.0)
         if not cfg.tie_word_embeddings:
             self.lm_head = param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
@@ -189,9 +192,11 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, H] → float32 [B, T, V] (split out so DPO can take log-probs in chunks)."""
-        w = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
-        return jnp.einsum("bth,hv->btv", hidden, w.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:
+            w, spec = self.embed.value, "bth,vh->btv"
+        else:
+            w, spec = self.lm_head.value, "bth,hv->btv"
+        return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
                ) -> tuple[jax.Array, KVCache | None]:
@@ -199,50 +204,56 @@ class Decoder(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
         layers = {n: getattr(self, n).value.astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
-        if cache is None:
-            key_pos = positions                                              # [B, T]
-        else:
-            key_pos = jnp.broadcast_to(jnp.arange(cache.k.shape[2]), (tokens.shape[0],
-                                                                       cache.k.shape[2]))
-        mask = key_pos[:, None, :] <= positions[:, :, None]                  # [B, T, S]
+        if cache is None:  # causal by position and by index: right padding never leaks in
+            mask = ((positions[:, None, :] <= positions[:, :, None])
+                    & jnp.tri(tokens.shape[1], dtype=bool))                  # [B, T, T]
+        else:              # slot s of a row holds the token at position s
+            mask = jnp.arange(cache.k.shape[2]) <= positions[:, :, None]     # [B, T, S]
 
+        # Inside the layer scan the cache is read-only (each layer sees its slice plus this call's
+        # tokens); the new K/V of all layers are written with one scatter afterwards, in place.
+        # Carrying the cache through the scan instead makes XLA copy all of it at every layer.
         def layer(x, inputs):
             p, kv = inputs
-            x, kv = _block(cfg, p, x, positions, mask, kv)
-            return x, kv
+            return _block(cfg, p, x, positions, mask, kv)
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        kv_in = (cache.k, cache.v) if cache is not None else None
-        x, kv_out = jax.lax.scan(layer, x, (layers, kv_in))
+        kv = (cache.k, cache.v) if cache is not None else None
+        x, (new_k, new_v) = jax.lax.scan(layer, x, (layers, kv))
+        if cache is not None:
+            cache = KVCache(k=_write_cache(cache.k, new_k, positions),
+                            v=_write_cache(cache.v, new_v, positions))
         x = rms_norm(x, self.final_norm.value, cfg.rms_norm_eps)
-        return x, (KVCache(k=kv_out[0], v=kv_out[1]) if cache is not None else None)
+        return x, cache
 
 
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
            mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
-    """One pre-norm transformer layer; returns the new residual stream and this layer's cache."""
+    """One pre-norm layer → (residual stream, this call's K/V). `kv`: this layer's cache."""
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bth,hnd->btnd", h, p["wq"])
-    k = jnp.einsum("bth,hkd->btkd", h, p["wk"])
-    v = jnp.einsum("bth,hkd->btkd", h, p["wv"])
+    # 2-D matmuls: XLA:CPU runs them far faster than the equivalent 3-D dot_generals.
+    def proj(w):
+        return (h @ w.reshape(w.shape[0], -1)).reshape(b, t, w.shape[1], w.shape[2])
+
+    q, k, v = proj(p["wq"]), proj(p["wk"]), proj(p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
+    new_kv = (k, v)
     if kv is not None:
-        kv = (_write_cache(kv[0], k, positions), _write_cache(kv[1], v, positions))
-        k, v = kv
+        k, v = _write_cache(kv[0], k, positions), _write_cache(kv[1], v, positions)
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (cfg.head_dim ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    x = x + jnp.einsum("btnd,ndh->bth", attn, p["wo"])
+    x = x + attn.reshape(b, t, -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jax.nn.silu(h @ p["w_gate"])
     x = x + (gate * (h @ p["w_up"])) @ p["w_down"]
-    return x, kv
+    return x, new_kv

@@ -1,0 +1,271 @@
+"""Batched, jit-compiled sampling from the decoder: prefill once, decode in device-side chunks.
+
+Evaluation, MCTS expansion and SPRE rollouts all call `Sampler.generate`. Shapes are bucketed
+(batch, prompt length, cache length) so a new prompt length inside a bucket reuses the compiled
+program; params are jit arguments, so swapping trained weights never recompiles. Decoding runs
+`chunk` tokens per device call inside a `lax.while_loop` that exits when every row is done;
+stop strings are then matched on the decoded text on the host, which is exact whatever the
+tokenisation of the stop string in context.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from reasonrag_jax.config import SamplerConfig
+from reasonrag_jax.models.decoder import Decoder, KVCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]        # log p(token) under the model's unmodified distribution
+    finish_reason: str           # "stop" | "eos" | "length"
+    stop_string: str | None
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket ≥ n; past the largest, the next multiple of it."""
+    i = bisect.bisect_left(buckets, n)
+    if i < len(buckets):
+        return buckets[i]
+    top = buckets[-1]
+    return -(-n // top) * top
+
+
+def row_keys(seeds: jax.Array, samples: jax.Array) -> jax.Array:
+    """One PRNG key per row from (seed, sample index) only — batch composition never matters."""
+    base = jax.random.key(0)
+    return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.fold_in(base, s), j))(seeds, samples)
+
+
+def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
+            top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Next token per row: argmax at temperature 0, else top-k / top-p filtered sampling."""
+
+    def sample(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+
+        def filtered(scaled):
+            order = jnp.argsort(-scaled, axis=-1)
+            ranked = jnp.take_along_axis(scaled, order, axis=-1)
+            probs = jax.nn.softmax(ranked, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs          # mass strictly above each rank
+            rank = jnp.arange(scaled.shape[-1])
+            keep = (before < top_p) & ((top_k <= 0) | (rank < top_k))
+            ranked = jnp.where(keep, ranked, -jnp.inf)
+            return jnp.full_like(scaled, -jnp.inf).at[
+                jnp.arange(scaled.shape[0])[:, None], order].set(ranked)
+
+        scaled = jax.lax.cond((top_p < 1.0) | (top_k > 0), filtered, lambda s: s, scaled)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, step)
+        return jax.vmap(jax.random.categorical)(step_keys, scaled)
+
+    greedy = lambda logits: jnp.argmax(logits, axis=-1)  # noqa: E731
+    return jax.lax.cond(temperature > 0.0, sample, greedy, logits).astype(jnp.int32)
+
+
+class Sampler:
+    """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
+
+    def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
+                 chunk: int = 16):
+        self.config = config or SamplerConfig()
+        self.tokenizer = tokenizer
+        self.graphdef, self.state = nnx.split(model)
+        self.model_cfg = model.cfg
+        self.chunk = chunk
+        self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,))
+        self._score = jax.jit(self._score_fn, static_argnums=(0,))
+
+    def update_params(self, state: nnx.State) -> None:
+        """Swap in new weights of the same shapes (no recompilation)."""
+        self.state = state
+
+    # ------------------------------------------------------------------ device programs
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def _prefill_fn(self, state, tokens, lengths, cache):
+        self.compilations += 1
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, cache = self._model(state).hidden(tokens, positions, cache)
+        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+        return self._model(state).logits(last)[:, 0], cache
+
+    def _decode_fn(self, chunk, state, cache, logits, pos, keys, done, n_done, params):
+        """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
+        self.compilations += 1
+        temperature, top_p, top_k, budget = params
+        model = self._model(state)
+        eos = jnp.array(sorted(self.eos_ids), jnp.int32)
+        b = logits.shape[0]
+        tokens = jnp.full((b, chunk), self.pad_id, jnp.int32)
+        logps = jnp.zeros((b, chunk), jnp.float32)
+
+        def body(carry):
+            i, cache, logits, pos, done, n_done, tokens, logps = carry
+            tok = _choose(logits, keys, n_done, temperature, top_p, top_k)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+            tok = jnp.where(done, self.pad_id, tok)
+            tokens = tokens.at[:, i].set(tok)
+            logps = logps.at[:, i].set(jnp.where(done, 0.0, lp))
+            n_done = n_done + (~done).astype(jnp.int32)
+            done = done | jnp.isin(tok, eos) | (n_done >= budget)
+            new_logits, cache = model(tok[:, None], pos[:, None], cache)
+            pos = pos + (~done).astype(jnp.int32)
+            return i + 1, cache, new_logits[:, 0], pos, done, n_done, tokens, logps
+
+        carry = (0, cache, logits, pos, done, n_done, tokens, logps)
+        carry = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[4]), body, carry)
+        _, cache, logits, pos, done, n_done, tokens, logps = carry
+        return cache, logits, pos, done, n_done, tokens, logps
+
+    def _score_fn(self, width, state, tokens, starts, targets, mask):
+        """Summed log-prob of `targets` [B, width] predicted from positions starts + arange."""
+        self.compilations += 1
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        model = self._model(state)
+        hidden, _ = model.hidden(tokens, positions)
+        idx = jnp.minimum(starts[:, None] + jnp.arange(width), tokens.shape[1] - 1)
+        logits = model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, :, None], axis=-1)[..., 0]
+        return jnp.sum(lp * mask, axis=-1)
+
+    # ------------------------------------------------------------------ host API
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
+                 n: int = 1) -> list[list[Completion]]:
+        """`n` completions per prompt; row i sample j depends only on (seeds[i], j)."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        out: list[list[Completion]] = []
+        per_call = max(1, self.config.max_batch // n)
+        for start in range(0, len(prompts), per_call):
+            ids = [self.encode(p) for p in prompts[start:start + per_call]]
+            out += self._generate_ids(ids, params, list(seeds[start:start + per_call]), n)
+        return out
+
+    def _generate_ids(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                      n: int) -> list[list[Completion]]:
+        cfg = self.config
+        p = len(prompts)
+        longest = max(len(x) for x in prompts)
+        t = _bucket(longest, cfg.prompt_buckets)
+        size = _bucket(t + params.max_new_tokens + self.chunk, cfg.prompt_buckets)
+        pb = _bucket(p, cfg.batch_buckets)
+        tokens = np.full((pb, t), self.pad_id, np.int32)
+        lengths = np.ones(pb, np.int32)
+        for i, ids in enumerate(prompts):
+            tokens[i, :len(ids)] = ids
+            lengths[i] = len(ids)
+        cache = KVCache.init(self.model_cfg, pb, size)
+        logits, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+
+        rows = p * n
+        rb = _bucket(rows, cfg.batch_buckets)
+        parent = np.zeros(rb, np.int32)
+        parent[:rows] = np.repeat(np.arange(p), n)
+        if n > 1 or rb != pb:
+            cache = cache.take(jnp.asarray(parent))
+            logits = logits[jnp.asarray(parent)]
+        row_seed = np.zeros(rb, np.int32)
+        row_seed[:rows] = np.repeat(np.asarray(seeds, np.int64) % (2**31 - 1), n)
+        sample = np.zeros(rb, np.int32)
+        sample[:rows] = np.tile(np.arange(n), p)
+        keys = row_keys(jnp.asarray(row_seed), jnp.asarray(sample))
+        pos = jnp.asarray(lengths[parent])
+        done = jnp.asarray(np.arange(rb) >= rows)
+        n_done = jnp.zeros(rb, jnp.int32)
+        knobs = (jnp.float32(params.temperature), jnp.float32(params.top_p),
+                 jnp.int32(params.top_k), jnp.int32(params.max_new_tokens))
+
+        new_tokens = [[] for _ in range(rows)]
+        new_logps = [[] for _ in range(rows)]
+        results: list[Completion | None] = [None] * rows
+        while True:
+            cache, logits, pos, done, n_done, tok, lp = self._decode(
+                self.chunk, self.state, cache, logits, pos, keys, done, n_done, knobs)
+            tok, lp, done_host = np.asarray(tok), np.asarray(lp), np.array(done)
+            n_host = np.asarray(n_done)
+            for r in range(rows):
+                if results[r] is not None:
+                    continue
+                k = n_host[r] - len(new_tokens[r])
+                new_tokens[r] += tok[r, :k].tolist()
+                new_logps[r] += lp[r, :k].tolist()
+                finished = self._finish(new_tokens[r], new_logps[r], params, bool(done_host[r]))
+                if finished is not None:
+                    results[r] = finished
+                    done_host[r] = True
+            if all(x is not None for x in results):
+                break
+            done = jnp.asarray(done_host)
+        return [results[i * n:(i + 1) * n] for i in range(p)]
+
+    def _finish(self, tokens: list[int], logps: list[float], params: SamplingParams,
+                device_done: bool) -> Completion | None:
+        """A Completion if the row is finished (stop string, EOS or budget), else None."""
+        ended_eos = bool(tokens) and tokens[-1] in self.eos_ids
+        body = tokens[:-1] if ended_eos else tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        hits = [(text.find(s) + len(s), s) for s in params.stop if s in text]
+        if hits:
+            end, stop = min(hits)
+            # Fewest tokens whose text reaches the end of the stop string.
+            keep = next(k for k in range(1, len(body) + 1)
+                        if len(self.tokenizer.decode(body[:k], skip_special_tokens=True)) >= end)
+            return Completion(text[:end], body[:keep], logps[:keep], "stop", stop)
+        if ended_eos:
+            return Completion(text, tokens, logps, "eos", None)
+        if device_done or len(tokens) >= params.max_new_tokens:
+            return Completion(text, tokens, logps, "length", None)
+        return None
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> np.ndarray:
+        """[P, C] summed log-prob of each continuation given its prompt (guided-mode choices)."""
+        flat = [(i, self.encode(p), self.encode(c)) for i, p in enumerate(prompts)
+                for c in continuations[i]]
+        out = np.zeros(len(flat), np.float32)
+        width = _bucket(max(len(c) for _, _, c in flat), (8, 16, 32, 64))
+        for start in range(0, len(flat), self.config.max_batch):
+            part = flat[start:start + self.config.max_batch]
+            t = _bucket(max(len(p) + len(c) for _, p, c in part), self.config.prompt_buckets)
+            b = _bucket(len(part), self.config.batch_buckets)
+            tokens = np.full((b, t), self.pad_id, np.int32)
+            starts = np.zeros(b, np.int32)
+            targets = np.zeros((b, width), np.int32)
+            mask = np.zeros((b, width), np.float32)
+            for r, (_, p, c) in enumerate(part):
+                tokens[r, :len(p) + len(c)] = p + c
+                starts[r] = len(p) - 1
+                targets[r, :len(c)] = c
+                mask[r, :len(c)] = 1.0
+            sums = self._score(width, self.state, *map(jnp.asarray, (tokens, starts, targets, mask)))
+            out[start:start + len(part)] = np.asarray(sums)[:len(part)]
+        sizes = [len(c) for c in continuations]
+        return np.array([out[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(prompts))])
+
