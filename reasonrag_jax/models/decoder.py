@@ -104,12 +104,12 @@ PRESETS: dict[str, DecoderConfig] = {
 
 
 class KVCache(flax.struct.PyTreeNode):
-    k: jax.Array  # [L, B, S, KVH, Dh]
-    v: jax.Array  # [L, B, S, KVH, Dh]
+    k: jax.Array  # [L, B, KVH, S, Dh]  (S innermost but one: attention reads it contiguously)
+    v: jax.Array  # [L, B, KVH, S, Dh]
 
     @classmethod
     def init(cls, cfg: DecoderConfig, batch: int, size: int) -> KVCache:
-        shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
         return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
 
     def take(self, rows: jax.Array) -> KVCache:
@@ -158,9 +158,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [..., B, S, K, D] ← new [..., B, T, K, D] at slot positions[row, t] of each row."""
+    """cache [..., B, K, S, D] ← new [..., B, K, T, D] at slot positions[row, t] of each row."""
     rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-    return cache.at[..., rows, positions, :, :].set(new.astype(cache.dtype), mode="drop")
+    # Advanced indices split by a slice put their dims first: the update is [B, T, ..., K, D].
+    n = new.ndim
+    new = new.transpose(n - 4, n - 2, *range(n - 4), n - 3, n - 1)
+    return cache.at[..., rows, :, positions, :].set(new.astype(cache.dtype), mode="drop")
 
 
 class Decoder(nnx.Module):
@@ -204,18 +207,20 @@ class Decoder(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
         layers = {n: getattr(self, n).value.astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
-        if cache is None:  # causal by position and by index: right padding never leaks in
-            mask = ((positions[:, None, :] <= positions[:, :, None])
+        # This call's tokens attend to each other causally, by position and by index (so right
+        # padding never leaks in), and to the cache slots before the row's first new position
+        # (slot s holds position s). Calls write contiguous positions (prefill, then decode).
+        mask_new = ((positions[:, None, :] <= positions[:, :, None])
                     & jnp.tri(tokens.shape[1], dtype=bool))                  # [B, T, T]
-        else:              # slot s of a row holds the token at position s
-            mask = jnp.arange(cache.k.shape[2]) <= positions[:, :, None]     # [B, T, S]
+        mask_cache = None if cache is None else (
+            jnp.arange(cache.k.shape[3]) < positions[:, :1, None])          # [B, 1, S]
 
-        # Inside the layer scan the cache is read-only (each layer sees its slice plus this call's
-        # tokens); the new K/V of all layers are written with one scatter afterwards, in place.
-        # Carrying the cache through the scan instead makes XLA copy all of it at every layer.
+        # Inside the layer scan the cache is only read; the new K/V of all layers are written
+        # with one scatter afterwards, in place. Carrying or updating the cache inside the scan
+        # makes XLA copy it at every layer, which dominated the decode step.
         def layer(x, inputs):
             p, kv = inputs
-            return _block(cfg, p, x, positions, mask, kv)
+            return _block(cfg, p, x, positions, mask_new, mask_cache, kv)
 
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
@@ -229,7 +234,8 @@ class Decoder(nnx.Module):
 
 
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
-           mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
+           mask_new: jax.Array, mask_cache: jax.Array | None,
+           kv: tuple[jax.Array, jax.Array] | None):
     """One pre-norm layer → (residual stream, this call's K/V). `kv`: this layer's cache."""
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -241,19 +247,31 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
     q, k, v = proj(p["wq"]), proj(p["wk"]), proj(p["wv"])
     if "bq" in p:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    new_kv = (k, v)
+    # Heads-major layout [B, K, T, D]: attention is a plain batched matmul over (B, K).
+    q = rope(q, positions, cfg.rope_theta).reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, cfg.head_dim)
+    k = rope(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    scale = cfg.head_dim ** -0.5
+    neg = jnp.finfo(jnp.float32).min
+
+    def scores(keys, mask):   # [B, K, G*T, S'] float32, masked
+        sc = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32) * scale
+        sc = sc.reshape(b, cfg.num_kv_heads, groups, t, -1)
+        return jnp.where(mask[:, None, None], sc, neg).reshape(b, cfg.num_kv_heads, groups * t, -1)
+
+    # Softmax over [cache slots | new tokens] without writing the new tokens into a cache copy.
+    parts = [scores(k, mask_new)]
     if kv is not None:
-        k, v = _write_cache(kv[0], k, positions), _write_cache(kv[1], v, positions)
-    q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    x = x + attn.reshape(b, t, -1) @ p["wo"].reshape(-1, p["wo"].shape[-1])
+        parts.insert(0, scores(kv[0], mask_cache))
+    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
+    attn = jnp.einsum("bkqs,bksd->bkqd", probs[..., -t:], v)
+    if kv is not None:
+        attn = attn + jnp.einsum("bkqs,bksd->bkqd", probs[..., :-t], kv[1])
+    attn = attn.reshape(b, cfg.num_kv_heads, groups, t, -1).transpose(0, 3, 1, 2, 4)
+    attn = attn.reshape(b, t, -1)
+    x = x + attn @ p["wo"].reshape(-1, p["wo"].shape[-1])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jax.nn.silu(h @ p["w_gate"])
     x = x + (gate * (h @ p["w_up"])) @ p["w_down"]
-    return x, new_kv
+    return x, (k, v)
