@@ -136,6 +136,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def write_jsonl_atomic(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Write a whole jsonl file through a temp file + rename."""
+    write_bytes_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                     for r in records).encode("utf-8"))
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
