@@ -91,7 +91,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: int = 1
     max_steps: int = 0              # 0: from epochs
-    max_length: int = 1024          # prompt + completion tokens; longer pairs truncate the prompt from the left
+    max_length: int = 1024          # prompt + completion tokens (longer: prompt cut from the left)
     length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
     save_every: int = 50
     keep_checkpoints: int = 2
@@ -184,6 +184,11 @@ def _check(value: Any, typ: Any, where: str) -> Any:
         return {k: _check(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise InputError(f"key '{where}': expected {typ.__name__}, got {type(value).__name__} {value!r}")

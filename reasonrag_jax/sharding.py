@@ -84,15 +84,16 @@ def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]
     return PartitionSpec(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-    """A NamedSharding per variable, from its `sharding_names` metadata (replicated if none)."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> dict:
+    """Pure dict of NamedShardings mirroring `state.to_pure_dict()`, from each variable's
+    logical axis names (flax stores `sharding_names` as `out_sharding`); replicated if none."""
 
     def one(var):
-        names = var.get_metadata().get("sharding_names") if hasattr(var, "get_metadata") else None
-        spec = logical_to_spec(names, rules) if names else PartitionSpec()
-        return NamedSharding(mesh, spec)
+        meta = var.get_metadata()
+        names = meta.get("out_sharding") or meta.get("sharding_names")
+        return NamedSharding(mesh, logical_to_spec(names, rules) if names else PartitionSpec())
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
 def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int = 2) -> NamedSharding:

@@ -1,0 +1,73 @@
+"""Orbax checkpoints of a training run, and the policy they hold.
+
+A training directory has `policy.json` (decoder config, dtypes, where the tokenizer is),
+`tokenizer/`, and `checkpoints/<step>/` written by an Orbax CheckpointManager (params, optimiser
+state and a JSON record of step, data position and metrics). Orbax writes each step to a
+temporary directory and renames it when complete, so a kill never leaves a step that looks
+finished.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from reasonrag_jax.io import InputError, write_json_atomic
+from reasonrag_jax.models.decoder import Decoder, DecoderConfig
+
+
+def manager(out_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(Path(out_dir).resolve() / "checkpoints", options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
+         record: dict[str, Any]) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        record=ocp.args.JsonSave(record)))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any | None
+            ) -> dict[str, Any]:
+    """Restore onto the shardings / dtypes of the given (possibly abstract) trees."""
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    items = {"params": ocp.args.StandardRestore(abstract(params)),
+             "record": ocp.args.JsonRestore()}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract(opt_state))
+    try:
+        return dict(mngr.restore(step, args=ocp.args.Composite(**items)))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise InputError(f"{mngr.directory}/{step}: cannot restore checkpoint ({e})") from None
+
+
+def write_policy_card(out_dir: Path, cfg: DecoderConfig, tokenizer: Any, base: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+    write_json_atomic(out_dir / "policy.json", {"decoder": cfg.to_hf(), "dtype": cfg.dtype,
+                                                "param_dtype": cfg.param_dtype, "base": base})
+
+
+def load_trained_policy(out_dir: str | Path, step: int | None = None) -> tuple[Decoder, Any]:
+    """(Decoder with the latest — or given — checkpoint's params, tokenizer) of a training dir."""
+    from reasonrag_jax.models.weights import load_tokenizer
+
+    out_dir = Path(out_dir)
+    card_file = out_dir / "policy.json"
+    if not card_file.is_file():
+        raise InputError(f"{out_dir}: not a training directory (no policy.json)")
+    card = json.loads(card_file.read_text())
+    cfg = DecoderConfig.from_hf(card["decoder"], dtype=card["dtype"], param_dtype=card["param_dtype"])
+    mngr = manager(out_dir, keep=1, async_save=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise InputError(f"{out_dir}/checkpoints: no finished checkpoint")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    params = restore(mngr, step, state.to_pure_dict(), None)["params"]
+    return nnx.merge(graphdef, params), load_tokenizer(out_dir / "tokenizer")
