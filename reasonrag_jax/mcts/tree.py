@@ -1,0 +1,111 @@
+"""A batch of search trees as fixed-shape arrays, with pure jitted select / add / backup.
+
+B trees of N = max_rollouts + 1 nodes and at most C children per node live in [B, N] and
+[B, N, C] arrays (-1 marks "none"), so one call advances every tree at once and the bookkeeping
+costs microseconds per iteration whatever B is. The text of each node (its Episode) lives in a
+host-side table keyed by (tree, node); the arrays hold only numbers.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+ROOT = 0
+KINDS = ("root", "query", "evidence", "answer")   # kind codes 0..3
+
+
+class Tree(flax.struct.PyTreeNode):
+    parent: jax.Array       # [B, N] int32: parent node, -1 for the root and unused nodes
+    depth: jax.Array        # [B, N] int32: steps from the root
+    kind: jax.Array         # [B, N] int32: index into KINDS
+    visits: jax.Array       # [B, N] int32: backups through the node
+    value_sum: jax.Array    # [B, N] float32: sum of backed-up values
+    reward: jax.Array       # [B, N] float32: the node's own SPRE estimate
+    terminal: jax.Array     # [B, N] bool: the episode ends at this node (answer step)
+    children: jax.Array     # [B, N, C] int32: child nodes in creation order, -1 for none
+    num_nodes: jax.Array    # [B] int32: nodes in use (node ids 0..num_nodes-1)
+
+    @property
+    def q_value(self) -> jax.Array:   # [B, N]
+        return self.value_sum / jnp.maximum(self.visits, 1)
+
+
+def init(batch: int, num_nodes: int, max_children: int) -> Tree:
+    """B trees holding only their root."""
+    i32 = lambda v: jnp.full((batch, num_nodes), v, jnp.int32)  # noqa: E731
+    return Tree(parent=i32(-1), depth=i32(0), kind=i32(0), visits=i32(0),
+                value_sum=jnp.zeros((batch, num_nodes), jnp.float32),
+                reward=jnp.zeros((batch, num_nodes), jnp.float32),
+                terminal=jnp.zeros((batch, num_nodes), bool),
+                children=jnp.full((batch, num_nodes, max_children), -1, jnp.int32),
+                num_nodes=jnp.ones((batch,), jnp.int32))
+
+
+def _per_tree(fn):
+    """vmap a single-tree function over the batch axis, then jit it."""
+    return jax.jit(jax.vmap(fn))
+
+
+def _one_select(t: Tree, c_uct: jax.Array) -> jax.Array:
+    """Descend by UCT while the node is non-terminal and has all C children; unvisited first."""
+
+    def expandable_or_leaf(node):
+        full = jnp.all(t.children[node] >= 0)
+        return t.terminal[node] | ~full
+
+    def step(node):
+        kids = t.children[node]
+        n = jnp.maximum(t.visits[node], 1).astype(jnp.float32)
+        kv = t.visits[jnp.maximum(kids, 0)].astype(jnp.float32)
+        q = t.value_sum[jnp.maximum(kids, 0)] / jnp.maximum(kv, 1.0)
+        score = jnp.where(kv == 0, jnp.inf, q + c_uct * jnp.sqrt(jnp.log(n) / jnp.maximum(kv, 1.0)))
+        score = jnp.where(kids >= 0, score, -jnp.inf)
+        return kids[jnp.argmax(score)]
+
+    return jax.lax.while_loop(lambda node: ~expandable_or_leaf(node), step, jnp.int32(ROOT))
+
+
+def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.Array]:
+    """Append a child of `parent` (if `valid` and there is room); returns its id or -1."""
+    node = t.num_nodes
+    slot = jnp.argmax(t.children[parent] < 0)
+    ok = valid & (node < t.parent.shape[0]) & (t.children[parent, slot] < 0) & ~t.terminal[parent]
+    idx = jnp.where(ok, node, t.parent.shape[0])  # out of range → dropped writes
+    t = t.replace(
+        parent=t.parent.at[idx].set(parent, mode="drop"),
+        depth=t.depth.at[idx].set(t.depth[parent] + 1, mode="drop"),
+        kind=t.kind.at[idx].set(kind, mode="drop"),
+        reward=t.reward.at[idx].set(reward, mode="drop"),
+        terminal=t.terminal.at[idx].set(terminal, mode="drop"),
+        children=t.children.at[parent, slot].set(jnp.where(ok, node, t.children[parent, slot])),
+        num_nodes=t.num_nodes + ok.astype(jnp.int32))
+    return t, jnp.where(ok, node, -1)
+
+
+def _one_backup(t: Tree, node, value, valid) -> Tree:
+    """Add one visit and `value` to `node` and every ancestor."""
+
+    def body(carry):
+        t, n = carry
+        t = t.replace(visits=t.visits.at[n].add(1), value_sum=t.value_sum.at[n].add(value))
+        return t, t.parent[n]
+
+    t, _ = jax.lax.while_loop(lambda c: valid & (c[1] >= 0), body, (t, jnp.where(valid, node, -1)))
+    return t
+
+
+select = _per_tree(_one_select)           # (tree, c_uct [B]) -> node [B]
+add_child = _per_tree(_one_add)           # (tree, parent, kind, reward, terminal, valid) -> (tree, node)
+backup = _per_tree(_one_backup)           # (tree, node, value, valid) -> tree
+
+
+@jax.jit
+def iteration(tree: Tree, c_uct, kind, reward, terminal) -> tuple[Tree, jax.Array, jax.Array]:
+    """Bookkeeping of one search iteration in every tree (benchmarks use it): select a node,
+    add a child with the given statistics, back its reward up."""
+    leaf = select(tree, c_uct)
+    valid = ~tree.terminal[jnp.arange(leaf.shape[0]), leaf]
+    tree, child = add_child(tree, leaf, kind, reward, terminal, valid)
+    tree = backup(tree, jnp.where(child >= 0, child, leaf), reward, jnp.ones_like(valid))
+    return tree, leaf, child
