@@ -74,7 +74,7 @@ def build_knowledge_base(seed: int = 0, num_entities: int = 300) -> tuple[list[D
         cities.append({"name": name, "country": country, "doc": doc, "country_sentence": born_sentence})
         docs.append(doc)
     people = []
-    for i in range(n_people):
+    for _ in range(n_people):
         name, city = names.person(), rng.choice(cities)
         year, job = rng.randint(1850, 1990), rng.choice(_OCCUPATIONS)
         born = f"{name} was born in {city['name']} in {year}."
@@ -90,9 +90,10 @@ def build_knowledge_base(seed: int = 0, num_entities: int = 300) -> tuple[list[D
         docs.append(doc)
         founder["sentences"].append(f"{founder['name']} founded {name}.")
     works = []
+    nouns = ["Affair", "Garden", "Voyage", "Letters", "Winter", "Bridge"]
     for i in range(n_works):
         kind, verb = rng.choice([("film", "directed"), ("novel", "written")])
-        title = f"The {names.word(2)} {rng.choice(['Affair', 'Garden', 'Voyage', 'Letters', 'Winter', 'Bridge'])}"
+        title = f"The {names.word(2)} {rng.choice(nouns)}"
         creator, year = rng.choice(people), rng.randint(1900, 2020)
         made = f"{title} is a {year} {kind} {verb} by {creator['name']}."
         doc = Doc(f"work-{i}", title, (made,))
