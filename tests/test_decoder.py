@@ -1,0 +1,207 @@
+"""Decoder parity with transformers and KV-cache semantics (real logits, no mocks)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from reasonrag_jax.models.decoder import PRESETS, Decoder, DecoderConfig, KVCache
+from reasonrag_jax.models.weights import load_hf_dir
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+def arange_positions(batch: int, length: int) -> jnp.ndarray:
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+@nnx.jit
+def forward(model, tokens, positions):
+    """Uncached logits (jitted: eager op-by-op dispatch is slow on CPU)."""
+    logits, cache = model(tokens, positions)
+    assert cache is None
+    return logits
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, make_hf_dir, tiny_llama_cfg, tiny_qwen2_cfg):
+    """(our Decoder loaded from a saved HF dir, the transformers model that wrote it)."""
+    cfg = tiny_llama_cfg if request.param == "llama" else tiny_qwen2_cfg
+    path, reference = make_hf_dir(cfg, seed=1)
+    return load_hf_dir(path), reference
+
+
+def test_logits_match_transformers(tiny):
+    model, reference = tiny
+    tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (3, 17), dtype=np.int32)
+    logits = forward(model, jnp.asarray(tokens), arange_positions(3, 17))
+    assert logits.dtype == jnp.float32 and logits.shape == (3, 17, 97)
+    ref = torch_logits(reference, tokens)
+    assert np.abs(ref).max() > 1.0          # the comparison is not between near-zero numbers
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-4, rtol=0)
+
+
+def test_hidden_then_logits_equals_call(tiny):
+    model, _ = tiny
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] % model.cfg.vocab_size
+    hidden, _ = nnx.jit(lambda m, t, p: m.hidden(t, p))(model, tokens, arange_positions(1, 10))
+    assert hidden.shape == (1, 10, model.cfg.hidden_size)
+    np.testing.assert_allclose(nnx.jit(lambda m, h: m.logits(h))(model, hidden),
+                               forward(model, tokens, arange_positions(1, 10)), atol=1e-5, rtol=0)
+
+
+def test_right_padding_never_leaks_without_cache(tiny):
+    """A padded row gives the same logits as the row alone, whatever the pads' positions."""
+    model, _ = tiny
+    rng = np.random.default_rng(1)
+    row = rng.integers(0, 97, (1, 6), dtype=np.int32)
+    alone = forward(model, jnp.asarray(row), arange_positions(1, 6))
+    padded = np.concatenate([row, np.zeros((1, 5), np.int32)], axis=1)
+    for pad_pos in (np.arange(6, 11), np.zeros(5)):
+        positions = np.concatenate([np.arange(6), pad_pos])[None].astype(np.int32)
+        out = forward(model, jnp.asarray(padded), jnp.asarray(positions))
+        np.testing.assert_allclose(out[:, :6], alone, atol=1e-5, rtol=0)
+
+
+def test_cache_prefill_and_ragged_decode_match_full_forward(tiny):
+    """Right-padded prompts of different lengths, then one token per step at each row's own
+    position, inside jit (split/merge pattern): every logit equals the uncached forward."""
+    model, reference = tiny
+    rng = np.random.default_rng(2)
+    prompt_lens, total = np.array([5, 2, 7]), 12
+    seqs = rng.integers(0, 97, (3, total), dtype=np.int32)
+    full = torch_logits(reference, seqs)           # each row alone is the same as batched here
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, positions, cache):
+        return nnx.merge(graphdef, state)(tokens, positions, cache)
+
+    width = prompt_lens.max()
+    prompt = np.where(np.arange(width) < prompt_lens[:, None], seqs[:, :width], 0)
+    cache = KVCache.init(model.cfg, 3, 16)
+    logits, cache = step(state, jnp.asarray(prompt), arange_positions(3, width), cache)
+    for b, n in enumerate(prompt_lens):
+        np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=1e-4, rtol=0)
+    for j in range(total - width):
+        pos = prompt_lens + j
+        tokens = seqs[np.arange(3), pos][:, None]
+        logits, cache = step(state, jnp.asarray(tokens), jnp.asarray(pos[:, None], jnp.int32),
+                             cache)
+        np.testing.assert_allclose(logits[:, 0], full[np.arange(3), pos], atol=1e-4, rtol=0)
+
+
+def test_remat_is_exact_and_bfloat16_is_close(tiny_llama_cfg):
+    model = Decoder(tiny_llama_cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 9), dtype=np.int32))
+    positions = arange_positions(2, 9)
+
+    def variant(**changes):
+        other = Decoder(dataclasses.replace(model.cfg, **changes), rngs=nnx.Rngs(0))
+        nnx.update(other, nnx.state(model))
+        return other
+
+    @nnx.jit
+    def loss_and_grad(m):
+        return nnx.value_and_grad(lambda m: jnp.mean(jax.nn.log_softmax(
+            m(tokens, positions)[0])[..., 0]))(m)
+
+    base_loss, base_grad = loss_and_grad(model)
+    remat_loss, remat_grad = loss_and_grad(variant(remat=True))
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 nnx.state(remat_grad), nnx.state(base_grad))
+
+    full32 = forward(model, tokens, positions)
+    bf16 = forward(variant(dtype="bfloat16"), tokens, positions)
+    assert bf16.dtype == jnp.float32
+    assert np.abs(np.asarray(bf16) - np.asarray(full32)).max() < 0.05 * np.abs(full32).max()
+
+
+def test_every_param_has_logical_axis_names(tiny_qwen2_cfg):
+    model = nnx.eval_shape(lambda: Decoder(tiny_qwen2_cfg, rngs=nnx.Rngs(0)))
+    allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}
+    params = nnx.state(model, nnx.Param)
+    names = dict(jax.tree.leaves_with_path(nnx.get_partition_spec(params)))
+    assert len(names) == 15                   # 9 stacked + 3 stacked biases + embed, norm, head
+    for path, var in nnx.to_flat_state(params):
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var.ndim and set(axes) <= allowed, (path, axes)
+        assert (axes[0] == "layers") == (var.ndim > 1 and path[0] not in
+                                         ("embed", "lm_head"))
+
+
+def test_presets_have_the_published_parameter_counts():
+    published = {"smollm2-135m": 134_515_008, "qwen2.5-0.5b": 494_032_768,
+                 "qwen2.5-7b": 7_615_616_512}
+    for name, count in published.items():
+        abstract = nnx.eval_shape(lambda c=PRESETS[name]: Decoder(c, rngs=nnx.Rngs(0)))
+        assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract))) == count, name
+
+
+def test_from_hf_reads_both_rope_spellings_and_refuses_scaling():
+    base = PRESETS["qwen2.5-0.5b"].to_hf()
+    del base["rope_theta"]
+    v5 = DecoderConfig.from_hf({**base, "rope_parameters": {"rope_theta": 1e6,
+                                                            "rope_type": "default"}})
+    v4 = DecoderConfig.from_hf({**base, "rope_theta": 1e6, "rope_scaling": None})
+    assert v5 == v4 == PRESETS["qwen2.5-0.5b"]
+    assert DecoderConfig.from_hf(v5.to_hf(), remat=True).remat
+    for bad in ({"rope_scaling": {"type": "linear", "factor": 2.0}},
+                {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
+                {"use_sliding_window": True}, {"model_type": "mistral"}):
+        with pytest.raises(ValueError):
+            DecoderConfig.from_hf({**base, "rope_theta": 1e6, **bad})
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain.",
+           "Who wrote the novel Pride and Prejudice, and when?"]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_generate(smollm2, smollm2_torch):
+    """Batched, right-padded, cached greedy decoding = transformers `generate`, 32 tokens.
+
+    EOS is suppressed on both sides (`min_new_tokens`) so every row really decodes 32 tokens."""
+    model, tokenizer = smollm2
+    new = 32
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+           for q in PROMPTS]
+    expected = []
+    for row in ids:
+        out = smollm2_torch.generate(torch.tensor([row]), max_new_tokens=new, do_sample=False,
+                                     min_new_tokens=new, pad_token_id=tokenizer.eos_token_id)
+        expected.append(out[0, len(row):].tolist())
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def greedy_step(state, tokens, positions, last, cache):
+        logits, cache = nnx.merge(graphdef, state)(tokens, positions, cache)
+        logits = logits[jnp.arange(3), last].at[:, tokenizer.eos_token_id].set(-jnp.inf)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    lens = np.array([len(r) for r in ids], np.int32)
+    width = lens.max()
+    prompt = np.full((3, width), tokenizer.eos_token_id, np.int32)
+    for b, row in enumerate(ids):
+        prompt[b, :len(row)] = row
+    cache = KVCache.init(model.cfg, 3, width + new)
+    token, cache = greedy_step(state, jnp.asarray(prompt), arange_positions(3, width),
+                               jnp.asarray(lens - 1), cache)
+    got = [token]
+    for j in range(new - 1):
+        token, cache = greedy_step(state, token[:, None], jnp.asarray(lens + j)[:, None],
+                                   jnp.zeros(3, jnp.int32), cache)
+        got.append(token)
+    got = np.stack(got, 1).tolist()
+    for b in range(3):
+        assert got[b] == expected[b], (PROMPTS[b], tokenizer.decode(got[b]),
+                                       tokenizer.decode(expected[b]))
