@@ -45,7 +45,7 @@ class EncoderConfig:
 _LAYER = {
     "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
     "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-    "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
+    "wv": "attention.self[...].weight", "bv": "attention.self[...].bias",
     "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
     "ln1_g": "attention.output.LayerNorm.weight", "ln1_b": "attention.output.LayerNorm.bias",
     "wi": "intermediate.dense.weight", "bi": "intermediate.dense.bias",
@@ -76,12 +76,12 @@ class BertEncoder(nnx.Module):
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.cfg
         b, t = tokens.shape
-        x = (jnp.take(self.word.value, tokens, axis=0) + self.pos.value[:t][None]
-             + self.type.value[0][None, None])
-        x = _layer_norm(x, self.ln0_g.value, self.ln0_b.value, cfg.layer_norm_eps)
+        x = (jnp.take(self.word[...], tokens, axis=0) + self.pos[...][:t][None]
+             + self.type[...][0][None, None])
+        x = _layer_norm(x, self.ln0_g[...], self.ln0_b[...], cfg.layer_norm_eps)
         bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
         heads, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-        layers = {n: getattr(self, n).value for n in _LAYER}
+        layers = {n: getattr(self, n)[...] for n in _LAYER}
 
         def layer(x, p):
             def split(y):
