@@ -45,7 +45,7 @@ class EncoderConfig:
 _LAYER = {
     "wq": "attention.self.query.weight", "bq": "attention.self.query.bias",
     "wk": "attention.self.key.weight", "bk": "attention.self.key.bias",
-    "wv": "attention.self[...].weight", "bv": "attention.self[...].bias",
+    "wv": "attention.self.value.weight", "bv": "attention.self.value.bias",
     "wo": "attention.output.dense.weight", "bo": "attention.output.dense.bias",
     "ln1_g": "attention.output.LayerNorm.weight", "ln1_b": "attention.output.LayerNorm.bias",
     "wi": "intermediate.dense.weight", "bi": "intermediate.dense.bias",
