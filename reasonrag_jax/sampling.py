@@ -30,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False     # decode past EOS (benchmarks that need a fixed length)
 
 
 @dataclass
@@ -50,10 +51,18 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return -(-n // top) * top
 
 
-def row_keys(seeds: jax.Array, samples: jax.Array) -> jax.Array:
-    """One PRNG key per row from (seed, sample index) only — batch composition never matters."""
-    base = jax.random.key(0)
-    return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.fold_in(base, s), j))(seeds, samples)
+def row_keys(seeds: Sequence[int], samples: Sequence[int]) -> jax.Array:
+    """One PRNG key per row from (seed, sample index) only — batch composition never matters.
+
+    Seeds are any non-negative integers below 2**64 (the agent derives 63-bit seeds); both
+    32-bit halves are folded in, so distinct seeds give distinct streams.
+    """
+    seeds = np.asarray([int(s) % 2**64 for s in seeds], np.uint64)
+    hi = jnp.asarray((seeds >> np.uint64(32)).astype(np.uint32))
+    lo = jnp.asarray((seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    fold = jax.vmap(jax.random.fold_in)
+    base = jnp.broadcast_to(jax.random.key(0), hi.shape)
+    return fold(fold(fold(base, hi), lo), jnp.asarray(samples, jnp.uint32))
 
 
 def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
@@ -93,9 +102,10 @@ class Sampler:
         self.model_cfg = model.cfg
         self.chunk = chunk
         self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
+        self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
         self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,))
         self._score = jax.jit(self._score_fn, static_argnums=(0,))
 
@@ -107,9 +117,10 @@ class Sampler:
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
 
-    def _prefill_fn(self, state, tokens, lengths, cache):
+    def _prefill_fn(self, state, tokens, start, lengths, cache):
+        """Tokens at positions start + t (after a shared prefix already in the cache)."""
         self.compilations += 1
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         hidden, cache = self._model(state).hidden(tokens, positions, cache)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
         return self._model(state).logits(last)[:, 0], cache
@@ -117,9 +128,8 @@ class Sampler:
     def _decode_fn(self, chunk, state, cache, logits, pos, keys, done, n_done, params):
         """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
         self.compilations += 1
-        temperature, top_p, top_k, budget = params
+        temperature, top_p, top_k, budget, eos = params
         model = self._model(state)
-        eos = jnp.array(sorted(self.eos_ids), jnp.int32)
         b = logits.shape[0]
         tokens = jnp.full((b, chunk), self.pad_id, jnp.int32)
         logps = jnp.zeros((b, chunk), jnp.float32)
@@ -160,31 +170,52 @@ class Sampler:
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
                  n: int = 1) -> list[list[Completion]]:
         """`n` completions per prompt; row i sample j depends only on (seeds[i], j)."""
+        return self.generate_ids([self.encode(p) for p in prompts], params, seeds, n)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                     seeds: Sequence[int], n: int = 1) -> list[list[Completion]]:
+        """`generate` on token ids (benchmarks and callers that tokenise themselves)."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt (a chat-templated prompt has at least one token)")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + params.max_new_tokens > self.config.cache_size:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens "
+                             f"{params.max_new_tokens} exceeds sampler.cache_size "
+                             f"{self.config.cache_size}")
         out: list[list[Completion]] = []
         per_call = max(1, self.config.max_batch // n)
         for start in range(0, len(prompts), per_call):
-            ids = [self.encode(p) for p in prompts[start:start + per_call]]
-            out += self._generate_ids(ids, params, list(seeds[start:start + per_call]), n)
+            out += self._generate_ids([list(p) for p in prompts[start:start + per_call]], params,
+                                      list(seeds[start:start + per_call]), n)
         return out
 
     def _generate_ids(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                       n: int) -> list[list[Completion]]:
         cfg = self.config
         p = len(prompts)
-        longest = max(len(x) for x in prompts)
-        t = _bucket(longest, cfg.prompt_buckets)
-        size = _bucket(t + params.max_new_tokens + self.chunk, cfg.prompt_buckets)
         pb = _bucket(p, cfg.batch_buckets)
+        shared = self._shared_prefix(prompts)
+        t = _bucket(max(len(x) for x in prompts) - shared, cfg.prompt_buckets)
+        # Attention reads every cache slot each step, so the cache is only as long as this call
+        # needs (rounded to limit recompiles): at batch 16 it is as many bytes as the weights.
+        size = min(-(-(shared + t + params.max_new_tokens) // 128) * 128, cfg.cache_size)
+        cache = KVCache.init(self.model_cfg, 1 if shared else pb, size)
+        if shared:   # the prefix common to all rows is prefilled once and copied into each row
+            _, cache = self._prefill(self.state, jnp.asarray([prompts[0][:shared]], jnp.int32),
+                                     jnp.int32(0), jnp.asarray([shared], jnp.int32), cache)
+            cache = cache.take(jnp.zeros(pb, jnp.int32))
         tokens = np.full((pb, t), self.pad_id, np.int32)
         lengths = np.ones(pb, np.int32)
         for i, ids in enumerate(prompts):
-            tokens[i, :len(ids)] = ids
-            lengths[i] = len(ids)
-        cache = KVCache.init(self.model_cfg, pb, size)
-        logits, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+            tokens[i, :len(ids) - shared] = ids[shared:]
+            lengths[i] = len(ids) - shared
+        logits, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.int32(shared),
+                                      jnp.asarray(lengths), cache)
+        lengths += shared
 
+        # n samples per prompt: the prefilled cache rows are gathered, not recomputed.
         rows = p * n
         rb = _bucket(rows, cfg.batch_buckets)
         parent = np.zeros(rb, np.int32)
@@ -192,19 +223,21 @@ class Sampler:
         if n > 1 or rb != pb:
             cache = cache.take(jnp.asarray(parent))
             logits = logits[jnp.asarray(parent)]
-        row_seed = np.zeros(rb, np.int32)
-        row_seed[:rows] = np.repeat(np.asarray(seeds, np.int64) % (2**31 - 1), n)
+        row_seed = np.zeros(rb, np.uint64)
+        row_seed[:rows] = np.repeat(np.asarray([int(s) % 2**64 for s in seeds], np.uint64), n)
         sample = np.zeros(rb, np.int32)
         sample[:rows] = np.tile(np.arange(n), p)
-        keys = row_keys(jnp.asarray(row_seed), jnp.asarray(sample))
+        keys = row_keys(row_seed, sample)
         pos = jnp.asarray(lengths[parent])
         done = jnp.asarray(np.arange(rb) >= rows)
         n_done = jnp.zeros(rb, jnp.int32)
+        eos = sorted(self.eos_ids) if not params.ignore_eos else []
+        eos = jnp.asarray((eos + [-1] * self.max_eos)[:self.max_eos], jnp.int32)
         knobs = (jnp.float32(params.temperature), jnp.float32(params.top_p),
-                 jnp.int32(params.top_k), jnp.int32(params.max_new_tokens))
+                 jnp.int32(params.top_k), jnp.int32(params.max_new_tokens), eos)
 
-        new_tokens = [[] for _ in range(rows)]
-        new_logps = [[] for _ in range(rows)]
+        new_tokens: list[list[int]] = [[] for _ in range(rows)]
+        new_logps: list[list[float]] = [[] for _ in range(rows)]
         results: list[Completion | None] = [None] * rows
         while True:
             cache, logits, pos, done, n_done, tok, lp = self._decode(
@@ -226,10 +259,22 @@ class Sampler:
             done = jnp.asarray(done_host)
         return [results[i * n:(i + 1) * n] for i in range(p)]
 
+    def _shared_prefix(self, prompts: list[list[int]]) -> int:
+        """Length of the token prefix all rows share (agent prompts repeat one system prompt),
+        in whole `prefix_block`s and leaving every row at least one token of its own; 0 when it
+        is shorter than a block or there is one row."""
+        block = self.config.prefix_block
+        if block <= 0 or len(prompts) < 2:
+            return 0
+        first, n = prompts[0], min(len(x) for x in prompts) - 1
+        for row in prompts[1:]:
+            n = next((i for i in range(n) if row[i] != first[i]), n)
+        return n // block * block
+
     def _finish(self, tokens: list[int], logps: list[float], params: SamplingParams,
                 device_done: bool) -> Completion | None:
         """A Completion if the row is finished (stop string, EOS or budget), else None."""
-        ended_eos = bool(tokens) and tokens[-1] in self.eos_ids
+        ended_eos = not params.ignore_eos and bool(tokens) and tokens[-1] in self.eos_ids
         body = tokens[:-1] if ended_eos else tokens
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         hits = [(text.find(s) + len(s), s) for s in params.stop if s in text]

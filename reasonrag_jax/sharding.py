@@ -6,6 +6,7 @@ Parameters carry logical axis names (`sharding_names` metadata: "vocab", "embed"
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -23,21 +24,32 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def maybe_initialize_distributed() -> None:
-    """Join the multi-process job when there is one; a no-op on a single host.
+    """Join the multi-process job when there is one; a no-op for a single process.
 
-    TPU pods and SLURM / Open MPI GPU clusters are detected by JAX itself; a local multi-process
-    run (tests, a CPU cluster) sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+    - `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` set (launch/tpu.sh, local
+      multi-process tests, any hand-rolled cluster): join explicitly; CPU processes exchange
+      collectives over gloo.
+    - Slurm or Open MPI with more than one task (GPU clusters): JAX reads their environment.
+    - A Cloud TPU VM (libtpu installed, platform not forced to CPU): JAX reads the TPU metadata;
+      on a single-host slice that is a one-process job, which is harmless.
+    Must run before anything touches a JAX device.
     """
     if jax.distributed.is_initialized():
         return
-    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if coordinator:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("SLURM_NTASKS", "1") != "1":
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        # Only the CPU client reads this; GPU/TPU use NCCL / ICI whatever it says.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        try:
+            count, index = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except (KeyError, ValueError):
+            raise InputError("JAX_COORDINATOR_ADDRESS is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                             "must be set to integers too") from None
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=count, process_id=index)
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+    elif "cpu" not in env.get("JAX_PLATFORMS", "") and importlib.util.find_spec("libtpu"):
         jax.distributed.initialize()
 
 
@@ -86,15 +98,42 @@ def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> dict:
     """Pure dict of NamedShardings mirroring `state.to_pure_dict()`, from each variable's
-    logical axis names (flax stores `sharding_names` as `out_sharding`); replicated if none."""
+    logical axis names (flax stores `sharding_names` as `out_sharding`); replicated if none.
+
+    A dimension that the mesh axes do not divide is replicated instead (e.g. 4 KV heads on a
+    tensor axis of 8), so any preset runs on any mesh; the other dimensions stay sharded.
+    """
 
     def one(var):
         meta = var.get_metadata()
         names = meta.get("out_sharding") or meta.get("sharding_names")
-        return NamedSharding(mesh, logical_to_spec(names, rules) if names else PartitionSpec())
+        if not names:
+            return NamedSharding(mesh, PartitionSpec())
+        spec = []
+        for size, axes in zip(var.shape, logical_to_spec(names, rules)):
+            axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = math.prod(mesh.shape[a] for a in axes_t)
+            spec.append(axes if size % ways == 0 else None)
+        return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]], ndim: int = 2) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+def batch_spec(rules: Sequence[tuple[str, Any]], ndim: int, leading: int = 0) -> PartitionSpec:
+    """Rows on the "batch" rule's mesh axes, after `leading` unsharded dims (micro-batch index)."""
+    return PartitionSpec(*(None,) * leading, *logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def batch_ways(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:
+    """How many shards the batch dimension is split into."""
+    axes = logical_to_spec(("batch",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array from a host value that every process holds in full (batches built
+    deterministically on each host, freshly loaded weights): each process fills its own shards.
+    Works alike for one process and for many, where `device_put` alone cannot."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

@@ -1,13 +1,16 @@
 """Evaluation on a scripted policy: hand-computed metrics, traces, and resume after a kill."""
 import json
+from pathlib import Path
 
 import pytest
 
-from reasonrag_jax.agent.episodes import EpisodeRunner
-from reasonrag_jax.config import AgentConfig
-from reasonrag_jax.data.qa import QAExample
+from reasonrag_jax.agent import protocol as P
+from reasonrag_jax.agent.episodes import EpisodeRunner, Step
+from reasonrag_jax.config import AgentConfig, load_config
+from reasonrag_jax.data.qa import QAExample, read_qa, write_qa
+from reasonrag_jax.eval import evaluate as E
 from reasonrag_jax.eval.evaluate import evaluate
-from reasonrag_jax.io import read_jsonl
+from reasonrag_jax.io import InputError, read_jsonl
 from test_episodes import DOCS, EXAMPLE, GUIDED, ITEM_DOCS, FakeRetriever, ScriptedPolicy, one_hop
 
 PARTIAL = QAExample(id="y", question="Who directed Moonfall?", golden_answers=("Ana Maria Reyes",),
@@ -85,3 +88,82 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     lines = (out / "traces.jsonl").read_text().splitlines()
     assert lines == (tmp_path / "full" / "traces.jsonl").read_text().splitlines()
     assert evaluate(None, EXAMPLES, out) == full                 # nothing left: no model needed
+
+
+def test_run_eval_wiring_and_settings_guard(tmp_path, monkeypatch):
+    import reasonrag_jax.models.weights as weights
+    import reasonrag_jax.retrieval.index as index
+    import reasonrag_jax.sampling as sampling
+
+    loaded = []
+    monkeypatch.setattr(weights, "load_policy", lambda spec, **kw: loaded.append(spec) or
+                        (None, None))
+    monkeypatch.setattr(sampling, "Sampler", lambda model, tok, cfg: ScriptedPolicy(SCRIPT))
+    monkeypatch.setattr(index.Retriever, "load",
+                        classmethod(lambda cls, d, cfg: FakeRetriever({**DOCS, **ITEM_DOCS})))
+    dataset = tmp_path / "qa.jsonl"
+    write_qa(dataset, EXAMPLES)
+    cfg = load_config(None, ["agent.num_passages=2"])
+    summary = E.run_eval(cfg, dataset, tmp_path / "index", "ckpt", tmp_path / "out")
+    assert summary == approx(EXPECTED) and loaded == ["ckpt"]
+    assert E.run_eval(cfg, dataset, tmp_path / "index", "ckpt", tmp_path / "out") == summary
+    assert loaded == ["ckpt"]                   # resumed with nothing left: no model loaded
+    with pytest.raises(InputError, match="other settings"):
+        E.run_eval(cfg, dataset, tmp_path / "index", "other", tmp_path / "out")
+
+
+def assert_well_formed(trace, cfg, corpus_ids):
+    steps = trace["steps"]
+    kinds = [s["kind"] for s in steps]
+    assert kinds[-1] == "answer" and kinds.count("answer") == 1
+    assert trace["prediction"] == steps[-1]["answer"]
+    for prev, s in zip([None] + steps, steps):
+        assert s["prompt"].startswith(f"<|im_start|>system\n{P.INSTRUCTION}<|im_end|>\n")
+        assert s["prompt"].endswith("<|im_start|>assistant\n")
+        after_query = prev is not None and prev["kind"] == "query" and prev["query"]
+        assert (s["kind"] == "evidence") == bool(after_query)
+        scaffold = {"query": P.QUERY_SCAFFOLD, "answer": P.ANSWER_SCAFFOLD,
+                    "evidence": P.EVIDENCE_SCAFFOLD}[s["kind"]]
+        assert s["response"].startswith(scaffold)
+        if s["query"]:
+            assert len(s["retrieved"]) == cfg.num_passages
+        assert set(s["retrieved"]) <= corpus_ids
+    assert trace["retrievals"] <= cfg.max_iter
+    assert all(0.0 <= v <= 1.0 for v in trace.get("metrics", {}).values())
+
+
+@pytest.mark.slow
+def test_smollm2_guided_traces_are_well_formed(tmp_path, smollm2):
+    from reasonrag_jax.data.synthetic import write_synthetic
+    from reasonrag_jax.retrieval.index import Retriever, build_index
+    from reasonrag_jax.sampling import Sampler
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "smollm2_cpu.yaml",
+                      ["agent.max_iter=1", "agent.max_step_tokens=8", "agent.batch_size=8"])
+    paths = write_synthetic(tmp_path / "data", seed=0, num_entities=20)
+    retriever = Retriever.load(build_index(paths["corpus"], tmp_path / "index", cfg.retrieval),
+                               cfg.retrieval)
+    corpus_ids = {obj["id"] for _, obj in read_jsonl(paths["corpus"])}
+    examples = read_qa(paths["test"])[:8]
+    model, tokenizer = smollm2
+    runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler), retriever, cfg.agent)
+
+    summary = evaluate(runner, examples, tmp_path / "eval")
+    traces = [obj for _, obj in read_jsonl(tmp_path / "eval" / "traces.jsonl")]
+    assert summary["count"] == len(traces) == 8
+    for trace in traces:
+        assert_well_formed(trace, cfg.agent, corpus_ids)
+
+    # From each gold first query on, grounding and the forced answer run on the model too.
+    starts = []
+    for ep in runner.start(examples):
+        turn = P.turn(ep.example.question, (), cfg.agent.max_iter)
+        query = ep.example.metadata["gold_chain"][0]["query"]
+        passages = retriever.search([query], cfg.agent.num_passages)[0]
+        starts.append(ep.advance(Step("query", turn.instruction, turn.input,
+                                      P.render(tokenizer, turn.instruction, turn.input),
+                                      P.query_response(query), query, 0.0, tuple(passages))))
+    for (ep,) in runner.finish(starts, 0.0, range(len(starts))):
+        assert ep.steps[1].kind == "evidence"
+        assert_well_formed(ep.to_trace(), cfg.agent, corpus_ids)

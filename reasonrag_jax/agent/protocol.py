@@ -42,20 +42,12 @@ NO_EVIDENCE = "None"
 REASONING, GROUNDING, TERMINAL = "reasoning", "grounding", "terminal"
 
 INSTRUCTION = """\
-You answer questions with a search engine, one step at a time.
-
-Reasoning step: read the question and the previous queries and evidence. If they are enough to \
-answer, end with
-So the answer is <answer>short answer</answer>
-Otherwise ask the search engine for the next missing fact, ending with
-So the next query is <query>short search query</query>
-Do not repeat a previous query. Answers and queries are short: a name, a place, a date or a \
-few words.
-
-Grounding step: the message lists the documents retrieved for the latest query. Copy the \
-sentence that answers the query, ending with
-<evidence>the sentence</evidence>
-If no document answers it, write <evidence>None</evidence>."""
+Answer the question with a search engine, one step at a time.
+Reasoning step: if the question and the evidence so far suffice, end with \
+So the answer is <answer>short answer</answer>; otherwise end with \
+So the next query is <query>short new search query</query>.
+Grounding step: copy the sentence of the retrieved documents that answers the latest query as \
+<evidence>sentence</evidence>, or write <evidence>None</evidence>."""
 
 REASONING_TASK = "Reasoning step: answer the question or write the next query."
 FORCED_TASK = "Reasoning step: no more searches are allowed, so give the final answer."

@@ -118,8 +118,6 @@ def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None
         from reasonrag_jax.retrieval.index import Retriever
         from reasonrag_jax.sampling import Sampler
 
-        if not Path(index_dir).is_dir():
-            raise InputError(f"{index_dir}: index directory not found")
         model, tokenizer = load_policy(policy, dtype=cfg.model.dtype,
                                        param_dtype=cfg.model.param_dtype)
         runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler),

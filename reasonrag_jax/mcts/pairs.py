@@ -1,10 +1,21 @@
 """Preference pairs from finished search trees (RAG-ProGuide fields).
 
-Process pairs (PRL): siblings — alternative next steps from the same state — whose MCTS values
-differ by at least `min_gap` and whose tagged contents differ; the better one is chosen.
-Outcome pairs (ORL, the ablation): the same branch points, but each sibling is scored only by
-the final-answer F1 of the best finished trajectory through it — what an outcome-supervised
-method sees — with no shortest-path discount and no credit for intermediate steps.
+Both kinds of pair are single steps — one (instruction, input) prompt and two alternative
+responses from the same state — so one DPO trainer reads both files and the ablation changes
+only how a step is judged:
+
+- Process pairs (PRL): siblings whose MCTS values (mean SPRE estimate backed up through the node)
+  differ by at least `min_gap` and whose tagged contents differ; the higher value is chosen.
+- Outcome pairs (ORL): complete trajectories (root → answer node) of the same question compared
+  by final-answer F1 only — no length discount, no credit for intermediate steps. Two
+  trajectories share every step up to their branch point, so what the comparison can teach is
+  the first step where they differ: chosen/rejected are those two sibling steps, the rewards are
+  the two trajectories' F1. Pairing whole trajectories instead would give multi-prompt
+  sequences the step-level trainer cannot use. Many trajectory pairs meet at the same sibling
+  pair; we keep one per sibling pair (the comparison with the largest F1 gap, first found on
+  ties), so both files are per-branch-point and of comparable size. Outcome comparisons may
+  still point "the wrong way" for a step (a good query followed by a bad answer) — that credit
+  noise is exactly what process supervision removes, so it is kept.
 """
 from __future__ import annotations
 
@@ -20,51 +31,71 @@ ACTION_TYPES = {"query": "Query Generation", "evidence": "Evidence Extraction",
                 "answer": "Answer Generation"}
 
 
-def _pair(dump: dict[str, Any], good: int, bad: int, values: list[float]) -> dict[str, Any]:
+def _pair(dump: dict[str, Any], good: int, bad: int, good_reward: float,
+          bad_reward: float) -> dict[str, Any]:
     g, b = dump["nodes"][good], dump["nodes"][bad]
     return {
         "instruction": g["instruction"], "input": g["input"], "prompt": g["prompt"],
         "chosen": g["response"], "rejected": b["response"],
-        "chosen_action_type": ACTION_TYPES[g["kind"]], "rejected_action_type": ACTION_TYPES[b["kind"]],
+        "chosen_action_type": ACTION_TYPES[g["kind"]],
+        "rejected_action_type": ACTION_TYPES[b["kind"]],
         "chosen_content": g["content"], "rejected_content": b["content"],
         "layer": g["depth"], "question_id": dump["question_id"],
-        "chosen_reward": round(float(values[good]), 6), "rejected_reward": round(float(values[bad]), 6),
+        "chosen_reward": round(float(good_reward), 6), "rejected_reward": round(float(bad_reward), 6),
     }
 
 
-def _sibling_pairs(dump: dict[str, Any], values: list[float], min_gap: float) -> list[dict[str, Any]]:
+def process_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
+    """Every pair of visited siblings with a value gap ≥ `min_gap` and different contents,
+    in tree order (parent id, then the children's creation order)."""
+    nodes = dump["nodes"]
     out = []
-    for node in dump["nodes"]:
-        kids = [c for c in node["children"] if values[c] is not None]
+    for node in nodes:
+        kids = [c for c in node["children"] if nodes[c]["visits"] > 0]
         for a, b in combinations(kids, 2):
-            na, nb = dump["nodes"][a], dump["nodes"][b]
-            if abs(values[a] - values[b]) < min_gap or na["content"] == nb["content"]:
+            va, vb = nodes[a]["q_value"], nodes[b]["q_value"]
+            if abs(va - vb) < min_gap or nodes[a]["content"] == nodes[b]["content"]:
                 continue
-            good, bad = (a, b) if values[a] > values[b] else (b, a)
-            out.append(_pair(dump, good, bad, values))
+            good, bad = (a, b) if va > vb else (b, a)
+            out.append(_pair(dump, good, bad, max(va, vb), min(va, vb)))
     return out
 
 
-def process_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
-    """Sibling pairs by MCTS value (mean SPRE estimate backed up through the node)."""
-    values = [n["q_value"] if n["visits"] else None for n in dump["nodes"]]
-    return _sibling_pairs(dump, values, min_gap)
+def _path(nodes: list[dict[str, Any]], i: int) -> list[int]:
+    path = [i]
+    while nodes[path[-1]]["parent"] >= 0:
+        path.append(nodes[path[-1]]["parent"])
+    return path[::-1]
 
 
 def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
-    """Sibling pairs by the best final-answer F1 among finished trajectories below each node."""
+    """One pair per sibling pair where two complete trajectories branch and their final-answer
+    F1 differ by ≥ `min_gap` (see the module docstring), ordered by branch point."""
     nodes, golds = dump["nodes"], dump["golden_answers"]
-    best: list[float | None] = [None] * len(nodes)
-    for i in sorted(range(len(nodes)), key=lambda i: -nodes[i]["depth"]):
-        n = nodes[i]
-        own = f1_score(n["prediction"] or "", golds) if n["terminal"] else None
-        below = [best[c] for c in n["children"] if best[c] is not None]
-        cands = ([own] if own is not None else []) + below
-        best[i] = max(cands) if cands else None
-    return _sibling_pairs(dump, best, min_gap)
+    ends = [n["id"] for n in nodes if n["terminal"]]
+    f1 = {t: f1_score(nodes[t]["prediction"] or "", golds) for t in ends}
+    best: dict[tuple[int, int], tuple[float, int, int, int, int]] = {}  # gap, good, end, bad, end
+    for t1, t2 in combinations(ends, 2):
+        gap = abs(f1[t1] - f1[t2])
+        if gap < min_gap:
+            continue
+        p1, p2 = _path(nodes, t1), _path(nodes, t2)
+        d = next(i for i, (x, y) in enumerate(zip(p1, p2)) if x != y)
+        a, b = p1[d], p2[d]
+        if nodes[a]["content"] == nodes[b]["content"]:
+            continue
+        key = (min(a, b), max(a, b))
+        if key not in best or gap > best[key][0]:
+            best[key] = (gap, *((a, t1, b, t2) if f1[t1] > f1[t2] else (b, t2, a, t1)))
+    out = []
+    for key in sorted(best, key=lambda k: (nodes[k[0]]["parent"], k)):
+        _, good, good_end, bad, bad_end = best[key]
+        out.append(_pair(dump, good, bad, f1[good_end], f1[bad_end]))
+    return out
 
 
 def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per action type and per layer, and the mean reward gap."""
     return {"pairs": len(pairs),
             "by_action_type": dict(Counter(p["chosen_action_type"] for p in pairs)),
             "by_layer": {str(k): v for k, v in sorted(Counter(p["layer"] for p in pairs).items())},

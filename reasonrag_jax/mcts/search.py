@@ -1,11 +1,17 @@
 """MCTS over reasoning steps for a batch of questions, and `reasonrag-jax generate`.
 
 Each iteration, for all B questions at once: select a node in every tree (UCT, arrays) → expand
-it by one protocol step with ONE batched sampler call (retrieval included for query steps) →
-value the new nodes by SPRE with ONE batched set of rollouts → back the values up. Trees are
-written one JSON line per question to `<out>.trees.jsonl` as soon as their batch finishes; pair
-files are rebuilt from those lines, so a killed run loses only the questions in flight and a
-re-run produces the same files as an uninterrupted one.
+it by one protocol step with ONE batched `runner.expand` (retrieval included for query steps) →
+value the new nodes with ONE batched value-function call (SPRE rollouts) → back the values up.
+A selected answer node cannot grow; its own value is backed up again (standard MCTS), so the
+visit counts keep steering towards it when it is good.
+
+Outputs next to `out` (pairs.jsonl): `pairs.trees.jsonl` (one tree dump per question, the
+source of truth), `pairs.jsonl` (process pairs), `pairs.outcome.jsonl` (outcome pairs),
+`pairs.summary.json` and `pairs.tree.png`. Every batch appends its trees, then their pairs, each
+with one atomic write; a re-run first rebuilds both pair files from the trees (repairing a kill
+between the two writes) and skips the searched questions. Seeds depend only on (seed, question
+id), so a resumed run writes the same files as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -21,110 +27,115 @@ from tqdm import tqdm
 from reasonrag_jax.agent.episodes import Episode, derive_seed
 from reasonrag_jax.config import Config, MCTSConfig
 from reasonrag_jax.data.qa import QAExample, read_qa
-from reasonrag_jax.io import append_jsonl, done_keys, read_jsonl, write_json_atomic, write_jsonl_atomic
+from reasonrag_jax.io import (append_jsonl, done_keys, read_jsonl, write_json_atomic,
+                              write_jsonl_atomic)
 from reasonrag_jax.mcts import pairs as P
 from reasonrag_jax.mcts import tree as T
-from reasonrag_jax.mcts.spre import spre_values
+from reasonrag_jax.mcts.render import dump_tree, render_tree
+from reasonrag_jax.mcts.spre import SPRE, ValueFn
 
 
 def question_seed(seed: int, qid: str) -> int:
-    """Depends only on (seed, question id): resumed and batched runs draw the same samples."""
+    """Depends only on (seed, question id): resumed and re-batched runs draw the same samples."""
     return derive_seed(seed, zlib.crc32(qid.encode()))
 
 
-def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int) -> list[dict[str, Any]]:
-    """Build one tree per example; returns their JSON dumps."""
-    b, n, c = len(examples), cfg.max_rollouts + 1, cfg.max_children
-    tree = T.init(b, n, c)
-    table: list[dict[int, Episode]] = [{T.ROOT: ep} for ep in runner.start(examples)]
+def default_value_fn(cfg: MCTSConfig) -> ValueFn:
+    return SPRE(k=cfg.spre_rollouts, beta=cfg.beta, temperature=cfg.temperature)
+
+
+def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
+           value_fn: ValueFn | None = None) -> list[dict[str, Any]]:
+    """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps."""
+    value_fn = value_fn or default_value_fn(cfg)
+    b, n = len(examples), cfg.max_rollouts + 1
+    rows = np.arange(b)
+    tree = T.init(b, n, cfg.max_children)
+    table: list[dict[int, Episode]] = [{T.ROOT: ep} for ep in runner.start(examples)]  # (q, node)
     seeds = [question_seed(seed, ex.id) for ex in examples]
     c_uct = jnp.full((b,), cfg.c_uct, jnp.float32)
+    rollouts = np.zeros(b, np.int64)
     for it in range(cfg.max_rollouts):
         room = np.asarray(tree.num_nodes) < n
         if not room.any():
             break
         leaf = np.asarray(T.select(tree, c_uct))
-        grow = [i for i in range(b) if room[i] and not table[i][leaf[i]].done]
-        it_seeds = {i: derive_seed(seeds[i], it) for i in grow}
-        children = runner.expand([table[i][leaf[i]] for i in grow], 1, cfg.temperature,
-                                 [it_seeds[i] for i in grow])
-        new = {i: kids[0] for i, kids in zip(grow, children) if kids}
-        values = spre_values(runner, list(new.values()), [it_seeds[i] for i in new],
-                             cfg.spre_rollouts, cfg.beta, cfg.temperature)
-        value, kind, terminal = (np.zeros(b, np.float32), np.zeros(b, np.int32), np.zeros(b, bool))
-        for (i, ep), v in zip(new.items(), values):
+        at_end = np.array([table[i][leaf[i]].done for i in range(b)])
+        grow = [i for i in range(b) if room[i] and not at_end[i]]
+        it_seeds = [derive_seed(seeds[i], it) for i in grow]
+        new = [kid[0] for kid in runner.expand([table[i][leaf[i]] for i in grow], 1,
+                                               cfg.temperature, it_seeds)] if grow else []
+        values = np.asarray(value_fn(runner, new, it_seeds), np.float32) if grow else []
+        value, kind = np.zeros(b, np.float32), np.zeros(b, np.int32)
+        terminal, valid = np.zeros(b, bool), np.zeros(b, bool)
+        for i, ep, v in zip(grow, new, values):
             value[i], kind[i], terminal[i] = v, T.KINDS.index(ep.steps[-1].kind), ep.done
-        valid = np.zeros(b, bool)
-        valid[list(new)] = True
+            valid[i] = True
+            rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
         tree, child = T.add_child(tree, jnp.asarray(leaf), jnp.asarray(kind), jnp.asarray(value),
                                   jnp.asarray(terminal), jnp.asarray(valid))
         child = np.asarray(child)
-        # A selected finished episode is re-visited with its own value (standard MCTS).
-        revisit = np.array([room[i] and table[i][leaf[i]].done for i in range(b)])
-        reward = np.asarray(tree.reward)[np.arange(b), leaf]
-        node = np.where(child >= 0, child, leaf)
-        tree = T.backup(tree, jnp.asarray(node), jnp.asarray(np.where(child >= 0, value, reward)),
-                        jnp.asarray((child >= 0) | revisit))
-        for i, ep in new.items():
-            if child[i] >= 0:
-                table[i][int(child[i])] = ep
-    return [dump_tree(tree, i, table[i], examples[i]) for i in range(b)]
+        for i, ep in zip(grow, new):
+            table[i][int(child[i])] = ep
+        node = np.where(valid, child, leaf)
+        tree = T.backup(tree, jnp.asarray(node), tree.reward[rows, node],
+                        jnp.asarray(valid | (room & at_end)))
+    return [dump_tree(tree, i, table[i], rollouts=int(rollouts[i])) for i in range(b)]
 
 
-def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Episode], example: QAExample) -> dict[str, Any]:
-    arr = {k: np.asarray(getattr(tree, k)[i]) for k in
-           ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "children")}
-    nodes = []
-    for node in range(int(tree.num_nodes[i])):
-        ep = episodes[node]
-        step = ep.steps[-1] if node != T.ROOT else None
-        nodes.append({
-            "id": node, "parent": int(arr["parent"][node]), "depth": int(arr["depth"][node]),
-            "kind": T.KINDS[int(arr["kind"][node])], "visits": int(arr["visits"][node]),
-            "q_value": float(arr["value_sum"][node] / max(1, arr["visits"][node])),
-            "reward": float(arr["reward"][node]), "terminal": bool(arr["terminal"][node]),
-            "children": [int(x) for x in arr["children"][node] if x >= 0],
-            "instruction": step.instruction if step else "", "input": step.input if step else "",
-            "prompt": step.prompt if step else "", "response": step.response if step else "",
-            "content": step.content if step else "", "prediction": ep.prediction,
-            "retrieved": [p.id for p in step.retrieved] if step else [],
-        })
-    return {"question_id": example.id, "question": example.question,
-            "golden_answers": list(example.golden_answers), "nodes": nodes}
-
-
-def output_paths(out: Path) -> dict[str, Path]:
+def output_paths(out: str | Path) -> dict[str, Path]:
+    out = Path(out)
     stem = out.name.removesuffix(".jsonl")
     return {"pairs": out, "outcome": out.with_name(f"{stem}.outcome.jsonl"),
-            "trees": out.with_name(f"{stem}.trees.jsonl"), "summary": out.with_name(f"{stem}.summary.json"),
+            "trees": out.with_name(f"{stem}.trees.jsonl"),
+            "summary": out.with_name(f"{stem}.summary.json"),
             "picture": out.with_name(f"{stem}.tree.png")}
 
 
-def write_pairs(examples: list[QAExample], paths: dict[str, Path], min_gap: float) -> dict[str, Any]:
-    """Rebuild both pair files and the summary from the tree lines, in dataset order."""
-    trees = {obj["question_id"]: obj for _, obj in read_jsonl(paths["trees"], allow_empty=True)}
-    dumps = [trees[ex.id] for ex in examples if ex.id in trees]
-    prl = [p for d in dumps for p in P.process_pairs(d, min_gap)]
-    orl = [p for d in dumps for p in P.outcome_pairs(d, min_gap)]
-    write_jsonl_atomic(paths["pairs"], prl)
+def _pairs(dumps: list[dict[str, Any]], min_gap: float) -> tuple[list[dict], list[dict]]:
+    return ([p for d in dumps for p in P.process_pairs(d, min_gap)],
+            [p for d in dumps for p in P.outcome_pairs(d, min_gap)])
+
+
+def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg: MCTSConfig,
+             seed: int, value_fn: ValueFn | None = None) -> dict[str, Any]:
+    """Search the not yet searched `examples` in batches of `cfg.batch_questions`, appending
+    trees and pairs per batch; then write the summary and the picture. Returns the summary."""
+    done = done_keys(paths["trees"], "question_id")     # also drops a torn last line
+    dumps = [obj for _, obj in read_jsonl(paths["trees"], allow_empty=True)] if done else []
+    prl, orl = _pairs(dumps, cfg.min_value_gap)
+    write_jsonl_atomic(paths["pairs"], prl)          # repair a kill between the two appends
     write_jsonl_atomic(paths["outcome"], orl)
+    todo = [ex for ex in examples if ex.id not in done]
+    start, rollouts, num_pairs = time.time(), 0, len(prl)
+    with tqdm(total=len(examples), initial=len(examples) - len(todo), desc="mcts", unit="q") as bar:
+        for lo in range(0, len(todo), cfg.batch_questions):
+            batch = search(runner, todo[lo:lo + cfg.batch_questions], cfg, seed, value_fn)
+            new_prl, new_orl = _pairs(batch, cfg.min_value_gap)
+            append_jsonl(paths["trees"], batch)
+            append_jsonl(paths["pairs"], new_prl)
+            append_jsonl(paths["outcome"], new_orl)
+            dumps += batch
+            prl += new_prl
+            orl += new_orl
+            rollouts += sum(d["rollouts"] for d in batch)
+            num_pairs += len(new_prl)
+            bar.update(len(batch))
+            bar.set_postfix(pairs=num_pairs, rollouts_per_s=f"{rollouts / (time.time() - start):.2f}")
     summary = {"questions": len(dumps), "process": P.summarize(prl), "outcome": P.summarize(orl)}
     write_json_atomic(paths["summary"], summary)
     if dumps:
-        from reasonrag_jax.mcts.render import render_tree
-
         render_tree(max(dumps, key=lambda d: len(d["nodes"])), paths["picture"])
     return summary
 
 
-def run_generate(cfg: Config, dataset: Path, index_dir: Path, out: Path,
+def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: str | Path,
                  checkpoint: str | None = None) -> dict[str, Any]:
     """`reasonrag-jax generate`: MCTS + SPRE over `dataset` → RAG-ProGuide pairs at `out`."""
     examples = read_qa(dataset)
-    paths = output_paths(Path(out))
-    done = done_keys(paths["trees"], "question_id")
-    todo = [ex for ex in examples if ex.id not in done]
-    if todo:
+    paths = output_paths(out)
+    runner = None
+    if {ex.id for ex in examples} - done_keys(paths["trees"], "question_id"):
         from reasonrag_jax.agent.episodes import EpisodeRunner
         from reasonrag_jax.models.weights import load_policy
         from reasonrag_jax.retrieval.index import Retriever
@@ -134,22 +145,8 @@ def run_generate(cfg: Config, dataset: Path, index_dir: Path, out: Path,
                                        param_dtype=cfg.model.param_dtype)
         runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler),
                                Retriever.load(index_dir, cfg.retrieval), cfg.agent)
-        generate(runner, todo, paths, cfg.mcts, cfg.seed, total=len(examples))
-    summary = write_pairs(examples, paths, cfg.mcts.min_value_gap)
+    summary = generate(runner, examples, paths, cfg.mcts, cfg.seed)
     print(f"[generate] {summary['questions']} trees → {summary['process']['pairs']} process pairs "
-          f"{summary['process']['by_action_type']}, {summary['outcome']['pairs']} outcome pairs")
+          f"{summary['process']['by_action_type']}, {summary['outcome']['pairs']} outcome pairs "
+          f"→ {paths['pairs']} (tree picture: {paths['picture']})")
     return summary
-
-
-def generate(runner: Any, todo: list[QAExample], paths: dict[str, Path], cfg: MCTSConfig, seed: int,
-             total: int) -> None:
-    """Search `todo` in batches of `cfg.batch_questions`, appending each batch's trees."""
-    start, nodes = time.time(), 0
-    with tqdm(total=total, initial=total - len(todo), desc="mcts", unit="q") as bar:
-        for lo in range(0, len(todo), cfg.batch_questions):
-            dumps = search(runner, todo[lo:lo + cfg.batch_questions], cfg, seed)
-            append_jsonl(paths["trees"], dumps)
-            nodes += sum(len(d["nodes"]) - 1 for d in dumps)
-            pairs = sum(len(P.process_pairs(d, cfg.min_value_gap)) for d in dumps)
-            bar.update(len(dumps))
-            bar.set_postfix(pairs=pairs, nodes_per_s=f"{nodes / (time.time() - start):.2f}")

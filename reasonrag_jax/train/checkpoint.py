@@ -1,8 +1,8 @@
 """Orbax checkpoints of a training run, and the policy they hold.
 
-A training directory has `policy.json` (decoder config, dtypes, where the tokenizer is),
-`tokenizer/`, and `checkpoints/<step>/` written by an Orbax CheckpointManager (params, optimiser
-state and a JSON record of step, data position and metrics). Orbax writes each step to a
+A training directory has `policy.json` (decoder config, dtypes, base policy), `tokenizer/`, and
+`checkpoints/<step>/` written by an Orbax CheckpointManager: params, optimiser state, and a JSON
+record of step, data position and the run's whole config (checked on resume). Orbax writes each step to a
 temporary directory and renames it when complete, so a kill never leaves a step that looks
 finished.
 """
@@ -54,8 +54,12 @@ def write_policy_card(out_dir: Path, cfg: DecoderConfig, tokenizer: Any, base: s
                                                 "param_dtype": cfg.param_dtype, "base": base})
 
 
-def load_trained_policy(out_dir: str | Path, step: int | None = None) -> tuple[Decoder, Any]:
-    """(Decoder with the latest — or given — checkpoint's params, tokenizer) of a training dir."""
+def load_trained_policy(out_dir: str | Path, step: int | None = None, *, dtype: str | None = None,
+                        remat: bool = False) -> tuple[Decoder, Any]:
+    """(Decoder with the latest — or given — checkpoint's params, tokenizer) of a training dir.
+
+    Params come back in the dtype they were trained in; `dtype` overrides the compute dtype.
+    """
     from reasonrag_jax.models.weights import load_tokenizer
 
     out_dir = Path(out_dir)
@@ -63,11 +67,13 @@ def load_trained_policy(out_dir: str | Path, step: int | None = None) -> tuple[D
     if not card_file.is_file():
         raise InputError(f"{out_dir}: not a training directory (no policy.json)")
     card = json.loads(card_file.read_text())
-    cfg = DecoderConfig.from_hf(card["decoder"], dtype=card["dtype"], param_dtype=card["param_dtype"])
+    cfg = DecoderConfig.from_hf(card["decoder"], dtype=dtype or card["dtype"],
+                                param_dtype=card["param_dtype"], remat=remat)
     mngr = manager(out_dir, keep=1, async_save=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise InputError(f"{out_dir}/checkpoints: no finished checkpoint")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     params = restore(mngr, step, state.to_pure_dict(), None)["params"]
+    mngr.close()
     return nnx.merge(graphdef, params), load_tokenizer(out_dir / "tokenizer")

@@ -1,15 +1,20 @@
 """Training data: preference pairs and SFT records → chat-templated, prompt-masked token arrays.
 
 A pair is (prompt, chosen, rejected) where prompt = chat template of (system = instruction,
-user = input) with the generation prompt, and each completion is its text plus EOS. Chosen and
-rejected rows of a batch go through the model in one forward pass. Over-long examples are cut
-by one stated rule — drop prompt tokens from the left, then completion tokens from the right —
-and counted, never dropped.
+user = input) with the generation prompt, and each completion is its text plus EOS. Rows 2i and
+2i + 1 are pair i's chosen and rejected, so one forward pass scores both.
+
+Truncation rule (stated once, applied per example, counted, never dropped): when prompt +
+longest completion exceeds `max_length`, the prompt keeps its LAST max(max_length − longest
+completion, max_length // 2) tokens (the question and the generation prompt sit at its end), and
+each completion then keeps its FIRST max_length − kept-prompt tokens. Chosen and rejected of a
+pair therefore always share the same prompt tokens.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,112 +23,136 @@ import numpy as np
 
 from reasonrag_jax.io import InputError, read_jsonl, where
 
-PAIR_SCHEMA = {"chosen": str, "rejected": str}
-SFT_SCHEMA = {"output": str}
+PAIR_FIELDS = {"instruction": False, "input": True, "chosen": True, "rejected": True}
+SFT_FIELDS = {"instruction": False, "input": True, "output": True}
 
 
 @dataclass
 class Encoded:
-    """Right-padded token rows; rows 2i / 2i+1 are pair i's chosen / rejected (DPO)."""
-    tokens: np.ndarray       # int32 [N, T]
+    """Right-padded token rows; for DPO rows 2i / 2i+1 are pair i's chosen / rejected."""
+    tokens: np.ndarray       # int32 [N, T]   (T = longest row)
     loss_mask: np.ndarray    # float32 [N, T]: 1 on completion tokens (incl. EOS)
     lengths: np.ndarray      # int32 [N]
-    truncated: int           # examples shortened by the truncation rule
+    truncated: int           # examples (pairs or records) shortened by the truncation rule
 
 
-def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """jsonl (ours) or one JSON list (the published RAG_ProGuide.json)."""
+def _records(path: Path) -> list[tuple[int, Any]]:
+    """jsonl (ours) or one JSON list (the published RAG_ProGuide.json); (line or item no, obj)."""
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
-    if head.startswith(b"["):
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}: invalid JSON ({e})") from None
-        if not rows:
-            raise InputError(f"{path}: file is empty")
-        return [(i + 1, r) for i, r in enumerate(rows)]
-    return list(read_jsonl(path))
+    if not head.startswith(b"["):
+        return list(read_jsonl(path))
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+    if not rows:
+        raise InputError(f"{path}: file is empty")
+    return [(i + 1, r) for i, r in enumerate(rows)]
 
 
-def _text(path: Path, line: int, obj: Any, field: str, required: bool = True) -> str:
-    if not isinstance(obj, dict):
-        raise InputError(f"{where(path, line)}: expected a JSON object")
-    value = obj.get(field, None if required else "")
-    if value is None and required:
-        raise InputError(f"{where(path, line, field)} is missing")
-    if not isinstance(value, str):
-        raise InputError(f"{where(path, line, field)} should be str, got {type(value).__name__}")
-    return value
-
-
-def read_pairs(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Preference pairs with `instruction`, `input`, `chosen`, `rejected` (RAG-ProGuide fields)."""
+def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str, ...]
+          ) -> list[dict[str, str]]:
+    """Text fields (required or defaulting to "") of every record, checked and line-numbered."""
     path = Path(path)
     out = []
     for line, obj in _records(path):
-        pair = {f: _text(path, line, obj, f, f in PAIR_SCHEMA)
-                for f in ("instruction", "input", "chosen", "rejected")}
-        for f in ("chosen", "rejected"):
-            if not pair[f].strip():
-                raise InputError(f"{where(path, line, f)} is empty")
-        if pair["chosen"] == pair["rejected"]:
-            raise InputError(f"{where(path, line, 'rejected')} is identical to 'chosen'")
-        out.append(pair)
-    return out
-
-
-def read_sft(path: str | os.PathLike) -> list[dict[str, str]]:
-    """SFT records `{"instruction", "input", "output"}` (LLaMA-Factory style)."""
-    path = Path(path)
-    out = []
-    for line, obj in _records(path):
-        rec = {f: _text(path, line, obj, f, f in SFT_SCHEMA) for f in ("instruction", "input", "output")}
-        if not rec["output"].strip():
-            raise InputError(f"{where(path, line, 'output')} is empty")
+        if not isinstance(obj, dict):
+            raise InputError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
+        rec = {}
+        for name, required in fields.items():
+            if name not in obj and required:
+                raise InputError(f"{where(path, line, name)} is missing")
+            value = obj.get(name, "")
+            if not isinstance(value, str):
+                raise InputError(f"{where(path, line, name)} should be str, got {type(value).__name__}")
+            rec[name] = value
+        for name in distinct:
+            if not rec[name].strip():
+                raise InputError(f"{where(path, line, name)} is empty")
+        if len(distinct) == 2 and rec[distinct[0]] == rec[distinct[1]]:
+            raise InputError(f"{where(path, line, distinct[1])} is identical to '{distinct[0]}'")
         out.append(rec)
     return out
 
 
+def read_pairs(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Preference pairs: `instruction` (optional), `input`, `chosen`, `rejected`."""
+    return _read(path, PAIR_FIELDS, ("chosen", "rejected"))
+
+
+def read_sft(path: str | os.PathLike) -> list[dict[str, str]]:
+    """SFT records `{"instruction", "input", "output"}` (LLaMA-Factory style)."""
+    return _read(path, SFT_FIELDS, ("output",))
+
+
 def prompt_ids(tokenizer: Any, instruction: str, user: str) -> list[int]:
+    """Token ids of chat_template([system=instruction, user=input], add_generation_prompt)."""
     messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
         {"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode(tokenizer: Any, examples: list[tuple[str, str, str]], max_length: int) -> Encoded:
-    """(instruction, input, completion) triples → padded rows (length = longest, ≤ max_length)."""
+def truncate(prompt: list[int], completions: list[list[int]], max_length: int
+             ) -> tuple[list[int], list[list[int]], bool]:
+    """The module docstring's rule → (prompt, completions, whether anything was cut)."""
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions, False
+    keep = min(len(prompt), max(max_length - longest, max_length // 2))
+    prompt = prompt[len(prompt) - keep:]
+    return prompt, [c[: max_length - keep] for c in completions], True
+
+
+def encode(tokenizer: Any, groups: Sequence[tuple[str, str, Sequence[str]]], max_length: int
+           ) -> Encoded:
+    """(instruction, input, completions sharing that prompt) → one padded row per completion."""
+    if max_length < 2:
+        raise InputError(f"train.max_length must be at least 2, got {max_length}")
     eos = tokenizer.eos_token_id
-    rows, masks, truncated = [], [], 0
-    for instruction, user, completion in examples:
+    rows, prompt_lens, truncated = [], [], 0
+    for instruction, user, completions in groups:
         p = prompt_ids(tokenizer, instruction, user)
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-        if len(p) + len(c) > max_length:
-            truncated += 1
-            c = c[: max_length - 1]
-            p = p[len(p) - (max_length - len(c)):]
-        rows.append(p + c)
-        masks.append([0.0] * len(p) + [1.0] * len(c))
-    t = max(len(r) for r in rows)
-    tokens = np.full((len(rows), t), tokenizer.pad_token_id or 0, np.int32)
-    loss_mask = np.zeros((len(rows), t), np.float32)
-    for i, (r, m) in enumerate(zip(rows, masks)):
+        cs = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+        p, cs, cut = truncate(p, cs, max_length)
+        truncated += cut
+        rows += [p + c for c in cs]
+        prompt_lens += [len(p)] * len(cs)
+    lengths = np.array([len(r) for r in rows], np.int32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    tokens = np.full((len(rows), int(lengths.max())), pad, np.int32)
+    for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
-        loss_mask[i, :len(m)] = m
-    return Encoded(tokens, loss_mask, np.array([len(r) for r in rows], np.int32), truncated)
+    cols = np.arange(tokens.shape[1])
+    loss_mask = ((cols >= np.array(prompt_lens)[:, None]) & (cols < lengths[:, None]))
+    return Encoded(tokens, loss_mask.astype(np.float32), lengths, truncated)
 
 
 def encode_pairs(tokenizer: Any, pairs: list[dict[str, str]], max_length: int) -> Encoded:
-    triples = [(p["instruction"], p["input"], p[side]) for p in pairs for side in ("chosen", "rejected")]
-    return encode(tokenizer, triples, max_length)
+    return encode(tokenizer, [(p["instruction"], p["input"], (p["chosen"], p["rejected"]))
+                              for p in pairs], max_length)
 
 
 def encode_sft(tokenizer: Any, records: list[dict[str, str]], max_length: int) -> Encoded:
-    return encode(tokenizer, [(r["instruction"], r["input"], r["output"]) for r in records], max_length)
+    return encode(tokenizer, [(r["instruction"], r["input"], (r["output"],)) for r in records],
+                  max_length)
 
 
-def bucket_length(n: int, buckets: tuple[int, ...]) -> int:
-    return next((b for b in buckets if b >= n), buckets[-1] if buckets else n)
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket ≥ n (few distinct shapes → few compilations); n itself past the last."""
+    return next((b for b in sorted(buckets) if b >= n), n)
+
+
+def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and loss mask of `rows`, right-padded to the length bucket of their longest row."""
+    t = bucket_length(int(data.lengths[rows].max()), buckets)
+    width = min(t, data.tokens.shape[1])
+    tokens = np.zeros((len(rows), t), np.int32)
+    mask = np.zeros((len(rows), t), np.float32)
+    tokens[:, :width] = data.tokens[rows, :width]
+    mask[:, :width] = data.loss_mask[rows, :width]
+    return tokens, mask

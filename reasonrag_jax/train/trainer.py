@@ -1,17 +1,20 @@
-"""One trainer for DPO and SFT: sharded jitted step, exact resume, NaN stop, logs.
+"""One trainer for DPO and SFT: a sharded jitted step, exact resume, NaN stop, logs.
 
 The data position is a pure function of the step (a seeded permutation per epoch), so a run
 restored from the checkpoint of step s continues with exactly the batches an uninterrupted run
 would have seen. Reference log-probs for DPO are computed once, before training, and cached on
-disk keyed by (base policy, data checksum, max_length): no reference model is held while
-training.
+disk keyed by a fingerprint of the initial weights and the exact token arrays: no reference model
+is held while training. Every process builds the same host batch; each fills only its own shards
+(`global_array`), so one process and a pod run the same code.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +23,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from reasonrag_jax.config import Config
-from reasonrag_jax.io import append_jsonl, file_checksum, read_jsonl, write_bytes_atomic
-from reasonrag_jax.models.decoder import Decoder
+from reasonrag_jax.config import Config, TrainConfig, to_dict
+from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, write_bytes_atomic
 from reasonrag_jax.models.weights import load_policy
-from reasonrag_jax.sharding import batch_sharding, make_mesh, state_shardings
+from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
+                                    state_shardings)
 from reasonrag_jax.train import checkpoint as ckpt
-from reasonrag_jax.train.data import Encoded, bucket_length, encode_pairs, encode_sft, read_pairs, read_sft
+from reasonrag_jax.train.data import (Encoded, batch_arrays, encode_pairs, encode_sft, read_pairs,
+                                      read_sft)
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps, sft_loss
+
+# Train settings a resumed run must share with the checkpoint it resumes (the rest — save
+# cadence, how many to keep — may change between runs).
+_RESUME_KEYS = ("objective", "beta", "label_smoothing", "learning_rate", "warmup_ratio", "schedule",
+                "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps",
+                "max_length", "seed")
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,57 +67,150 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_uni
     return (units[:, None] * rows_per_unit + np.arange(rows_per_unit)).reshape(-1)
 
 
-def _slice(data: Encoded, rows: np.ndarray, buckets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    t = bucket_length(int(data.lengths[rows].max()), tuple(sorted(buckets)))
-    t = max(t, int(data.lengths[rows].max()))
-    tokens = np.zeros((len(rows), t), np.int32)
-    mask = np.zeros((len(rows), t), np.float32)
-    width = min(t, data.tokens.shape[1])
-    tokens[:, :width] = data.tokens[rows, :width]
-    mask[:, :width] = data.loss_mask[rows, :width]
-    return tokens, mask
-
-
-def _optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    tc = cfg.train
-    warmup = int(tc.warmup_ratio * total_steps)
+def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clip → AdamW, learning rate warmed up linearly over `warmup_ratio` of the steps, then
+    cosine-decayed to 0 (or held constant)."""
+    warmup = max(int(tc.warmup_ratio * total_steps), 1)
     if tc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, max(warmup, 1),
+        lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
                                                 max(total_steps, warmup + 1), 0.0)
+    elif tc.schedule == "constant":
+        lr = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
+                                   optax.constant_schedule(tc.learning_rate)], [warmup])
     else:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, max(warmup, 1)),
-                                   optax.constant_schedule(tc.learning_rate)], [max(warmup, 1)])
+        raise InputError(f"train.schedule: expected 'cosine' or 'constant', got {tc.schedule!r}")
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
                        optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay))
 
 
-def _reference_logps(graphdef, params, data: Encoded, cfg: Config, cache: Path, key: dict) -> np.ndarray:
-    """log π_ref(completion | prompt) for every row, computed once and cached on disk."""
-    meta = cache.with_suffix(".json")
-    if cache.exists() and meta.exists() and json.loads(meta.read_text()) == key:
+@dataclass(frozen=True)
+class Placement:
+    """Where every array of a training step lives on the mesh."""
+    mesh: Mesh
+    params: Any              # pytree of NamedSharding (from the params' logical axis names)
+    opt_state: Any           # the same for the optimiser state (moments follow their params)
+    rows: NamedSharding      # [N, T] token rows
+    micro: NamedSharding     # [A, N/A, T] micro-batched rows
+    micro_ref: NamedSharding  # [A, N/A] reference log-probs
+    replicated: NamedSharding
+
+
+def placement(mesh: Mesh, rules: Any, state: nnx.State, optimizer: optax.GradientTransformation
+              ) -> Placement:
+    params = state_shardings(state, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(optimizer.init, state.to_pure_dict())
+    opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract, params,
+                                      transform_non_params=lambda _: replicated)
+    sharding = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    return Placement(mesh, params, opt_state, sharding(batch_spec(rules, 2)),
+                     sharding(batch_spec(rules, 2, leading=1)), sharding(batch_spec(rules, 1, leading=1)),
+                     replicated)
+
+
+def place_state(host_params: Any, optimizer: optax.GradientTransformation, place: Placement
+                ) -> tuple[Any, Any]:
+    """Host params → sharded params and a freshly initialised, sharded optimiser state."""
+    params = jax.tree.map(global_array, host_params, place.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(params)
+    return params, opt_state
+
+
+def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
+                    objective: str, place: Placement):
+    """Jitted (params, opt_state, tokens [A,n,T], mask [A,n,T], ref [A,n]) →
+    (params, opt_state, metrics): gradients averaged over the A micro-batches, one update."""
+
+    def loss_fn(p, tokens, mask, ref_lp):
+        lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
+        if objective == "dpo":
+            return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta, tc.label_smoothing)
+        return sft_loss(lp, mask[:, 1:].sum(-1))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(p, opt_state, tokens, mask, ref_lp):
+        def micro(acc, xs):
+            return jax.tree.map(jnp.add, acc, grad_fn(p, *xs)), None
+
+        shapes = jax.eval_shape(grad_fn, p, tokens[0], mask[0], ref_lp[0])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, (tokens, mask, ref_lp))
+        loss, metrics, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, metrics, grads))
+        updates, opt_state = optimizer.update(grads, opt_state, p)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return optax.apply_updates(p, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1),
+                   in_shardings=(place.params, place.opt_state, place.micro, place.micro,
+                                 place.micro_ref),
+                   out_shardings=(place.params, place.opt_state, place.replicated))
+
+
+def fingerprint(params: Any, place: Placement) -> str:
+    """Cheap content hash of (sharded) weights: three weighted sums per tensor, computed on
+    device. Any training step changes it; it never needs the weights on one host."""
+
+    def sums(x):
+        x = x.astype(jnp.float32).ravel()
+        w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32) * 0.618)
+        return jnp.stack([x.sum(), jnp.abs(x).sum(), (x * w).sum()])
+
+    fn = jax.jit(lambda p: jax.tree.map(sums, p), out_shardings=place.replicated)
+    leaves = jax.tree.leaves(jax.device_get(fn(params)))
+    return hashlib.sha256(np.stack(leaves).tobytes()).hexdigest()
+
+
+def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: int,
+                    buckets: tuple[int, ...], place: Placement, cache_dir: Path, dtype: str
+                    ) -> np.ndarray:
+    """log π_ref(completion | prompt) of every row, computed once and cached on disk under a
+    key of (weights fingerprint, exact token rows and masks, compute dtype)."""
+    h = hashlib.sha256(f"{fingerprint(params, place)}|{dtype}".encode())
+    h.update(data.tokens.tobytes())
+    h.update(data.loss_mask.tobytes())
+    cache = cache_dir / f"{h.hexdigest()[:32]}.npy"
+    if cache.is_file():
         return np.load(cache)
-    fn = jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m))
+    fn = jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m),
+                 in_shardings=(place.params, place.rows, place.rows), out_shardings=place.replicated)
     out = np.zeros(len(data.tokens), np.float32)
-    step = max(2, cfg.train.batch_size * 2)
-    for lo in tqdm(range(0, len(out), step), desc="reference log-probs", unit="batch"):
-        rows = np.arange(lo, min(lo + step, len(out)))
-        rows = np.pad(rows, (0, step - len(rows)), mode="edge")
-        tokens, mask = _slice(data, rows, cfg.train.length_buckets)
-        out[lo:lo + step] = np.asarray(fn(params, tokens, mask))[: len(out) - lo]
-    np.save(cache.with_suffix(".tmp.npy"), out)
-    Path(cache.with_suffix(".tmp.npy")).replace(cache)
-    write_bytes_atomic(meta, json.dumps(key).encode())
+    starts = range(0, len(out), rows_per_call)
+    for lo in tqdm(starts, desc="reference log-probs", unit="batch", disable=jax.process_index() > 0):
+        rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)  # pad with the last row
+        tokens, mask = batch_arrays(data, rows, buckets)
+        got = fn(params, global_array(tokens, place.rows), global_array(mask, place.rows))
+        out[lo:lo + rows_per_call] = np.asarray(got)[: len(out) - lo]
+    if jax.process_index() == 0:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, out)
+        write_bytes_atomic(cache, buf.getvalue())
     return out
+
+
+def _check_resume(record: dict[str, Any], cfg: Config, out: Path) -> None:
+    saved = record.get("config", {}).get("train", {})
+    now = to_dict(cfg)["train"]
+    for k in _RESUME_KEYS:
+        if k in saved and saved[k] != now[k]:
+            raise InputError(f"{out}/checkpoints/{record['step']}: written with train.{k}={saved[k]!r}, "
+                             f"now {now[k]!r}; use the same settings to resume or a new --out")
 
 
 def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: str) -> Path:
     tc = cfg.train
     base = init or cfg.model.policy
-    model, tokenizer = load_policy(base, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-    if cfg.model.remat != model.cfg.remat:
-        graphdef, state = nnx.split(model)
-        remat_cfg = dataclasses.replace(model.cfg, remat=cfg.model.remat)
-        model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Decoder(remat_cfg, rngs=nnx.Rngs(0))))[0], state)
+    model, tokenizer = load_policy(base, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                                   remat=cfg.model.remat)
+    # A training dir keeps its own dtypes; the run's config decides compute dtype and remat.
+    model.cfg = dataclasses.replace(model.cfg, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                                    param_dtype=cfg.model.param_dtype)
+    graphdef, state = nnx.split(model)
+    host_params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.model.param_dtype)),
+                               state.to_pure_dict())
+    del model
     if objective == "dpo":
         units = read_pairs(data_path)
         data, rows_per_unit = encode_pairs(tokenizer, units, tc.max_length), 2
@@ -115,90 +219,82 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
         data, rows_per_unit = encode_sft(tokenizer, units, tc.max_length), 1
     n_units = len(units)
     total = tc.max_steps or tc.epochs * math.ceil(n_units / tc.batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_policy_card(out, model.cfg, tokenizer, str(base))
-    print(f"[train] {objective}: {n_units} examples ({data.truncated} truncated to "
-          f"{tc.max_length} tokens), {total} steps of {tc.batch_size}")
 
     mesh = make_mesh(cfg.mesh)
-    graphdef, state = nnx.split(model)
-    shardings = state_shardings(state, mesh, cfg.mesh.rules)
-    params = jax.device_put(state.to_pure_dict(), shardings)
+    if tc.batch_size % tc.grad_accum:
+        raise InputError(f"train.batch_size {tc.batch_size} is not a multiple of train.grad_accum "
+                         f"{tc.grad_accum}")
+    micro_rows = tc.batch_size // tc.grad_accum * rows_per_unit
+    if micro_rows % batch_ways(mesh, cfg.mesh.rules):
+        raise InputError(f"a micro-batch of {micro_rows} rows does not split over the "
+                         f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh {dict(mesh.shape)}")
+    lead = jax.process_index() == 0
+    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        ckpt.write_policy_card(out, nnx.merge(graphdef, state).cfg, tokenizer, str(base))
+        print(f"[train] {objective}: {n_units} examples ({data.truncated} truncated to "
+              f"{tc.max_length} tokens), {total} steps of {tc.batch_size}, mesh {dict(mesh.shape)}")
+
+    optimizer = make_optimizer(tc, total)
+    place = placement(mesh, cfg.mesh.rules, state, optimizer)
+    params, opt_state = place_state(host_params, optimizer, place)
+    del host_params, state
     ref = None
     if objective == "dpo":
-        key = {"base": str(base), "data": file_checksum(data_path), "max_length": tc.max_length}
-        ref = _reference_logps(graphdef, params, data, cfg, out / "ref_logps.npy", key)
+        ref = reference_logps(graphdef, params, data, tc.batch_size * rows_per_unit,
+                              tc.length_buckets, place, out / "ref_logps", cfg.model.dtype)
 
-    optimizer = _optimizer(cfg, total)
-    opt_state = optimizer.init(params)
     mngr = ckpt.manager(out, tc.keep_checkpoints)
     start = mngr.latest_step() or 0
     if start:
         restored = ckpt.restore(mngr, start, params, opt_state)
+        _check_resume(restored["record"], cfg, out)
         params, opt_state = restored["params"], restored["opt_state"]
-        print(f"[train] resumed from step {start}")
-
-    def loss_fn(p, tokens, mask, ref_lp):
-        lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
-        if objective == "dpo":
-            return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta, tc.label_smoothing)
-        return sft_loss(lp, mask[:, 1:].sum(-1))
-
-    def step_fn(p, opt_state, tokens, mask, ref_lp):
-        """One optimiser step; the batch is split into `grad_accum` micro-batches."""
-        split = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
-
-        def micro(acc, xs):
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, *xs)
-            return jax.tree.map(jnp.add, acc, (loss, metrics, grads)), None
-
-        zeros = jax.eval_shape(lambda: jax.value_and_grad(loss_fn, has_aux=True)(
-            p, *(x[0] for x in map(split, (tokens, mask, ref_lp)))))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1]))
-        (loss, metrics, grads), _ = jax.lax.scan(micro, zeros, tuple(map(split, (tokens, mask, ref_lp))))
-        scale = 1.0 / tc.grad_accum
-        loss, metrics, grads = jax.tree.map(lambda x: x * scale, (loss, metrics, grads))
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
-        return optax.apply_updates(p, updates), opt_state, metrics
-
-    data_sharding = batch_sharding(mesh, cfg.mesh.rules)
-    step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
-    writer = _tensorboard(out)
-    stop = {"signal": None}
+        if lead:
+            print(f"[train] resumed from step {start}")
+    step_fn = make_train_step(graphdef, optimizer, tc, objective, place)
+    writer = _tensorboard(out) if lead else None
+    stop: dict[str, Any] = {"signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(range(start, total), initial=start, total=total, desc=objective, unit="step",
+               disable=not lead)
     try:
-        for s in tqdm(range(start, total), initial=start, total=total, desc=objective, unit="step"):
+        for s in bar:
             rows = batch_rows(s, n_units, tc.batch_size, tc.seed, rows_per_unit)
-            tokens, mask = _slice(data, rows, tc.length_buckets)
+            tokens, mask = batch_arrays(data, rows, tc.length_buckets)
             ref_lp = ref[rows] if ref is not None else np.zeros(len(rows), np.float32)
-            tokens, mask, ref_lp = (jax.device_put(x, data_sharding if x.ndim == 2 else None)
-                                    for x in (tokens, mask, ref_lp))
-            params, opt_state, metrics = step_jit(params, opt_state, tokens, mask, ref_lp)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not all(math.isfinite(v) for v in (metrics["loss"], metrics["grad_norm"])):
+            micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
+            params, opt_state, metrics = step_fn(
+                params, opt_state, global_array(micro(tokens), place.micro),
+                global_array(micro(mask), place.micro), global_array(micro(ref_lp), place.micro_ref))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 mngr.wait_until_finished()
                 last = mngr.latest_step()
                 raise TrainingDiverged(
                     f"step {s + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; "
                     f"training stopped. Last good checkpoint: "
-                    f"{out / 'checkpoints' / str(last) if last else 'none'}")
-            append_jsonl(out / "metrics.jsonl", [{"step": s + 1, **metrics}])
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, s + 1)
+                    f"{out / 'checkpoints' / str(last) if last else 'none (nothing saved yet)'}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if lead:
+                append_jsonl(out / "metrics.jsonl", [{"step": s + 1, **metrics}])
+                if writer is not None:
+                    for k, v in metrics.items():
+                        writer.add_scalar(k, v, s + 1)
             done = s + 1 == total or stop["signal"] is not None
             if (s + 1) % tc.save_every == 0 or done:
-                ckpt.save(mngr, s + 1, params, opt_state, {"step": s + 1, "data_position": s + 1,
-                                                           "objective": objective})
+                ckpt.save(mngr, s + 1, params, opt_state,
+                          {"step": s + 1, "data_position": s + 1, "config": to_dict(cfg)})
             if stop["signal"] is not None:
-                print(f"[train] signal {stop['signal']}: saved step {s + 1}; re-run to resume")
+                if lead:
+                    print(f"[train] signal {stop['signal']}: saved step {s + 1}; re-run to resume")
                 break
     finally:
+        bar.close()
         mngr.wait_until_finished()
         mngr.close()
         for s, handler in previous.items():
@@ -207,7 +303,8 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
             writer.close()
     if stop["signal"] is not None:
         raise KeyboardInterrupt
-    plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
+    if lead:
+        plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
     return out
 
 
@@ -220,7 +317,7 @@ def _tensorboard(out: Path) -> Any:
 
 
 def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
-    """Loss (and DPO reward margin) against step, as a PNG next to the checkpoints."""
+    """Loss (and DPO reward margin / accuracy) against step, as a PNG beside the checkpoints."""
     if not metrics.exists():
         return
     import io

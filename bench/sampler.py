@@ -1,0 +1,180 @@
+"""Sampler throughput: the jitted JAX sampler against `transformers.generate`, SmolLM2-135M.
+
+256-token prompts, 128 new tokens, greedy, float32, batch 1 and 16. transformers (torch CPU)
+runs in a child process with the same thread count, so neither warms the other's caches or
+thread pools. EOS is ignored on both sides so every row decodes exactly 128 tokens.
+
+The decode floor is measured in the same run: the policy's weight bytes over the machine's copy
+bandwidth (STREAM convention: bytes read + bytes written per second). A decode step must read
+every weight once; at batch 16 it also reads the KV cache (reported alongside).
+
+Prints progress lines, then one JSON line:
+`{"jax_tok_s_b1", "hf_tok_s_b1", "ratio_b1", "jax_tok_s_b16", "hf_tok_s_b16", "ratio_b16",
+"decode_step_ms_b16", "decode_floor_ms_b16", "greedy_match"}` (+ breakdown fields).
+
+    JAX_PLATFORMS=cpu .venv/bin/python bench/sampler.py [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_LEN, NEW_TOKENS, BATCHES = 256, 128, (1, 16)
+PASSAGE = ("The river town of {i} grew around a stone bridge built in {y}. Its market sold wool, "
+           "salt and dried fish, and every spring the council counted the boats that passed. ")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def make_prompts(tokenizer, rows: int) -> list[list[int]]:
+    """`rows` chat prompts of exactly PROMPT_LEN tokens (left-trimmed long passages)."""
+    out = []
+    for r in range(rows):
+        text = " ".join(PASSAGE.format(i=f"Town{r}{k}", y=1200 + 37 * r + k) for k in range(12))
+        chat = [{"role": "user", "content": text + f"\nWrite a short history of Town{r}0."}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) >= PROMPT_LEN, len(ids)
+        out.append(ids[-PROMPT_LEN:])
+    return out
+
+
+def best_of(repeats: int, fn, *args) -> tuple[float, object]:
+    """(fastest wall time of `repeats` calls of fn(*args), the last result)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn(*args)
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second moved by a large memcpy (read + write), like STREAM's Copy."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    return 2 * nbytes / best_of(repeats, np.copyto, dst, src)[0]
+
+
+def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
+    """Runs in the child process: transformers greedy generate, timings + tokens as JSON."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, local_files_only=True).eval()
+    model.generation_config.eos_token_id = None    # decode exactly NEW_TOKENS, like the JAX side
+    model.generation_config.pad_token_id = 0
+    prompts = json.loads(Path(prompts_file).read_text())
+    def run(ids, new):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=new, min_new_tokens=new)
+
+    out = {}
+    for b in BATCHES:
+        ids = torch.tensor(prompts[:b])
+        run(ids, 2)
+        out[f"prefill_s_b{b}"] = best_of(1 if b > 1 else 2, run, ids, 1)[0]
+        out[f"total_s_b{b}"], tokens = best_of(1, run, ids, NEW_TOKENS)
+        out[f"tokens_b{b}"] = tokens[:, PROMPT_LEN:].tolist()
+        log(f"hf  batch {b}: {b * NEW_TOKENS / out[f'total_s_b{b}']:.1f} tok/s "
+            f"(prefill {out[f'prefill_s_b{b}']:.2f} s)")
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--hf-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir
+    model_dir = gguf_as_hf_dir(embedded_policy_path())
+    if args.hf_child:
+        hf_child(args.hf_child[0], args.threads, args.hf_child[1])
+        return
+
+    import jax
+
+    from reasonrag_jax.config import SamplerConfig
+    from reasonrag_jax.models.weights import load_policy
+    from reasonrag_jax.sampling import Sampler, SamplingParams
+
+    model, tokenizer = load_policy(str(model_dir))
+    prompts = make_prompts(tokenizer, max(BATCHES))
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        log(f"transformers in a child process, {args.threads} threads ...")
+        child = subprocess.run(
+            [sys.executable, __file__, "--threads", str(args.threads), "--hf-child",
+             str(prompts_file), str(model_dir)], check=True, capture_output=True, text=True)
+        sys.stderr.write(child.stderr[-2000:] if "Traceback" in child.stderr else "")
+        hf = json.loads(child.stdout.strip().splitlines()[-1])
+        for line in child.stderr.splitlines():
+            if line.startswith("hf "):
+                log(line)
+
+    sampler = Sampler(model, tokenizer, SamplerConfig())
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    first = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    res, match = {}, True
+    for b in BATCHES:
+        rows, seeds = prompts[:b], list(range(b))
+        sampler.generate_ids(rows, params, seeds)                         # compile
+        res[f"prefill_s_b{b}"] = best_of(2, sampler.generate_ids, rows, first, seeds)[0]
+        res[f"total_s_b{b}"], out = best_of(2 if b == 1 else 1, sampler.generate_ids, rows,
+                                            params, seeds)
+        tokens = [c[0].token_ids for c in out]
+        same = [a == h for a, h in zip(tokens, hf[f"tokens_b{b}"])]
+        match &= all(same)
+        log(f"jax batch {b}: {b * NEW_TOKENS / res[f'total_s_b{b}']:.1f} tok/s "
+            f"(prefill {res[f'prefill_s_b{b}']:.2f} s), greedy rows equal to hf: "
+            f"{sum(same)}/{len(same)}")
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(sampler.state))
+    cfg = model.cfg
+    kv_bytes = (2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4
+                * (PROMPT_LEN + NEW_TOKENS // 2))       # valid slots read, averaged over steps
+    bandwidth = copy_bandwidth()
+    floor_ms = 1e3 * weight_bytes / bandwidth
+    step_ms = 1e3 * (res["total_s_b16"] - res["prefill_s_b16"]) / (NEW_TOKENS - 1)
+    hf_step_ms = 1e3 * (hf["total_s_b16"] - hf["prefill_s_b16"]) / (NEW_TOKENS - 1)
+    log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB -> "
+        f"floor {floor_ms:.1f} ms; + mean KV read {kv_bytes / 1e6:.0f} MB -> "
+        f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.1f} ms; jax step {step_ms:.1f} ms, "
+        f"hf step {hf_step_ms:.1f} ms")
+    result = {
+        "jax_tok_s_b1": NEW_TOKENS / res["total_s_b1"],
+        "hf_tok_s_b1": NEW_TOKENS / hf["total_s_b1"],
+        "ratio_b1": hf["total_s_b1"] / res["total_s_b1"],
+        "jax_tok_s_b16": 16 * NEW_TOKENS / res["total_s_b16"],
+        "hf_tok_s_b16": 16 * NEW_TOKENS / hf["total_s_b16"],
+        "ratio_b16": hf["total_s_b16"] / res["total_s_b16"],
+        "decode_step_ms_b16": step_ms,
+        "decode_floor_ms_b16": floor_ms,
+        "greedy_match": bool(match),
+        "hf_decode_step_ms_b16": hf_step_ms,
+        "decode_floor_with_kv_ms_b16": 1e3 * (weight_bytes + kv_bytes) / bandwidth,
+        "jax_prefill_tok_s_b16": 16 * PROMPT_LEN / res["prefill_s_b16"],
+        "hf_prefill_tok_s_b16": 16 * PROMPT_LEN / hf["prefill_s_b16"],
+        "copy_gb_s": bandwidth / 1e9,
+        "threads": args.threads,
+    }
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()

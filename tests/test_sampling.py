@@ -1,0 +1,229 @@
+"""Sampler: greedy = an uncached argmax loop, sampling = an uncached loop with the same keys,
+per-row seeds, n samples sharing one prefill, exact stop strings, EOS, scoring, no recompiles
+inside a bucket, and SmolLM2 greedy = transformers `generate`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reasonrag_jax.config import SamplerConfig
+from reasonrag_jax.models.decoder import Decoder
+from reasonrag_jax.sampling import Sampler, SamplingParams, row_keys
+
+
+class CharTokenizer:
+    """Printable ASCII, one char per id (0..94); id 95 is EOS, id 96 an unused piece."""
+    PIECES = [chr(c) for c in range(32, 127)] + ["<eos>", "~~"]
+
+    def __init__(self, eos_token_id: int = 95):
+        self.eos_token_id, self.pad_token_id = eos_token_id, None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) - 32 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("" if (i == self.eos_token_id and skip_special_tokens) else self.PIECES[i]
+                       for i in ids)
+
+
+class PairTokenizer(CharTokenizer):
+    """Every token decodes to two letters, so stop strings can end inside a token."""
+    PIECES = [chr(65 + i % 26) + chr(97 + i // 26) for i in range(97)]
+
+
+PROMPTS = ["Hello there, model", "Why?", "The quick brown fox jumps"]
+CONFIG = SamplerConfig(prompt_buckets=(32, 64), batch_buckets=(1, 2, 4, 8), max_batch=8)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_cfg):
+    return Decoder(tiny_llama_cfg, rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return Sampler(model, CharTokenizer(), CONFIG, chunk=8)
+
+
+def uncached_loop(model, prompt: list[int], steps: int, pick) -> tuple[list[int], list[float]]:
+    """Reference decoding: a full forward pass over the whole sequence for every token."""
+    ids, logps = list(prompt), []
+    for t in range(steps):
+        tokens = jnp.asarray([ids], jnp.int32)
+        logits, _ = model(tokens, jnp.arange(len(ids))[None])
+        last = logits[0, -1]
+        tok = int(pick(last, t))
+        logps.append(float(jax.nn.log_softmax(last)[tok]))
+        ids.append(tok)
+    return ids[len(prompt):], logps
+
+
+def encode(text):
+    return CharTokenizer()(text)["input_ids"]
+
+
+def test_greedy_equals_uncached_argmax_loop(model, sampler):
+    out = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=20), seeds=[0, 1, 2])
+    for prompt, (c,) in zip(PROMPTS, out):
+        ids, logps = uncached_loop(model, encode(prompt), 20, lambda logits, t: jnp.argmax(logits))
+        expected = [i for i in ids[:ids.index(95) + 1]] if 95 in ids else ids
+        assert c.token_ids == expected
+        assert c.finish_reason == ("eos" if 95 in ids else "length")
+        np.testing.assert_allclose(c.logprobs, logps[:len(expected)], atol=1e-4)
+        assert c.text == CharTokenizer().decode(expected)
+
+
+def test_samples_equal_an_uncached_loop_with_the_same_keys(model, sampler):
+    """n samples share one prefill, yet sample j of a prompt is exactly the uncached sampling
+    loop driven by key(seed, j) folded with the token index (logprobs at temperature 1)."""
+    temp, seed, n = 0.9, 7, 3
+    (samples,) = sampler.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12,
+                                                               temperature=temp), [seed], n=n)
+    keys = row_keys([seed] * n, range(n))
+    assert len({tuple(c.token_ids) for c in samples}) == n     # different streams per sample
+    for j, c in enumerate(samples):
+        def pick(logits, t, key=keys[j]):
+            return jax.random.categorical(jax.random.fold_in(key, t), logits / temp)
+
+        ids, logps = uncached_loop(model, encode(PROMPTS[0]), len(c.token_ids), pick)
+        assert c.token_ids == ids
+        np.testing.assert_allclose(c.logprobs, logps, atol=1e-4)
+        assert c.finish_reason == ("eos" if ids[-1] == 95 else "length")
+
+
+def test_rows_do_not_depend_on_batch_composition(sampler):
+    params = SamplingParams(max_new_tokens=16, temperature=1.3, top_p=0.9, top_k=20)
+    together = sampler.generate(PROMPTS, params, seeds=[11, 2**62 + 5, 13], n=2)
+    alone = sampler.generate([PROMPTS[1]], params, seeds=[2**62 + 5], n=2)
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+    assert together[1][0].token_ids != together[1][1].token_ids
+    other_seed = sampler.generate([PROMPTS[1]], params, seeds=[5], n=1)
+    assert other_seed[0][0].token_ids != alone[0][0].token_ids
+
+
+def test_top_k_one_is_greedy(sampler):
+    greedy = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10), [0, 1, 2])
+    top1 = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1),
+                            [3, 4, 5])
+    tiny_p = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0,
+                                                      top_p=1e-6), [6, 7, 8])
+    for g, a, b in zip(greedy, top1, tiny_p):
+        assert g[0].token_ids == a[0].token_ids == b[0].token_ids
+
+
+def first_stop(text, stops):
+    """(end, stop) of the stop string whose first occurrence ends first."""
+    return min((text.index(x) + len(x), x) for x in stops if x in text)
+
+
+def test_stop_strings_end_the_text_right_after_the_first_stop(sampler):
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, ignore_eos=True)
+    (full,), = sampler.generate([PROMPTS[2]], params, [9])
+    text = full.text
+    stops = (text[15:18], text[4:6], "never-there")         # the first to occur is listed 2nd
+    end, stop = first_stop(text, stops)
+    assert end <= 6
+    (c,), = sampler.generate([PROMPTS[2]], SamplingParams(
+        max_new_tokens=30, temperature=1.0, ignore_eos=True, stop=stops), [9])
+    assert (c.text, c.finish_reason, c.stop_string) == (text[:end], "stop", stop)
+    k = len(c.token_ids)
+    assert c.token_ids == full.token_ids[:k] and c.logprobs == full.logprobs[:k]
+    assert len(CharTokenizer().decode(c.token_ids[:-1])) < end <= len(c.text)
+
+
+def test_stop_string_ending_inside_a_token(model):
+    """Text ends right after the stop string even when that is mid-token; the token that
+    completes it is the last one returned."""
+    s = Sampler(model, PairTokenizer(), CONFIG, chunk=8)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    (full,), = s.generate_ids([[5, 9, 13, 2]], params, [4])
+    text = full.text
+    end, stop = first_stop(text, (text[8:11],))
+    assert end % 2 == 1                                      # inside token end // 2
+    (c,), = s.generate_ids([[5, 9, 13, 2]], SamplingParams(
+        max_new_tokens=24, temperature=1.0, ignore_eos=True, stop=(stop,)), [4])
+    assert (c.text, c.finish_reason, c.stop_string) == (text[:end], "stop", stop)
+    assert c.token_ids == full.token_ids[:end // 2 + 1]
+
+
+def test_eos_ends_a_row(model, sampler):
+    """With the EOS id set to the 4th greedy token, the row stops there with reason 'eos'."""
+    (full,), = sampler.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8), [0])
+    eos = full.token_ids[3]
+    ids = full.token_ids[:full.token_ids.index(eos) + 1]
+    s = Sampler(model, CharTokenizer(eos_token_id=eos), CONFIG, chunk=8)
+    (c,), = s.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8), [0])
+    assert (c.token_ids, c.finish_reason, c.stop_string) == (ids, "eos", None)
+    assert c.text == CharTokenizer().decode(ids[:-1])
+    (c,), = s.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8, ignore_eos=True), [0])
+    assert (c.token_ids, c.finish_reason) == (full.token_ids, "length")
+
+
+def test_shared_prefix_prefilled_once_gives_the_same_samples(model):
+    """Rows sharing a long prefix (one system prompt): prefilling it once and copying it into
+    every row changes nothing but the work done."""
+    system = "You are a careful assistant. Answer briefly. "           # 45 chars = tokens
+    prompts = [system + q for q in ("Who?", "Where is it?", "When did the war end")]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=30)
+    once = Sampler(model, CharTokenizer(), SamplerConfig(**{**vars(CONFIG), "prefix_block": 16}))
+    assert once._shared_prefix([encode(x) for x in prompts]) == 32
+    plain = Sampler(model, CharTokenizer(), SamplerConfig(**{**vars(CONFIG), "prefix_block": 0}))
+    a, b = once.generate(prompts, params, [1, 2, 3], n=2), plain.generate(prompts, params,
+                                                                         [1, 2, 3], n=2)
+    for ra, rb in zip(a, b):
+        for ca, cb in zip(ra, rb):
+            assert ca.token_ids == cb.token_ids
+            np.testing.assert_allclose(ca.logprobs, cb.logprobs, atol=1e-5)
+
+
+def test_score_is_the_summed_continuation_logprob(model, sampler):
+    conts = [["!", "abc d"], ["yes", "no", "maybe not"]]
+    got = sampler.score(PROMPTS[:2], conts)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        for j, cont in enumerate(conts[i]):
+            ids = encode(prompt + cont)
+            logits, _ = model(jnp.asarray([ids]), jnp.arange(len(ids))[None])
+            logp = jax.nn.log_softmax(logits[0])
+            p = len(encode(prompt))
+            expected = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
+            np.testing.assert_allclose(got[i][j], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_cfg):
+    s = Sampler(model, CharTokenizer(), CONFIG, chunk=8)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7)
+    s.generate(PROMPTS[:3], params, [0, 1, 2])
+    compiled = s.compilations
+    assert compiled == 2                                     # one prefill, one decode program
+    s.generate(["a longer prompt, same bucket", "x", "y", "z"], params, [3, 4, 5, 6])
+    s.generate(["b", "c"], SamplingParams(max_new_tokens=5, temperature=0.0, top_p=0.5, top_k=3,
+                                          stop=("q",)), [1, 2], n=2)
+    _, state = nnx.split(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)))
+    s.update_params(state)
+    after = s.generate(PROMPTS[:3], params, [0, 1, 2])
+    assert s.compilations == compiled
+    fresh = Sampler(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)), CharTokenizer(), CONFIG, chunk=8)
+    assert [c[0].token_ids for c in after] == [
+        c[0].token_ids for c in fresh.generate(PROMPTS[:3], params, [0, 1, 2])]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_torch):
+    import torch
+
+    model, tokenizer = smollm2
+    questions = ["What is the capital of France?", "Name three primary colors."]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in questions]
+    out = Sampler(model, tokenizer, SamplerConfig()).generate(
+        prompts, SamplingParams(max_new_tokens=32), [0, 1])
+    for prompt, (c,) in zip(prompts, out):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = smollm2_torch.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                         pad_token_id=tokenizer.eos_token_id)
+        expected = ref[0, len(ids):].tolist()
+        assert c.token_ids == expected
+        assert c.finish_reason == ("eos" if expected[-1] == tokenizer.eos_token_id else "length")
+        assert c.text == tokenizer.decode(expected, skip_special_tokens=True)
