@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> None:
     from reasonrag_jax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    if args.command in ("train", "generate", "eval"):
+        import jax
+
+        from reasonrag_jax.sharding import mesh_shape
+
+        mesh_shape(cfg.mesh, jax.device_count())  # an impossible mesh fails before any loading
     if args.command == "synth":
         from reasonrag_jax.data.synthetic import write_synthetic
 

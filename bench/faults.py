@@ -1,0 +1,209 @@
+"""Fault campaign: kill commands at seeded random moments and feed every reader bad input.
+
+Kills: `reasonrag-jax index` and `train` (SFT and DPO on a tiny random policy with the SmolLM2
+tokenizer) run as subprocesses, get SIGKILL after a seeded random delay, are re-run to
+completion, and their outputs are compared with an uninterrupted run: index search results,
+final checkpoint params, metrics per step; leftovers (`*.partial`, `*.tmp`) are counted as lost.
+Bad inputs: corpus / QA / pairs / config files with broken lines, run through the CLI; each must
+exit 2 with one line that names the file (and line or key), leaving earlier outputs intact.
+
+Prints progress lines, then one JSON line:
+{"kills", "resumed_identical", "bad_inputs", "clear_errors", "lost_records"}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "reasonrag_jax.cli"]
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+
+
+def run(args: list[str], kill_after: float | None = None) -> subprocess.CompletedProcess | None:
+    """Run the CLI; with `kill_after`, SIGKILL it after that many seconds (None if it was killed)."""
+    proc = subprocess.Popen(CLI + args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=kill_after)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        return None
+
+
+def leftovers(path: Path) -> list[Path]:
+    return [p for p in path.parent.rglob("*") if p.name.endswith((".partial", ".tmp", ".tmp.npy"))]
+
+
+def tiny_policy(work: Path) -> Path:
+    """A small random Llama with the SmolLM2 tokenizer, as a Hugging Face directory."""
+    import torch
+    import transformers
+
+    from reasonrag_jax.models.weights import embedded_policy_path, load_tokenizer
+
+    out = work / "tiny_policy"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(embedded_policy_path()).save_pretrained(str(out))
+    return out
+
+
+def checkpoint_params(out: Path) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    from reasonrag_jax.train.checkpoint import load_trained_policy
+
+    model, _ = load_trained_policy(out)
+    return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.split(model)[1])}
+
+
+def index_results(index: Path) -> list[list[str]]:
+    from reasonrag_jax.config import RetrievalConfig
+    from reasonrag_jax.retrieval.index import Retriever
+
+    r = Retriever.load(index, RetrievalConfig(chunk_size=32))
+    return [[p.id for p in row] for row in r.search(["birthplace", "film director", "founded"], 5)]
+
+
+def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dict[str, int]:
+    from reasonrag_jax.data.synthetic import write_synthetic
+
+    data = write_synthetic(work / "data", seed=0, num_entities=80)
+    stats = {"kills": 0, "resumed_identical": 0, "lost_records": 0}
+
+    def campaign(name, args, out, compare, max_delay):
+        reference = compare(out.with_name(out.name + "-ref"), None)
+        for k in range(kills_per_command):
+            target = out.with_name(f"{out.name}-{k}")
+            delay = rng.uniform(2.0, max_delay)
+            killed = run(args(target), kill_after=delay) is None
+            result = run(args(target))
+            ok = result is not None and result.returncode == 0
+            same = ok and compare(target, None) == reference
+            lost = len(leftovers(target))
+            stats["kills"] += 1
+            stats["resumed_identical"] += int(same)
+            stats["lost_records"] += lost + (0 if ok else 1)
+            print(f"{name}: kill at {delay:.1f}s ({'killed' if killed else 'finished first'}) → "
+                  f"resumed {'identical' if same else 'DIFFERENT'}, leftovers {lost}", flush=True)
+
+    def index_args(out):
+        return ["index", "--corpus", str(data["corpus"]), "--out", str(out), "--set", "retrieval.chunk_size=32"]
+
+    def index_compare(out, _):
+        return index_results(out) if (out / "metadata.json").exists() else None
+
+    run(index_args(work / "index-ref"))
+    campaign("index", index_args, work / "index", index_compare, 40.0)
+
+    policy = tiny_policy(work)
+    sft = work / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": "Answer.", "input": f"Q{i}?", "output": f"A{i}"}) + "\n"
+                           for i in range(48)))
+
+    def train_args(out):
+        return ["train", "--pairs", str(sft), "--init", str(policy), "--out", str(out), "--set",
+                "train.objective=sft", "--set", "train.batch_size=4", "--set", "train.save_every=2",
+                "--set", "train.learning_rate=1e-3", "--set", "train.length_buckets=[64]"]
+
+    def train_compare(out, _):
+        if not (out / "checkpoints").exists():
+            return None
+        params = checkpoint_params(out)
+        losses = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            losses[r["step"]] = round(r["loss"], 6)
+        return (sorted(losses.items()), {k: np.round(v, 6).tobytes() for k, v in params.items()})
+
+    run(train_args(work / "train-ref"))
+    campaign("train", train_args, work / "train", train_compare, 60.0)
+    return stats
+
+
+BAD = {
+    "corpus": [b'{"id": "1", "contents": "T\\nx"}\n{"id": "2"}\n', b"\xff\xfe\n", b"",
+               b'{"id": "1", "contents": "T\\nx"}\n{"id": "1", "contents": "T\\ny"}\n',
+               b'{"id": "1", "contents": "T\\nx"}\n{"id": "2", "conte'],
+    "qa": [b'{"id": "a", "question": "q?"}\n', b'{"id": "a", "question": "q?", "golden_answers": []}\n',
+           b'{"id": 1, "question": "q?", "golden_answers": ["x"]}\n', b"not json\n"],
+    "pairs": [b'{"instruction": "", "input": "q", "chosen": "", "rejected": "b"}\n',
+              b'{"instruction": "", "input": "q", "chosen": "a", "rejected": "a"}\n',
+              b'{"instruction": "", "input": "q", "chosen": "a"}\n', b"[]"],
+    "config": [b"train:\n  lr: 1\n", b"train:\n  beta: high\n", b"mesh:\n  shape: {data: 3, fsdp: 5}\n",
+               b"- a\n"],
+}
+
+
+def bad_input_campaign(work: Path) -> dict[str, int]:
+    pairs = work / "good-pairs.jsonl"
+    pairs.write_text(json.dumps({"instruction": "", "input": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    stats = {"bad_inputs": 0, "clear_errors": 0, "lost_records": 0}
+    for kind, cases in BAD.items():
+        for i, content in enumerate(cases):
+            bad = work / f"bad-{kind}-{i}.{'yaml' if kind == 'config' else 'jsonl'}"
+            bad.write_bytes(content)
+            sentinel = work / f"out-{kind}-{i}"
+            sentinel.mkdir()
+            (sentinel / "earlier.jsonl").write_text('{"kept": true}\n')
+            args = {"corpus": ["index", "--corpus", str(bad), "--out", str(sentinel / "index")],
+                    "qa": ["eval", "--dataset", str(bad), "--index", str(work / "none"), "--out", str(sentinel)],
+                    "pairs": ["train", "--pairs", str(bad), "--out", str(sentinel)],
+                    "config": ["synth", "--out", str(sentinel), "--config", str(bad)]}[kind]
+            if kind == "config" and b"mesh" in content:
+                args = ["train", "--pairs", str(pairs), "--out", str(sentinel), "--config", str(bad)]
+            result = run(args)
+            lines = [ln for ln in result.stderr.splitlines() if "error:" in ln]
+            clear = (result.returncode == 2 and len(lines) == 1 and
+                     (bad.name in lines[0] or "mesh.shape" in lines[0]))
+            intact = (sentinel / "earlier.jsonl").read_text() == '{"kept": true}\n'
+            stats["bad_inputs"] += 1
+            stats["clear_errors"] += int(clear)
+            stats["lost_records"] += int(not intact)
+            print(f"bad {kind} #{i}: exit {result.returncode} "
+                  f"{lines[0] if lines else result.stderr.strip()[-200:]!r}", flush=True)
+    return stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kills", type=int, default=2, help="kill points per command")
+    ap.add_argument("--skip-kills", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="reasonrag-faults-"))
+    start = time.time()
+    try:
+        stats = bad_input_campaign(work)
+        kills = ({"kills": 0, "resumed_identical": 0, "lost_records": 0} if args.skip_kills
+                 else kill_campaign(work, random.Random(args.seed), args.kills))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"kills": kills["kills"], "resumed_identical": kills["resumed_identical"],
+              "bad_inputs": stats["bad_inputs"], "clear_errors": stats["clear_errors"],
+              "lost_records": stats["lost_records"] + kills["lost_records"],
+              "seconds": round(time.time() - start, 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
