@@ -107,7 +107,8 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
                   f"resumed {'identical' if same else 'DIFFERENT'}, leftovers {lost}", flush=True)
 
     def index_args(out):
-        return ["index", "--corpus", str(data["corpus"]), "--out", str(out), "--set", "retrieval.chunk_size=32"]
+        return ["index", "--corpus", str(data["corpus"]), "--out", str(out),
+                "--set", "retrieval.chunk_size=32"]
 
     def index_compare(out, _):
         return index_results(out) if (out / "metadata.json").exists() else None
@@ -166,7 +167,8 @@ def bad_input_campaign(work: Path) -> dict[str, int]:
             sentinel.mkdir()
             (sentinel / "earlier.jsonl").write_text('{"kept": true}\n')
             args = {"corpus": ["index", "--corpus", str(bad), "--out", str(sentinel / "index")],
-                    "qa": ["eval", "--dataset", str(bad), "--index", str(work / "none"), "--out", str(sentinel)],
+                    "qa": ["eval", "--dataset", str(bad), "--index", str(work / "none"),
+                           "--out", str(sentinel)],
                     "pairs": ["train", "--pairs", str(bad), "--out", str(sentinel)],
                     "config": ["synth", "--out", str(sentinel), "--config", str(bad)]}[kind]
             if kind == "config" and b"mesh" in content:

@@ -37,6 +37,7 @@ class Node:
         self.parent, self.terminal = parent, terminal
         self.depth = parent.depth + 1 if parent else 0
         self.children, self.visits, self.value, self.reward = [], 0, 0.0, 0.0
+        self.exhausted = terminal
 
     def fully_expanded(self):
         return len(self.children) >= CHILDREN
@@ -52,11 +53,15 @@ def object_iteration(roots: list[Node], values: np.ndarray, terminal: np.ndarray
     for b, root in enumerate(roots):
         node = root
         while not node.terminal and node.fully_expanded():
-            node = max(node.children, key=node.uct)
+            live = [c for c in node.children if not c.exhausted] or node.children
+            node = max(live, key=node.uct)
         if not node.terminal:
             child = Node(node, bool(terminal[b]))
             child.reward = float(values[b])
             node.children.append(child)
+            up = node
+            while up is not None and up.fully_expanded() and all(c.exhausted for c in up.children):
+                up.exhausted, up = True, up.parent
             node = child
         value = node.reward        # a selected terminal node is re-backed-up with its own value
         while node is not None:
@@ -135,11 +140,10 @@ def bookkeeping_fraction(questions: int = 4, rollouts: int = 8) -> float:
             setattr(obj, name, timed(getattr(obj, name)))
     runner = EpisodeRunner(sampler, retriever, cfg.agent)
     examples = read_qa(files["train"])[:questions]
-    generate(runner, examples[:1], output_paths(work / "warm.jsonl"), cfg.mcts, 0, total=1)
+    generate(runner, examples[:1], output_paths(work / "warm.jsonl"), cfg.mcts, 0)
     inside[0] = 0.0
     start = time.perf_counter()
-    generate(runner, examples, output_paths(work / "pairs.jsonl"), cfg.mcts, 0,
-             total=len(examples))
+    generate(runner, examples, output_paths(work / "pairs.jsonl"), cfg.mcts, 0)
     wall = time.perf_counter() - start
     print(f"real run: {wall:.1f} s wall, {inside[0]:.1f} s in sampler + retriever", flush=True)
     return (wall - inside[0]) / wall

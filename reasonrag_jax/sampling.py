@@ -5,7 +5,13 @@ Evaluation, MCTS expansion and SPRE rollouts all call `Sampler.generate`. Shapes
 program; params are jit arguments, so swapping trained weights never recompiles. Decoding runs
 `chunk` tokens per device call inside a `lax.while_loop` that exits when every row is done;
 stop strings are then matched on the decoded text on the host, which is exact whatever the
-tokenisation of the stop string in context.
+tokenisation of the stop string in context. `n` samples of a prompt share its prefill (cache rows
+are gathered), and a token prefix common to all rows of a call (the agent's system prompt) is
+prefilled once and copied into every row.
+
+Randomness: row i, sample j, token t draws with key(seed_i, j) folded with t, so a row's output
+never depends on what else is in the batch. Reported log-probs are of the chosen token under the
+model's unmodified distribution (temperature 1, no top-k/top-p), as DPO and scoring use it.
 """
 from __future__ import annotations
 

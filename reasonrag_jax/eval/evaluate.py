@@ -25,7 +25,7 @@ from reasonrag_jax.io import InputError, append_jsonl, done_keys, read_jsonl, wr
 METRICS = ("em", "f1", "acc", "retrieval_recall")
 
 
-def score(ep: Episode) -> dict[str, float]:
+def score_episode(ep: Episode) -> dict[str, float]:
     pred, golds = ep.prediction or "", list(ep.example.golden_answers)
     return {"em": exact_match(pred, golds), "f1": f1_score(pred, golds),
             "acc": accuracy(pred, golds),
@@ -33,7 +33,7 @@ def score(ep: Episode) -> dict[str, float]:
 
 
 def trace_record(ep: Episode) -> dict[str, Any]:
-    return {**ep.to_trace(), "hops": ep.example.metadata.get("hops"), "metrics": score(ep)}
+    return {**ep.to_trace(), "hops": ep.example.metadata.get("hops"), "metrics": score_episode(ep)}
 
 
 def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -41,7 +41,8 @@ def _pair(dump: dict[str, Any], good: int, bad: int, good_reward: float,
         "rejected_action_type": ACTION_TYPES[b["kind"]],
         "chosen_content": g["content"], "rejected_content": b["content"],
         "layer": g["depth"], "question_id": dump["question_id"],
-        "chosen_reward": round(float(good_reward), 6), "rejected_reward": round(float(bad_reward), 6),
+        "chosen_reward": round(float(good_reward), 6),
+        "rejected_reward": round(float(bad_reward), 6),
     }
 
 

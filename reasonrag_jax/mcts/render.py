@@ -14,7 +14,8 @@ import numpy as np
 from reasonrag_jax.io import write_bytes_atomic
 from reasonrag_jax.mcts import tree as T
 
-_FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "children")
+_FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "exhausted",
+           "children")
 
 
 def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any], **extra: Any) -> dict[str, Any]:
@@ -31,6 +32,7 @@ def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any], **extra: Any) -> d
             "kind": T.KINDS[int(arr["kind"][node])], "visits": visits,
             "q_value": float(arr["value_sum"][node]) / max(1, visits),
             "reward": float(arr["reward"][node]), "terminal": bool(arr["terminal"][node]),
+            "exhausted": bool(arr["exhausted"][node]),
             "children": [int(x) for x in arr["children"][node] if x >= 0],
             "instruction": step.instruction if step else "", "input": step.input if step else "",
             "prompt": step.prompt if step else "", "response": step.response if step else "",

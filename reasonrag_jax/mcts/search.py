@@ -121,7 +121,8 @@ def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg
             rollouts += sum(d["rollouts"] for d in batch)
             num_pairs += len(new_prl)
             bar.update(len(batch))
-            bar.set_postfix(pairs=num_pairs, rollouts_per_s=f"{rollouts / (time.time() - start):.2f}")
+            rate = rollouts / (time.time() - start)
+            bar.set_postfix(pairs=num_pairs, rollouts_per_s=f"{rate:.2f}")
     summary = {"questions": len(dumps), "process": P.summarize(prl), "outcome": P.summarize(orl)}
     write_json_atomic(paths["summary"], summary)
     if dumps:
@@ -146,7 +147,8 @@ def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: s
         runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler),
                                Retriever.load(index_dir, cfg.retrieval), cfg.agent)
     summary = generate(runner, examples, paths, cfg.mcts, cfg.seed)
-    print(f"[generate] {summary['questions']} trees → {summary['process']['pairs']} process pairs "
-          f"{summary['process']['by_action_type']}, {summary['outcome']['pairs']} outcome pairs "
+    process = summary["process"]
+    print(f"[generate] {summary['questions']} trees → {process['pairs']} process pairs "
+          f"{process['by_action_type']}, {summary['outcome']['pairs']} outcome pairs "
           f"→ {paths['pairs']} (tree picture: {paths['picture']})")
     return summary

@@ -1,28 +1,31 @@
-"""Dense retrieval: corpus → embeddings (chunked, resumable) → ScaNN or exact index → passages.
+"""Dense retrieval index: embeddings → ScaNN or exact (matmul) search → passages.
 
-An index directory holds `metadata.json` (doc ids, encoder, dim, corpus checksum, backend and
-ScaNN parameters), `passages.jsonl` (a copy of the corpus contents, so a moved index needs
-nothing else) and `embeddings.npy` / `scann/`. It is built under a temporary name and renamed
-when complete, so a half-built directory is never taken for a finished one.
+An index directory holds `metadata.json` (doc ids, encoder and its weights checksum, dim,
+corpus checksum, backend, ScaNN parameters), `passages.jsonl` + `offsets.npy` (the corpus
+text, read lazily through mmap so a moved index needs nothing else and 21M passages do not
+sit in RAM), `embeddings.npy` and, for ScaNN, `scann/` serialised with relative asset paths so
+the directory can move. It is built under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
+import mmap
 import shutil
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from reasonrag_jax.config import EMBEDDED, RetrievalConfig
-from reasonrag_jax.io import InputError, atomic_dir, file_checksum, read_jsonl, where
+from reasonrag_jax.io import InputError, atomic_dir, file_checksum
+from reasonrag_jax.retrieval.corpus import iter_corpus
+from reasonrag_jax.retrieval.embed import embed_corpus, embed_texts, gather_chunks
 
-CORPUS_SCHEMA = {"id": str, "contents": str}
-EXACT_MAX = 20_000   # below this many passages exact search is as fast as ScaNN and exact
+EXACT_MAX = 20_000   # up to this many passages exact search is fast and needs no training
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,6 @@ class Passage:
     id: str
     contents: str     # "Title\ntext"
     score: float
-
-
-def read_corpus(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(ids, contents) of a FlashRAG corpus, streaming with line-numbered errors."""
-    ids, contents = [], []
-    for lineno, obj in read_jsonl(path, CORPUS_SCHEMA, unique="id"):
-        if not obj["contents"].strip():
-            raise InputError(f"{where(path, lineno, 'contents')} is empty")
-        ids.append(obj["id"])
-        contents.append(obj["contents"])
-    return ids, contents
 
 
 def load_encoder(cfg: RetrievalConfig):
@@ -52,112 +44,95 @@ def load_encoder(cfg: RetrievalConfig):
                        passage_prefix=cfg.passage_prefix)
 
 
-def encoder_id(cfg: RetrievalConfig) -> dict[str, Any]:
-    """What must match between index time and query time."""
-    return {"encoder": cfg.encoder, "pooling": cfg.pooling, "normalize": cfg.normalize,
-            "max_length": cfg.max_length, "query_prefix": cfg.query_prefix,
-            "passage_prefix": cfg.passage_prefix}
-
-
-def embed_corpus(encoder, contents: list[str], work: Path, cfg: RetrievalConfig) -> np.ndarray:
-    """Embed in chunks saved as `chunk-XXXXX.npy`; a re-run skips finished chunks.
-
-    Inside a chunk, passages are sorted by length so each batch pads little.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    n_chunks = max(1, math.ceil(len(contents) / cfg.chunk_size))
-    dtype = np.dtype(cfg.embed_dtype)
-    with tqdm(total=len(contents), desc="embed", unit="passage") as bar:
-        for c in range(n_chunks):
-            path = work / f"chunk-{c:05d}.npy"
-            lo, hi = c * cfg.chunk_size, min(len(contents), (c + 1) * cfg.chunk_size)
-            if path.exists():
-                bar.update(hi - lo)
-                continue
-            texts = contents[lo:hi]
-            order = np.argsort([len(t) for t in texts], kind="stable")
-            out = np.zeros((hi - lo, encoder.dim), dtype)
-            for s in range(0, len(order), cfg.embed_batch_size):
-                idx = order[s:s + cfg.embed_batch_size]
-                out[idx] = encoder.encode([texts[i] for i in idx], "passage")
-                bar.update(len(idx))
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, out)
-            os.replace(tmp, path)
-    return np.concatenate([np.load(work / f"chunk-{c:05d}.npy") for c in range(n_chunks)])
+def encoder_id(cfg: RetrievalConfig, encoder) -> dict[str, Any]:
+    """What must match between index time and query time (the weights by checksum, not path)."""
+    return {"encoder_fingerprint": encoder.fingerprint(), "dim": encoder.dim,
+            "pooling": cfg.pooling, "normalize": cfg.normalize, "max_length": cfg.max_length,
+            "query_prefix": cfg.query_prefix, "passage_prefix": cfg.passage_prefix}
 
 
 def scann_params(n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Brute force for small corpora, AH + reorder, then tree + AH + reorder with √n leaves."""
     if n < 50_000:
-        params = {"mode": "brute"}
+        params: dict[str, Any] = {"mode": "brute"}
     elif n < 500_000:
-        params = {"mode": "ah", "dims_per_block": 2, "reorder": 100}
+        params = {"mode": "ah", "dims_per_block": 2, "reorder": 100, "training_sample_size": 100_000}
     else:
         leaves = int(math.sqrt(n))
         params = {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": max(1, leaves // 20),
                   "training_sample_size": min(n, 250_000), "dims_per_block": 2, "reorder": 100}
+    unknown = set(overrides) - {"mode", "num_leaves", "num_leaves_to_search", "training_sample_size",
+                                "dims_per_block", "reorder", "threshold"}
+    if unknown:
+        raise InputError(f"retrieval.scann: unknown parameter(s) {sorted(unknown)}")
     params.update(overrides)
+    if params["mode"] not in ("brute", "ah", "tree_ah"):
+        raise InputError(f"retrieval.scann.mode: {params['mode']!r} is not brute, ah or tree_ah")
     return params
 
 
 def build_scann(db: np.ndarray, params: dict[str, Any], k: int = 10):
-    import scann
+    from scann.scann_ops.py import scann_ops_pybind as pybind
 
-    builder = scann.scann_ops_pybind.builder(np.ascontiguousarray(db, np.float32), k, "dot_product")
+    builder = pybind.builder(np.ascontiguousarray(db, np.float32), k, "dot_product")
     if params["mode"] == "brute":
         return builder.score_brute_force().build()
     if params["mode"] == "tree_ah":
         builder = builder.tree(num_leaves=params["num_leaves"],
                                num_leaves_to_search=params["num_leaves_to_search"],
                                training_sample_size=params["training_sample_size"])
-    return (builder.score_ah(params["dims_per_block"], anisotropic_quantization_threshold=0.2)
+    return (builder.score_ah(params["dims_per_block"],
+                             anisotropic_quantization_threshold=params.get("threshold", 0.2),
+                             training_sample_size=params["training_sample_size"])
             .reorder(params["reorder"]).build())
 
 
-def _relativise_assets(scann_dir: Path) -> None:
-    """ScaNN writes absolute asset paths; store bare file names so the directory can move."""
-    pbtxt = scann_dir / "scann_assets.pbtxt"
-    text = pbtxt.read_text().replace(str(scann_dir.resolve()) + "/", "")
-    pbtxt.write_text(text)
+def save_scann(searcher, scann_dir: Path) -> None:
+    """Serialise with asset paths relative to `scann_dir` (ScaNN writes absolute ones by default)."""
+    scann_dir.mkdir()
+    searcher.serialize(str(scann_dir), relative_path=True)
 
 
-def _load_scann(scann_dir: Path):
-    """Point the asset names at this directory in memory, then load (no pickle is read)."""
-    import scann
+def load_scann(scann_dir: Path):
+    """Load a serialised searcher; relative asset paths resolve against `scann_dir`, wherever it is."""
     from scann.scann_ops.py import scann_ops_pybind as pybind
 
-    text = (scann_dir / "scann_assets.pbtxt").read_text()
-    for f in scann_dir.iterdir():
-        text = text.replace(f'"{f.name}"', f'"{f.resolve()}"')
-    del scann
-    return pybind.ScannSearcher(pybind.scann_pybind.ScannNumpy(str(scann_dir), text), None)
+    assets = (scann_dir / "scann_assets.pbtxt").read_text()
+    return pybind.ScannSearcher(pybind.scann_pybind.ScannNumpy(str(scann_dir), assets))
 
 
-def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig) -> Path:
-    """Embed `corpus` and build the index at `out_dir` (atomically; resumable embedding)."""
+def _work_dir(out_dir: Path, checksum: str, ident: dict[str, Any], dtype: str, chunk: int) -> Path:
+    """Embedding chunks are keyed by corpus, encoder and chunking, so a resume never mixes runs."""
+    key = hashlib.sha256(json.dumps([checksum, ident, dtype, chunk], sort_keys=True).encode())
+    return out_dir.parent / f".{out_dir.name}.embeddings-{key.hexdigest()[:12]}"
+
+
+def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, encoder=None) -> Path:
+    """Embed `corpus` and build the index at `out_dir` (atomic; embedding resumes by chunk)."""
     corpus, out_dir = Path(corpus), Path(out_dir)
-    ids, contents = read_corpus(corpus)
     checksum = file_checksum(corpus)
-    work = out_dir.parent / f".{out_dir.name}.embeddings-{checksum[:12]}"
-    encoder = load_encoder(cfg)
-    emb = embed_corpus(encoder, contents, work, cfg)
+    encoder = encoder or load_encoder(cfg)
+    ident = encoder_id(cfg, encoder)
+    work = _work_dir(out_dir, checksum, ident, cfg.embed_dtype, cfg.chunk_size)
+    ids = embed_corpus(encoder, corpus, work, cfg.chunk_size, cfg.embed_batch_size, cfg.embed_dtype)
     backend = cfg.backend if cfg.backend != "auto" else ("exact" if len(ids) <= EXACT_MAX else "scann")
     if backend not in ("exact", "scann"):
         raise InputError(f"retrieval.backend: {backend!r} is not auto, exact or scann")
-    meta = {"doc_ids": ids, "dim": int(emb.shape[1]), "corpus_checksum": checksum,
-            "corpus": str(corpus), "backend": backend, **encoder_id(cfg)}
+    meta = {"doc_ids": ids, "num_passages": len(ids), "corpus_checksum": checksum,
+            "corpus": str(corpus), "encoder": cfg.encoder, "encoder_name": encoder.name,
+            "backend": backend, "embed_dtype": cfg.embed_dtype, **ident}
     with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "embeddings.npy", emb)
-        with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
-            for i, c in zip(ids, contents):
-                f.write(json.dumps({"id": i, "contents": c}, ensure_ascii=False) + "\n")
+        emb = gather_chunks(work, len(ids), encoder.dim, cfg.embed_dtype, tmp / "embeddings.npy")
+        offsets = array("q", [0])
+        with open(tmp / "passages.jsonl", "wb") as f:
+            for doc_id, contents in iter_corpus(corpus):
+                line = json.dumps({"id": doc_id, "contents": contents}, ensure_ascii=False) + "\n"
+                offsets.append(offsets[-1] + f.write(line.encode("utf-8")))
+        np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
         if backend == "scann":
             meta["scann"] = scann_params(len(ids), cfg.scann)
-            searcher = build_scann(emb, meta["scann"])
-            (tmp / "scann").mkdir()
-            searcher.serialize(str(tmp / "scann"))
-            _relativise_assets(tmp / "scann")
+            save_scann(build_scann(emb, meta["scann"], cfg.top_k), tmp / "scann")
+        del emb
         (tmp / "metadata.json").write_text(json.dumps(meta))
     shutil.rmtree(work, ignore_errors=True)
     return out_dir
@@ -167,43 +142,66 @@ class Retriever:
     """Batched top-k search over a built index directory."""
 
     def __init__(self, index_dir: Path, meta: dict[str, Any], encoder, embeddings: np.ndarray,
-                 contents: list[str], scann_searcher=None):
+                 scann_searcher=None, batch_size: int = 64):
         self.index_dir, self.meta, self.encoder = index_dir, meta, encoder
-        self.embeddings, self.contents, self.scann = embeddings, contents, scann_searcher
-        self.doc_ids = meta["doc_ids"]
+        self.embeddings, self.scann, self.batch_size = embeddings, scann_searcher, batch_size
+        self.doc_ids: list[str] = meta["doc_ids"]
+        self._offsets = np.load(index_dir / "offsets.npy")
+        with open(index_dir / "passages.jsonl", "rb") as f:
+            self._text = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
     @classmethod
-    def load(cls, index_dir: str | Path, cfg: RetrievalConfig, encoder=None) -> Retriever:
+    def load(cls, index_dir: str | Path, cfg: RetrievalConfig, encoder=None,
+             corpus: str | Path | None = None) -> Retriever:
+        """Open an index; a different encoder (or `corpus`, when given) is a clear InputError."""
         index_dir = Path(index_dir)
         meta_file = index_dir / "metadata.json"
         if not meta_file.is_file():
             raise InputError(f"{index_dir}: not an index (no metadata.json); build it with "
                              "`reasonrag-jax index`")
         meta = json.loads(meta_file.read_text())
-        want = encoder_id(cfg)
-        for key, value in want.items():
-            if meta.get(key) != value:
-                raise InputError(f"{meta_file}: index was built with {key}={meta.get(key)!r} but "
-                                 f"the config has retrieval.{key}={value!r}")
-        contents = [obj["contents"] for _, obj in read_jsonl(index_dir / "passages.jsonl")]
+        encoder = encoder or load_encoder(cfg)
+        for key, value in encoder_id(cfg, encoder).items():
+            if meta.get(key) == value:
+                continue
+            if key == "encoder_fingerprint":
+                raise InputError(
+                    f"{meta_file}: index was built with encoder {meta['encoder']!r} "
+                    f"({meta['encoder_name']}, weights {meta[key][:12]}) but retrieval.encoder="
+                    f"{cfg.encoder!r} is a different model ({encoder.name}, weights {value[:12]})")
+            raise InputError(f"{meta_file}: index was built with {key}={meta.get(key)!r} but "
+                             f"the config has retrieval.{key}={value!r}")
+        if corpus is not None and file_checksum(corpus) != meta["corpus_checksum"]:
+            raise InputError(f"{meta_file}: index was built from a different corpus than {corpus} "
+                             f"(checksum {meta['corpus_checksum'][:12]}); rebuild it")
         emb = np.load(index_dir / "embeddings.npy", mmap_mode="r")
-        searcher = _load_scann(index_dir / "scann") if meta["backend"] == "scann" else None
-        return cls(index_dir, meta, encoder or load_encoder(cfg), emb, contents, searcher)
+        if emb.shape != (meta["num_passages"], meta["dim"]):
+            raise InputError(f"{index_dir / 'embeddings.npy'}: shape {emb.shape} does not match "
+                             f"metadata ({meta['num_passages']}, {meta['dim']})")
+        if meta["backend"] == "exact":
+            emb = np.asarray(emb, np.float32)
+        searcher = load_scann(index_dir / "scann") if meta["backend"] == "scann" else None
+        return cls(index_dir, meta, encoder, emb, searcher, cfg.embed_batch_size)
 
-    def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(indices [Q, k], scores [Q, k]) for query embeddings."""
-        if self.scann is not None:
-            idx, scores = self.scann.search_batched(np.asarray(queries, np.float32), final_num_neighbors=k)
+    def passage(self, j: int, score: float) -> Passage:
+        obj = json.loads(self._text[self._offsets[j]:self._offsets[j + 1]])
+        return Passage(obj["id"], obj["contents"], score)
+
+    def search_vectors(self, queries: np.ndarray, k: int, exact: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(indices [Q, k], scores [Q, k]) for query embeddings; `exact` bypasses ScaNN."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        if self.scann is not None and not exact:
+            idx, scores = self.scann.search_batched_parallel(queries, final_num_neighbors=k)
             return np.asarray(idx), np.asarray(scores)
         return exact_search(self.embeddings, queries, k)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         if not queries:
             return []
-        vecs = np.concatenate([self.encoder.encode(queries[i:i + 64], "query")
-                               for i in range(0, len(queries), 64)])
+        vecs = embed_texts(self.encoder, queries, self.batch_size, "query")
         idx, scores = self.search_vectors(vecs, k)
-        return [[Passage(self.doc_ids[j], self.contents[j], float(s)) for j, s in zip(row, srow)]
+        return [[self.passage(int(j), float(s)) for j, s in zip(row, srow)]
                 for row, srow in zip(idx, scores)]
 
 

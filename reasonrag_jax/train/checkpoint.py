@@ -35,8 +35,18 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
 
 def restore(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any | None
             ) -> dict[str, Any]:
-    """Restore onto the shardings / dtypes of the given (possibly abstract) trees."""
-    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    """Restore onto the shardings / dtypes of the given (possibly abstract) trees; leaves with no
+    sharding (an `eval_shape` model) land on this process's first device, whatever mesh wrote them.
+    """
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(tree):
+        def one(x):
+            x = ocp.utils.to_shape_dtype_struct(x)
+            return x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=local)
+        return jax.tree.map(one, tree)
+
     items = {"params": ocp.args.StandardRestore(abstract(params)),
              "record": ocp.args.JsonRestore()}
     if opt_state is not None:

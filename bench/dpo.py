@@ -1,0 +1,181 @@
+"""DPO training throughput and peak memory: our jitted step vs TRL `DPOTrainer` on torch CPU.
+
+Same model (SmolLM2-135M-Instruct, float32), same pairs, batch and sequence length, reference
+log-probs precomputed on both sides (not timed), sigmoid loss at β 0.3, AdamW + clipping. Every
+row is exactly `--seq` tokens (prompts are short, completions long and cut at the end, which is
+both our truncation rule and TRL's `keep_start`), so tokens/s counts the same tokens on both
+sides. Each side runs in its own process so its peak RSS is its own.
+
+    .venv/bin/python bench/dpo.py [--batch 4 --seq 256 --steps 5 --warmup 1]
+
+Prints progress, then one JSON line: jax_tok_s, trl_tok_s, ratio, jax_peak_rss_mb, trl_peak_rss_mb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("river stone archive lantern harbor meadow signal copper garden violet engine summit "
+         "quarry pilot orchard canyon beacon ledger marble falcon").split()
+
+
+def write_pairs(path: Path, n: int, seq: int) -> None:
+    """n pairs with ~20-token prompts and completions longer than `seq` tokens."""
+    rows = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(seq)]
+        rows.append({"instruction": "Answer with evidence.",
+                     "input": f"Question {i}: which {WORDS[i % len(WORDS)]} is older?",
+                     "chosen": "<evidence>" + " ".join(words) + "</evidence>",
+                     "rejected": "<answer>" + " ".join(reversed(words)) + "</answer>"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_jax(args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.models.weights import load_policy
+    from reasonrag_jax.sharding import global_array, make_mesh
+    from reasonrag_jax.train import trainer
+    from reasonrag_jax.train.data import batch_arrays, encode_pairs, read_pairs
+
+    total = args.warmup + args.steps
+    cfg = load_config(None, [f"train.batch_size={args.batch}", f"train.max_length={args.seq}",
+                             f"train.length_buckets=[{args.seq}]", f"train.max_steps={total}"])
+    model, tokenizer = load_policy("embedded")
+    pairs = read_pairs(args.pairs_file)
+    data = encode_pairs(tokenizer, pairs, args.seq)
+    assert (data.lengths == args.seq).all(), "every row must be exactly --seq tokens"
+    graphdef, state = nnx.split(model)
+    optimizer = trainer.make_optimizer(cfg.train, total)
+    place = trainer.placement(make_mesh(cfg.mesh), cfg.mesh.rules, state, optimizer)
+    params, opt_state = trainer.place_state(jax.tree.map(np.asarray, state.to_pure_dict()),
+                                            optimizer, place)
+    del model, state
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = trainer.reference_logps(graphdef, params, data, 2 * args.batch, (args.seq,), place,
+                                      Path(tmp), "float32")
+    step = trainer.make_train_step(graphdef, optimizer, cfg.train, "dpo", place)
+    elapsed, losses = 0.0, []
+    for s in range(total):
+        rows = trainer.batch_rows(s, len(pairs), args.batch, 0, 2)
+        tokens, mask = batch_arrays(data, rows, (args.seq,))
+        t0 = time.perf_counter()
+        params, opt_state, metrics = step(params, opt_state, global_array(tokens[None], place.micro),
+                                          global_array(mask[None], place.micro),
+                                          global_array(ref[rows][None], place.micro_ref))
+        losses.append(float(metrics["loss"]))
+        if s >= args.warmup:
+            elapsed += time.perf_counter() - t0
+        print(f"[jax] step {s + 1}/{total}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f}s",
+              flush=True)
+    return {"tok_s": args.steps * 2 * args.batch * args.seq / elapsed, "losses": losses,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir
+    from reasonrag_jax.train.data import read_pairs
+
+    path = gguf_as_hf_dir(embedded_policy_path())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def prompt(p):
+        return tokenizer.apply_chat_template(
+            [{"role": "system", "content": p["instruction"]}, {"role": "user", "content": p["input"]}],
+            tokenize=False, add_generation_prompt=True)
+
+    rows = [{"prompt": prompt(p), "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in read_pairs(args.pairs_file)]
+    total = args.warmup + args.steps
+    times: list[float] = []
+    lengths: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+            print(f"[trl] step {state.global_step}/{total}: {times[-1]:.2f}s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(
+            output_dir=tmp, per_device_train_batch_size=args.batch, max_length=args.seq, beta=0.3,
+            learning_rate=1e-6, lr_scheduler_type="cosine", warmup_ratio=0.2, max_grad_norm=1.0,
+            weight_decay=0.0, max_steps=total, precompute_ref_log_probs=True, logging_steps=1,
+            report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+            bf16=False, fp16=False)
+        dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[Timer()])
+        lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in dpo.train_dataset]
+        dpo.train()
+    losses = [h["loss"] for h in dpo.state.log_history if "loss" in h]
+    assert min(lengths) >= args.seq, "every TRL row must be cut to exactly --seq tokens"
+    return {"tok_s": args.steps * 2 * args.batch * args.seq / sum(times[args.warmup:]),
+            "losses": losses, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per row")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation)")
+    parser.add_argument("--side", choices=("jax", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        result = (run_jax if args.side == "jax" else run_trl)(args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = Path(tmp) / "pairs.jsonl"
+        write_pairs(pairs, args.batch * (args.warmup + args.steps), args.seq)
+        for side in ("jax", "trl"):
+            print(f"[bench] {side}: batch {args.batch} pairs, {args.seq} tokens/row, "
+                  f"{args.steps} timed steps", flush=True)
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+            cmd = [sys.executable, __file__, "--side", side, "--pairs-file", str(pairs),
+                   *(f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "steps", "warmup"))]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = proc.stdout.splitlines()
+            print("\n".join(x for x in lines if x.startswith(f"[{side}]")), flush=True)
+            result = [x for x in lines if x.startswith("RESULT ")]
+            if proc.returncode or not result:
+                sys.exit(f"[bench] {side} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            results[side] = json.loads(result[-1][len("RESULT "):])
+            print(f"[bench] {side}: {results[side]['tok_s']:.1f} tok/s, peak RSS "
+                  f"{results[side]['peak_rss_mb']:.0f} MB, losses {results[side]['losses']}",
+                  flush=True)
+    jax_r, trl_r = results["jax"], results["trl"]
+    print(json.dumps({"jax_tok_s": round(jax_r["tok_s"], 1), "trl_tok_s": round(trl_r["tok_s"], 1),
+                      "ratio": round(jax_r["tok_s"] / trl_r["tok_s"], 2),
+                      "jax_peak_rss_mb": round(jax_r["peak_rss_mb"]),
+                      "trl_peak_rss_mb": round(trl_r["peak_rss_mb"]),
+                      "batch_pairs": args.batch, "seq_len": args.seq, "timed_steps": args.steps}))
+
+
+if __name__ == "__main__":
+    main()

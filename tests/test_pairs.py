@@ -1,0 +1,70 @@
+"""Pair mining on a hand-built tree gives exactly the expected process and outcome pairs."""
+from reasonrag_jax.mcts.pairs import outcome_pairs, process_pairs, summarize
+
+
+def node(i, parent, depth, kind, content, q, children=(), terminal=False, prediction=None,
+         visits=1):
+    return {"id": i, "parent": parent, "depth": depth, "kind": kind, "visits": visits,
+            "q_value": q, "reward": q, "terminal": terminal, "children": list(children),
+            "instruction": "sys", "input": f"in{parent}", "prompt": f"p{parent}",
+            "response": f"<{kind}>{content}</{kind}>", "content": content,
+            "prediction": prediction, "retrieved": []}
+
+
+def tree():
+    #            0
+    #     1      2      3(A Lyon)
+    #   4   5    6(A Zyper) 7(A Zyperia)
+    #   |
+    #   8 (A Zyper)     [5 duplicates 4's content; 9 is never visited]
+    return {"question_id": "q1", "question": "Where was Ada born?", "golden_answers": ["Zyper"],
+            "nodes": [
+                node(0, -1, 0, "root", "", 0.5, children=(1, 2, 3)),
+                node(1, 0, 1, "query", "Ada birthplace", 0.8, children=(4, 5)),
+                node(2, 0, 1, "query", "Ada", 0.2, children=(6, 7, 9)),
+                node(3, 0, 1, "answer", "Lyon", 0.0, terminal=True, prediction="Lyon"),
+                node(4, 1, 2, "evidence", "Ada was born in Zyper.", 0.9, children=(8,)),
+                node(5, 1, 2, "evidence", "Ada was born in Zyper.", 0.3),
+                node(6, 2, 2, "answer", "Zyper", 0.81, terminal=True, prediction="Zyper"),
+                node(7, 2, 2, "answer", "Zyperia", 0.805, terminal=True, prediction="Zyperia"),
+                node(8, 4, 3, "answer", "Zyper", 0.729, terminal=True, prediction="Zyper"),
+                node(9, 2, 2, "answer", "Nowhere", 0.0, visits=0),
+            ]}
+
+
+def test_process_pairs():
+    pairs = process_pairs(tree(), min_gap=0.01)
+    got = [(p["chosen_content"], p["rejected_content"], p["layer"], p["chosen_reward"],
+            p["rejected_reward"]) for p in pairs]
+    assert got == [("Ada birthplace", "Ada", 1, 0.8, 0.2),
+                   ("Ada birthplace", "Lyon", 1, 0.8, 0.0),
+                   ("Ada", "Lyon", 1, 0.2, 0.0)]
+    # 4/5: same content; 6/7: gap 0.005 < 0.01; 9: never visited.
+    first = pairs[0]
+    assert first == {
+        "instruction": "sys", "input": "in0", "prompt": "p0",
+        "chosen": "<query>Ada birthplace</query>", "rejected": "<query>Ada</query>",
+        "chosen_action_type": "Query Generation", "rejected_action_type": "Query Generation",
+        "chosen_content": "Ada birthplace", "rejected_content": "Ada", "layer": 1,
+        "question_id": "q1", "chosen_reward": 0.8, "rejected_reward": 0.2}
+    assert pairs[1]["rejected_action_type"] == "Answer Generation"
+    assert [p["chosen_content"] for p in process_pairs(tree(), min_gap=0.001)][-1] == "Zyper"
+    assert summarize(pairs) == {"pairs": 3, "by_action_type": {"Query Generation": 3},
+                                "by_layer": {"1": 3}, "mean_reward_gap": (0.6 + 0.8 + 0.2) / 3}
+
+
+def test_outcome_pairs():
+    # Trajectories end at 3 (F1 0), 6 (F1 1), 7 (F1 0: "zyperia" ≠ "zyper"), 8 (F1 1).
+    # 3 vs 6 → branch (2, 3); 3 vs 8 → (1, 3); 6 vs 7 → (6, 7); 7 vs 8 → (1, 2), chosen 1;
+    # 3 vs 7 and 6 vs 8: no F1 gap.
+    pairs = outcome_pairs(tree(), min_gap=0.01)
+    got = [(p["chosen_content"], p["rejected_content"], p["layer"], p["chosen_reward"],
+            p["rejected_reward"]) for p in pairs]
+    assert got == [("Ada birthplace", "Ada", 1, 1.0, 0.0),
+                   ("Ada birthplace", "Lyon", 1, 1.0, 0.0),
+                   ("Ada", "Lyon", 1, 1.0, 0.0),
+                   ("Zyper", "Zyperia", 2, 1.0, 0.0)]
+    assert pairs[-1]["input"] == "in2" and pairs[-1]["chosen_action_type"] == "Answer Generation"
+    summary = summarize(pairs)
+    assert summary["by_layer"] == {"1": 3, "2": 1}
+    assert summary["by_action_type"] == {"Query Generation": 3, "Answer Generation": 1}

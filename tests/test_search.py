@@ -1,0 +1,193 @@
+"""The search loop on a scripted runner: batched calls, values as SPRE says, consistent
+statistics, batch-independent trees, kill + resume = uninterrupted; and a small real run."""
+import json
+
+import numpy as np
+import pytest
+
+from reasonrag_jax.agent.episodes import Episode, Step
+from reasonrag_jax.config import MCTSConfig
+from reasonrag_jax.data.qa import QAExample
+from reasonrag_jax.io import read_jsonl
+from reasonrag_jax.mcts.search import generate, output_paths, search
+from reasonrag_jax.mcts.spre import SPRE
+
+GOLD = "Zyper"
+EXAMPLES = [QAExample(f"q{i}", f"Where was person {i} born?", (GOLD,), {}) for i in range(5)]
+
+
+def step(kind, content, depth):
+    return Step(kind, "sys", f"state {depth}", f"prompt {depth}", f"<{kind}>{content}</{kind}>",
+                content, 0.0)
+
+
+class FakeRunner:
+    """Scripted policy. Expansion: the new step's text comes from the row's seed (reasoning: an
+    answer, right or wrong, or one of two queries; grounding: evidence). Rollout r of an episode
+    answers right iff (r + number of steps) is even, after grounding a pending query — so a
+    node's SPRE value depends only on its own episode and can be recomputed by hand."""
+
+    def __init__(self, die_after=None):
+        self.calls, self.die_after = [], die_after
+
+    def start(self, examples):
+        return [Episode(ex) for ex in examples]
+
+    def expand(self, episodes, n, temperature, seeds):
+        assert n == 1 and temperature > 0 and episodes and not any(e.done for e in episodes)
+        self.calls.append(("expand", len(episodes)))
+        expands = sum(c[0] == "expand" for c in self.calls)
+        if self.die_after is not None and expands > self.die_after:
+            raise KeyboardInterrupt
+        return [[ep.advance(self.next_step(ep, seed))] for ep, seed in zip(episodes, seeds)]
+
+    @staticmethod
+    def next_step(ep, seed):
+        depth, r = len(ep.steps), seed % 4
+        if ep.steps and ep.steps[-1].kind == "query":
+            return step("evidence", f"fact {r}", depth)
+        if r < 2 or depth >= 5:
+            return step("answer", GOLD if r % 2 == 0 else "Lyon", depth)
+        return step("query", f"query {r}", depth)
+
+    def finish(self, episodes, temperature, seeds, k=1):
+        self.calls.append(("finish", len(episodes), k))
+        return [[self.rollout(ep, r) for r in range(k)] for ep in episodes]
+
+    @staticmethod
+    def rollout(ep, r):
+        if ep.steps[-1].kind == "query":
+            ep = ep.advance(step("evidence", "fact", len(ep.steps)))
+        return ep.advance(step("answer", GOLD if (r + len(ep.steps)) % 2 == 0 else "Lyon",
+                               len(ep.steps)))
+
+
+CFG = MCTSConfig(max_rollouts=10, max_children=2, spre_rollouts=3, beta=0.9, temperature=1.0,
+                 batch_questions=2)
+
+
+def episode_of(dump, i):
+    """Rebuild a node's episode from the dump (path of steps from the root)."""
+    nodes, path = dump["nodes"], []
+    while i > 0:
+        path.append(nodes[i])
+        i = nodes[i]["parent"]
+    ex = next(e for e in EXAMPLES if e.id == dump["question_id"])
+    ep = Episode(ex)
+    for n in reversed(path):
+        ep = ep.advance(step(n["kind"], n["content"], n["depth"] - 1))
+    return ep
+
+
+def test_search_batches_calls_and_keeps_consistent_statistics():
+    runner = FakeRunner()
+    dumps = search(runner, EXAMPLES[:3], CFG, seed=7)
+    # One batched expansion per iteration, then (at most) one batched set of rollouts.
+    kinds = [c[0] for c in runner.calls]
+    assert kinds.count("expand") <= CFG.max_rollouts
+    assert sum(c[1] for c in runner.calls if c[0] == "expand") == sum(
+        len(d["nodes"]) - 1 for d in dumps)
+    assert all(a == "expand" for a, b in zip(kinds, kinds[1:]) if b == "finish")
+    assert {c[2] for c in runner.calls if c[0] == "finish"} == {3}
+    assert max(c[1] for c in runner.calls if c[0] == "expand") == 3
+    spre = SPRE(k=3, beta=0.9)
+    for dump in dumps:
+        nodes = dump["nodes"]
+        assert 2 <= len(nodes) <= CFG.max_rollouts + 1
+        assert dump["rollouts"] == 3 * sum(not n["terminal"] for n in nodes[1:])
+        for n in nodes:
+            kids = [nodes[c] for c in n["children"]]
+            assert len(kids) <= CFG.max_children and not (n["terminal"] and kids)
+            assert all(k["depth"] == n["depth"] + 1 and k["parent"] == n["id"] for k in kids)
+            if n["id"] == 0:
+                continue
+            # The node's reward is SPRE of its episode; its statistics are its own backups
+            # (once, or once per visit for an answer node) plus its children's.
+            assert n["reward"] == pytest.approx(spre(runner, [episode_of(dump, n["id"])], [0])[0])
+            own = n["visits"] - sum(k["visits"] for k in kids)
+            assert own == 1 or (n["terminal"] and own >= 1)
+            assert n["q_value"] * n["visits"] == pytest.approx(
+                own * n["reward"] + sum(k["q_value"] * k["visits"] for k in kids), abs=1e-5)
+        root = nodes[0]
+        assert root["visits"] == CFG.max_rollouts
+
+
+def test_trees_do_not_depend_on_the_batch():
+    alone = [search(FakeRunner(), [ex], CFG, seed=7)[0] for ex in EXAMPLES[:3]]
+    together = search(FakeRunner(), EXAMPLES[:3], CFG, seed=7)
+    assert together == alone
+    other_seed = search(FakeRunner(), EXAMPLES[:3], CFG, seed=8)
+    assert other_seed != together
+
+
+def test_generate_resumes_after_a_kill_to_the_same_files(tmp_path):
+    full = output_paths(tmp_path / "full" / "pairs.jsonl")
+    summary = generate(FakeRunner(), EXAMPLES, full, CFG, seed=3)
+    assert summary["questions"] == 5 and summary["process"]["pairs"] > 0
+    assert summary["outcome"]["pairs"] > 0
+    assert full["picture"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pairs = [obj for _, obj in read_jsonl(full["pairs"])]
+    assert {"instruction", "input", "prompt", "chosen", "rejected", "chosen_action_type",
+            "rejected_action_type", "chosen_content", "rejected_content", "layer", "question_id",
+            "chosen_reward", "rejected_reward"} == set(pairs[0])
+    assert all(p["chosen_reward"] - p["rejected_reward"] >= CFG.min_value_gap for p in pairs)
+
+    killed = output_paths(tmp_path / "killed" / "pairs.jsonl")
+    with pytest.raises(KeyboardInterrupt):      # dies in the second batch (q2, q3)
+        generate(FakeRunner(die_after=CFG.max_rollouts + 3), EXAMPLES, killed, CFG, seed=3)
+    assert [o["question_id"] for _, o in read_jsonl(killed["trees"])] == ["q0", "q1"]
+    with open(killed["trees"], "a") as f:        # a torn line from a kill mid-write
+        f.write('{"question_id": "q2", "nod')
+    killed["pairs"].write_text("")               # a kill between the tree and pair appends
+    runner = FakeRunner()
+    assert generate(runner, EXAMPLES, killed, CFG, seed=3) == summary
+    assert max(c[1] for c in runner.calls if c[0] == "expand") == 2     # only q2..q4 searched
+    for key in ("trees", "pairs", "outcome", "summary"):
+        assert killed[key].read_text() == full[key].read_text(), key
+    runner = FakeRunner()
+    assert generate(runner, EXAMPLES, killed, CFG, seed=3) == summary and runner.calls == []
+
+
+@pytest.mark.slow
+def test_smollm2_small_run_writes_valid_pairs_and_resumes(tmp_path, smollm2):
+    from reasonrag_jax.agent.episodes import EpisodeRunner
+    from reasonrag_jax.config import AgentConfig, RetrievalConfig, SamplerConfig
+    from reasonrag_jax.data.qa import read_qa
+    from reasonrag_jax.data.synthetic import write_synthetic
+    from reasonrag_jax.retrieval.index import Retriever, build_index
+    from reasonrag_jax.sampling import Sampler
+
+    files = write_synthetic(tmp_path / "data", seed=0, num_entities=30)
+    retrieval = RetrievalConfig(backend="exact")
+    retriever = Retriever.load(build_index(files["corpus"], tmp_path / "index", retrieval),
+                               retrieval)
+    model, tokenizer = smollm2
+    sampler = Sampler(model, tokenizer, SamplerConfig(cache_size=1024, max_batch=8))
+    agent = AgentConfig(mode="guided", max_iter=1, max_step_tokens=16, batch_size=8)
+    cfg = MCTSConfig(max_rollouts=3, max_children=2, spre_rollouts=2, batch_questions=2)
+    examples = read_qa(files["train"])[:4]
+
+    full = output_paths(tmp_path / "full.jsonl")
+    summary = generate(EpisodeRunner(sampler, retriever, agent), examples, full, cfg, seed=0)
+    assert summary["questions"] == 4
+    dumps = [o for _, o in read_jsonl(full["trees"])]
+    assert [d["question_id"] for d in dumps] == [ex.id for ex in examples]
+    for d in dumps:
+        nodes = d["nodes"]      # two answers at the root exhaust a tree early
+        assert 3 <= len(nodes) <= 4 and nodes[0]["visits"] == 3
+        assert all(0.0 <= n["reward"] <= 1.0 for n in nodes)
+        assert {n["kind"] for n in nodes if n["depth"] == 1} <= {"query", "answer"}
+        assert all(n["prediction"] is not None for n in nodes if n["terminal"])
+    for _, p in read_jsonl(full["pairs"], allow_empty=True):
+        assert p["chosen_content"] != p["rejected_content"]
+        assert p["chosen_action_type"] in ("Query Generation", "Answer Generation")
+
+    resumed = output_paths(tmp_path / "resumed.jsonl")
+    # A run killed in its second batch has the first batch's trees only.
+    resumed["trees"].write_text("".join(full["trees"].read_text().splitlines(keepends=True)[:2]))
+    assert generate(EpisodeRunner(sampler, retriever, agent), examples, resumed, cfg,
+                    seed=0) == summary
+    for key in ("trees", "pairs", "outcome"):
+        assert resumed[key].read_text() == full[key].read_text(), key
+    assert json.loads(resumed["summary"].read_text()) == summary
+    assert np.isfinite(summary["process"]["mean_reward_gap"])

@@ -1,0 +1,103 @@
+"""Pairs / SFT readers and encoding: chat template, prompt mask, truncation rule, buckets."""
+import json
+
+import numpy as np
+import pytest
+
+from reasonrag_jax.io import InputError
+from reasonrag_jax.train.data import (batch_arrays, bucket_length, encode_pairs, encode_sft,
+                                      read_pairs, read_sft, truncate)
+from reasonrag_jax.train.trainer import batch_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir, load_tokenizer
+
+    return load_tokenizer(gguf_as_hf_dir(embedded_policy_path()))
+
+
+PAIR = {"instruction": "Be brief.", "input": "Who wrote X?", "prompt": "ignored",
+        "chosen": "<query>author of X</query>", "rejected": "<answer>Y</answer>",
+        "chosen_action_type": "Query Generation", "rejected_action_type": "Answer Generation",
+        "chosen_content": "author of X", "rejected_content": "Y", "layer": 1}
+
+
+def test_reads_jsonl_and_published_json_list(tmp_path):
+    jl = tmp_path / "pairs.jsonl"
+    jl.write_text(json.dumps({**PAIR, "question_id": "q1", "chosen_reward": 0.9,
+                              "rejected_reward": 0.1}) + "\n")
+    lst = tmp_path / "RAG_ProGuide.json"
+    lst.write_text(json.dumps([PAIR, {**PAIR, "input": "Who wrote Z?"}], indent=1))
+    assert read_pairs(jl)[0] == {k: PAIR[k] for k in ("instruction", "input", "chosen", "rejected")}
+    assert [p["input"] for p in read_pairs(lst)] == ["Who wrote X?", "Who wrote Z?"]
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"rejected": None}, r"pairs.jsonl:2: field 'rejected' should be str"),
+    ({"chosen": "  "}, r"pairs.jsonl:2: field 'chosen' is empty"),
+    ({"rejected": PAIR["chosen"]}, r"pairs.jsonl:2: field 'rejected' is identical"),
+])
+def test_bad_pairs_name_line_and_field(tmp_path, bad, msg):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(PAIR) + "\n" + json.dumps({**PAIR, **bad}) + "\n")
+    with pytest.raises(InputError, match=msg):
+        read_pairs(path)
+    missing = tmp_path / "sft.jsonl"
+    missing.write_text(json.dumps({"instruction": "", "output": "a"}) + "\n")
+    with pytest.raises(InputError, match=r"sft.jsonl:1: field 'input' is missing"):
+        read_sft(missing)
+
+
+def test_pair_rows_are_chat_templated_and_prompt_masked(tokenizer):
+    enc = encode_pairs(tokenizer, [PAIR], max_length=256)
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote X?"}],
+        tokenize=False, add_generation_prompt=True)
+    p = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert text.endswith("<|im_start|>assistant\n")
+    for row, side in ((0, "chosen"), (1, "rejected")):
+        c = tokenizer(PAIR[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        n = len(p) + len(c)
+        assert enc.lengths[row] == n
+        assert enc.tokens[row, :n].tolist() == p + c
+        assert enc.loss_mask[row].tolist() == [0.0] * len(p) + [1.0] * len(c) + [0.0] * (
+            enc.tokens.shape[1] - n)
+    assert tokenizer.decode(enc.tokens[0, enc.loss_mask[0] > 0]) == PAIR["chosen"] + "<|im_end|>"
+    assert enc.truncated == 0
+
+
+def test_truncation_rule():
+    prompt, long_c, short_c = list(range(100, 130)), list(range(20)), list(range(5))
+    # completion fits with a shortened prompt: the prompt keeps its end, completions are whole
+    p, cs, cut = truncate(prompt, [long_c, short_c], max_length=40)
+    assert cut and p == prompt[-20:] and cs == [long_c, short_c]
+    # completion too long: the prompt keeps max_length // 2 tokens, completions are cut at the end
+    p, cs, cut = truncate(prompt, [long_c, short_c], max_length=30)
+    assert p == prompt[-15:] and cs == [long_c[:15], short_c]
+    assert truncate(prompt, [short_c], 64) == (prompt, [short_c], False)
+
+
+def test_overlong_pairs_are_counted_not_dropped(tokenizer):
+    long = {**PAIR, "input": "word " * 200}
+    enc = encode_pairs(tokenizer, [PAIR, long, long], max_length=64)
+    assert enc.truncated == 2 and len(enc.tokens) == 6 and enc.lengths.max() == 64
+    # a cut pair still shares its prompt tokens between chosen and rejected
+    m0, m1 = enc.loss_mask[2] == 0, enc.loss_mask[3] == 0
+    np.testing.assert_array_equal(enc.tokens[2][m0[: enc.lengths[2]].nonzero()],
+                                  enc.tokens[3][m1[: enc.lengths[3]].nonzero()])
+    sft = encode_sft(tokenizer, [{"instruction": "", "input": "hi", "output": "x " * 200}], 32)
+    assert sft.truncated == 1 and sft.lengths[0] == 32 and sft.loss_mask[0].sum() == 16
+
+
+def test_buckets_and_batches(tokenizer):
+    assert bucket_length(70, (256, 64, 128)) == 128 and bucket_length(300, (64, 128)) == 300
+    enc = encode_pairs(tokenizer, [PAIR, {**PAIR, "input": "word " * 40}], max_length=512)
+    tokens, mask = batch_arrays(enc, np.array([0, 1]), (32, 64, 128))
+    assert tokens.shape == (2, 32) and enc.lengths[0] <= 32 and mask[0, enc.lengths[0]:].sum() == 0
+    tokens, mask = batch_arrays(enc, np.array([2, 3]), (32, 64, 128))
+    assert tokens.shape == (2, 128)
+    # the data order is a pure function of the step: pairs stay together, each epoch is a permutation
+    rows = np.concatenate([batch_rows(s, 5, 2, 0, 2) for s in range(3)])
+    assert (rows[1::2] == rows[0::2] + 1).all() and set(rows[:10:2] // 2) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(batch_rows(4, 5, 2, 0, 2), batch_rows(4, 5, 2, 0, 2))
