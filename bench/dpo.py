@@ -75,9 +75,9 @@ def run_jax(args) -> dict:
         rows = trainer.batch_rows(s, len(pairs), args.batch, 0, 2)
         tokens, mask = batch_arrays(data, rows, (args.seq,))
         t0 = time.perf_counter()
-        params, opt_state, metrics = step(params, opt_state, global_array(tokens[None], place.micro),
-                                          global_array(mask[None], place.micro),
-                                          global_array(ref[rows][None], place.micro_ref))
+        batch = (global_array(tokens[None], place.micro), global_array(mask[None], place.micro),
+                 global_array(ref[rows][None], place.micro_ref))
+        params, opt_state, metrics = step(params, opt_state, *batch)
         losses.append(float(metrics["loss"]))
         if s >= args.warmup:
             elapsed += time.perf_counter() - t0
@@ -102,7 +102,8 @@ def run_trl(args) -> dict:
 
     def prompt(p):
         return tokenizer.apply_chat_template(
-            [{"role": "system", "content": p["instruction"]}, {"role": "user", "content": p["input"]}],
+            [{"role": "system", "content": p["instruction"]},
+             {"role": "user", "content": p["input"]}],
             tokenize=False, add_generation_prompt=True)
 
     rows = [{"prompt": prompt(p), "chosen": p["chosen"], "rejected": p["rejected"]}

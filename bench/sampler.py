@@ -120,12 +120,8 @@ def main() -> None:
         log(f"transformers in a child process, {args.threads} threads ...")
         child = subprocess.run(
             [sys.executable, __file__, "--threads", str(args.threads), "--hf-child",
-             str(prompts_file), str(model_dir)], check=True, capture_output=True, text=True)
-        sys.stderr.write(child.stderr[-2000:] if "Traceback" in child.stderr else "")
+             str(prompts_file), str(model_dir)], check=True, stdout=subprocess.PIPE, text=True)
         hf = json.loads(child.stdout.strip().splitlines()[-1])
-        for line in child.stderr.splitlines():
-            if line.startswith("hf "):
-                log(line)
 
     sampler = Sampler(model, tokenizer, SamplerConfig())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)

@@ -297,26 +297,29 @@ class Sampler:
         return None
 
     def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> np.ndarray:
-        """[P, C] summed log-prob of each continuation given its prompt (guided-mode choices)."""
-        flat = [(i, self.encode(p), self.encode(c)) for i, p in enumerate(prompts)
+        """[P, C] summed log-prob of each continuation given its prompt (guided-mode choices);
+        a prompt with fewer than C continuations has -inf in the missing places."""
+        flat = [(self.encode(p), self.encode(c)) for i, p in enumerate(prompts)
                 for c in continuations[i]]
+        where = [(i, j) for i, c in enumerate(continuations) for j in range(len(c))]
         out = np.zeros(len(flat), np.float32)
-        width = _bucket(max(len(c) for _, _, c in flat), (8, 16, 32, 64))
+        width = _bucket(max(len(c) for _, c in flat), (8, 16, 32, 64))
         for start in range(0, len(flat), self.config.max_batch):
             part = flat[start:start + self.config.max_batch]
-            t = _bucket(max(len(p) + len(c) for _, p, c in part), self.config.prompt_buckets)
+            t = _bucket(max(len(p) + len(c) for p, c in part), self.config.prompt_buckets)
             b = _bucket(len(part), self.config.batch_buckets)
             tokens = np.full((b, t), self.pad_id, np.int32)
             starts = np.zeros(b, np.int32)
             targets = np.zeros((b, width), np.int32)
             mask = np.zeros((b, width), np.float32)
-            for r, (_, p, c) in enumerate(part):
+            for r, (p, c) in enumerate(part):
                 tokens[r, :len(p) + len(c)] = p + c
                 starts[r] = len(p) - 1
                 targets[r, :len(c)] = c
                 mask[r, :len(c)] = 1.0
             sums = self._score(width, self.state, *map(jnp.asarray, (tokens, starts, targets, mask)))
             out[start:start + len(part)] = np.asarray(sums)[:len(part)]
-        sizes = [len(c) for c in continuations]
-        return np.array([out[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(prompts))])
+        scores = np.full((len(prompts), max(map(len, continuations))), -np.inf, np.float32)
+        scores[tuple(np.array(where).T)] = out
+        return scores
 

@@ -58,7 +58,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
     shape = {a: int(cfg.shape.get(a, 1)) for a in MESH_AXES}
     unknown = set(cfg.shape) - set(MESH_AXES)
     if unknown:
-        raise InputError(f"mesh.shape: unknown axis '{sorted(unknown)[0]}' (axes: data, fsdp, tensor)")
+        raise InputError(f"mesh.shape: unknown axis '{sorted(unknown)[0]}' "
+                         "(axes: data, fsdp, tensor)")
     free = [a for a, n in shape.items() if n == -1]
     if len(free) > 1:
         raise InputError("mesh.shape: at most one axis may be -1")
@@ -67,7 +68,8 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         raise InputError(f"mesh.shape: sizes must be positive or -1, got {cfg.shape}")
     if free:
         if num_devices % fixed:
-            raise InputError(f"mesh.shape {cfg.shape}: {num_devices} devices do not divide by {fixed}")
+            raise InputError(f"mesh.shape {cfg.shape}: {num_devices} devices do not divide "
+                             f"by {fixed}")
         shape[free[0]] = num_devices // fixed
     if math.prod(shape.values()) != num_devices:
         raise InputError(f"mesh.shape {cfg.shape} needs {math.prod(shape.values())} devices, "
@@ -121,7 +123,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
 
 def batch_spec(rules: Sequence[tuple[str, Any]], ndim: int, leading: int = 0) -> PartitionSpec:
     """Rows on the "batch" rule's mesh axes, after `leading` unsharded dims (micro-batch index)."""
-    return PartitionSpec(*(None,) * leading, *logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+    rows = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
+    return PartitionSpec(*(None,) * leading, *rows)
 
 
 def batch_ways(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> int:

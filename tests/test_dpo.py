@@ -8,7 +8,7 @@ from reasonrag_jax.train.dpo import dpo_loss, sequence_logps
 
 
 def test_golden_value():
-    loss, m = dpo_loss(jnp.array([-1.0]), jnp.array([-2.0]), jnp.array([-1.5]), jnp.array([-1.5]), 0.3)
+    loss, m = dpo_loss(*(jnp.array([x]) for x in (-1.0, -2.0, -1.5, -1.5)), 0.3)
     # -log σ(0.3 · ((−1+1.5) − (−2+1.5))) = -log σ(0.3) = 0.554355
     assert float(loss) == pytest.approx(0.554355, abs=1e-6)
     assert float(m["rewards/chosen"]) == pytest.approx(0.15)
@@ -29,8 +29,8 @@ def test_matches_torch_formula():
         logits = beta * ((t[0] - t[2]) - (t[1] - t[3]))
         ref = (-(1 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)).mean()
         assert float(loss) == pytest.approx(float(ref), rel=1e-5)
-        assert float(m["rewards/margins"]) == pytest.approx(float((beta * (t[0] - t[2] - t[1] + t[3])).mean()),
-                                                            rel=1e-5)
+        margin = float((beta * (t[0] - t[2] - t[1] + t[3])).mean())
+        assert float(m["rewards/margins"]) == pytest.approx(margin, rel=1e-5)
 
 
 def test_sequence_logps_match_transformers(tiny_qwen2_cfg, make_hf_dir):

@@ -71,5 +71,6 @@ def test_two_processes_train_and_one_restores(tmp_path, tiny_policy):  # noqa: F
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     restored, _ = load_trained_policy(tmp_path / "multi")
     want, _ = load_trained_policy(single)
-    for x, y in zip(jax.tree.leaves(nnx.state(restored, nnx.Param)), jax.tree.leaves(nnx.state(want, nnx.Param))):
+    leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))  # noqa: E731
+    for x, y in zip(leaves(restored), leaves(want)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)

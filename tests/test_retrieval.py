@@ -57,7 +57,8 @@ def test_exact_search_is_exact():
 
 def test_scann_params_by_size_and_overrides():
     assert scann_params(10_000, {})["mode"] == "brute"
-    assert scann_params(100_000, {})["mode"] == "ah"
+    assert scann_params(50_000, {})["mode"] == "ah"
+    assert scann_params(100_000, {})["num_leaves"] == 316
     big = scann_params(1_000_000, {"reorder": 300})
     assert (big["mode"], big["num_leaves"], big["reorder"]) == ("tree_ah", 1000, 300)
     with pytest.raises(InputError, match="unknown parameter"):

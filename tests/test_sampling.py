@@ -1,6 +1,8 @@
 """Sampler: greedy = an uncached argmax loop, sampling = an uncached loop with the same keys,
 per-row seeds, n samples sharing one prefill, exact stop strings, EOS, scoring, no recompiles
 inside a bucket, and SmolLM2 greedy = transformers `generate`."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +30,11 @@ class CharTokenizer:
 
 
 class PairTokenizer(CharTokenizer):
-    """Every token decodes to two letters, so stop strings can end inside a token."""
+    """Every token decodes to two letters, so stop strings can end inside a token; no EOS."""
     PIECES = [chr(65 + i % 26) + chr(97 + i // 26) for i in range(97)]
+
+    def __init__(self):
+        super().__init__(eos_token_id=-1)
 
 
 PROMPTS = ["Hello there, model", "Why?", "The quick brown fox jumps"]
@@ -46,13 +51,26 @@ def sampler(model):
     return Sampler(model, CharTokenizer(), CONFIG, chunk=8)
 
 
+WIDTH = 64
+
+
+def full_logits(model, ids: list[int]) -> jax.Array:
+    """[len(ids), V] logits of one uncached forward pass (right-padded to WIDTH: one compile)."""
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((1, WIDTH), jnp.int32).at[0, :len(ids)].set(jnp.asarray(ids))
+    return _forward(graphdef, state, tokens)[0, :len(ids)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens, jnp.arange(tokens.shape[1])[None])[0]
+
+
 def uncached_loop(model, prompt: list[int], steps: int, pick) -> tuple[list[int], list[float]]:
     """Reference decoding: a full forward pass over the whole sequence for every token."""
     ids, logps = list(prompt), []
     for t in range(steps):
-        tokens = jnp.asarray([ids], jnp.int32)
-        logits, _ = model(tokens, jnp.arange(len(ids))[None])
-        last = logits[0, -1]
+        last = full_logits(model, ids)[-1]
         tok = int(pick(last, t))
         logps.append(float(jax.nn.log_softmax(last)[tok]))
         ids.append(tok)
@@ -183,11 +201,11 @@ def test_score_is_the_summed_continuation_logprob(model, sampler):
     for i, prompt in enumerate(PROMPTS[:2]):
         for j, cont in enumerate(conts[i]):
             ids = encode(prompt + cont)
-            logits, _ = model(jnp.asarray([ids]), jnp.arange(len(ids))[None])
-            logp = jax.nn.log_softmax(logits[0])
+            logp = jax.nn.log_softmax(full_logits(model, ids))
             p = len(encode(prompt))
             expected = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
             np.testing.assert_allclose(got[i][j], expected, rtol=1e-5, atol=1e-4)
+    assert got.shape == (2, 3) and got[0, 2] == -np.inf     # ragged rows padded with -inf
 
 
 def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_cfg):
@@ -197,8 +215,8 @@ def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_
     compiled = s.compilations
     assert compiled == 2                                     # one prefill, one decode program
     s.generate(["a longer prompt, same bucket", "x", "y", "z"], params, [3, 4, 5, 6])
-    s.generate(["b", "c"], SamplingParams(max_new_tokens=5, temperature=0.0, top_p=0.5, top_k=3,
-                                          stop=("q",)), [1, 2], n=2)
+    s.generate(["b", "c", "d"], SamplingParams(max_new_tokens=5, temperature=0.0, top_p=0.5,
+                                               top_k=3, stop=("q",)), [1, 2, 3])
     _, state = nnx.split(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)))
     s.update_params(state)
     after = s.generate(PROMPTS[:3], params, [0, 1, 2])

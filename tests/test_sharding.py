@@ -1,4 +1,4 @@
-"""Mesh and logical rules; a train step sharded fsdp × tensor over 8 CPU devices equals one device."""
+"""Mesh and logical rules; a step sharded fsdp × tensor over 8 CPU devices equals one device."""
 import json
 import os
 import subprocess
@@ -17,7 +17,8 @@ RULES = MeshConfig().rules
 
 def test_mesh_shape_fills_one_free_axis_and_refuses_mismatch():
     assert mesh_shape(MeshConfig(), 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert mesh_shape(MeshConfig(shape={"fsdp": -1, "tensor": 4}), 8) == {"data": 1, "fsdp": 2, "tensor": 4}
+    got = mesh_shape(MeshConfig(shape={"fsdp": -1, "tensor": 4}), 8)
+    assert got == {"data": 1, "fsdp": 2, "tensor": 4}
     with pytest.raises(InputError, match="needs 4 devices, 8 are available"):
         mesh_shape(MeshConfig(shape={"data": 2, "tensor": 2}), 8)
     with pytest.raises(InputError, match="unknown axis 'model'"):
@@ -27,7 +28,8 @@ def test_mesh_shape_fills_one_free_axis_and_refuses_mismatch():
 
 
 def test_logical_rules_to_partition_specs():
-    assert logical_to_spec(("layers", "embed", "heads", "head_dim"), RULES) == P(None, "fsdp", "tensor", None)
+    spec = logical_to_spec(("layers", "embed", "heads", "head_dim"), RULES)
+    assert spec == P(None, "fsdp", "tensor", None)
     assert logical_to_spec(("vocab", "embed"), RULES) == P("tensor", "fsdp")
     assert logical_to_spec(("batch", None), RULES) == P(("data", "fsdp"), None)
     # a mesh axis is used once per array: the second "tensor" dimension stays whole
@@ -58,8 +60,9 @@ SCRIPT = textwrap.dedent("""
     out = {}
     for name, shape, devices in (("one", {"data": 1}, jax.devices()[:1]),
                                  ("sharded", {"data": 1, "fsdp": 2, "tensor": 4}, jax.devices())):
-        run = load_config(None, ["train.learning_rate=1e-3", "train.warmup_ratio=0", "train.grad_accum=2",
-                                 "train.batch_size=4", "train.weight_decay=0.1"])
+        run = load_config(None, ["train.learning_rate=1e-3", "train.warmup_ratio=0",
+                                 "train.grad_accum=2", "train.batch_size=4",
+                                 "train.weight_decay=0.1"])
         run.mesh.shape = shape
         mesh = make_mesh(run.mesh, devices)
         opt = trainer.make_optimizer(run.train, 10)
@@ -79,7 +82,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device_step():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

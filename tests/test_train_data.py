@@ -97,7 +97,7 @@ def test_buckets_and_batches(tokenizer):
     assert tokens.shape == (2, 32) and enc.lengths[0] <= 32 and mask[0, enc.lengths[0]:].sum() == 0
     tokens, mask = batch_arrays(enc, np.array([2, 3]), (32, 64, 128))
     assert tokens.shape == (2, 128)
-    # the data order is a pure function of the step: pairs stay together, each epoch is a permutation
+    # the data order is a pure function of the step; pairs stay together; an epoch is a permutation
     rows = np.concatenate([batch_rows(s, 5, 2, 0, 2) for s in range(3)])
     assert (rows[1::2] == rows[0::2] + 1).all() and set(rows[:10:2] // 2) == {0, 1, 2, 3, 4}
     np.testing.assert_array_equal(batch_rows(4, 5, 2, 0, 2), batch_rows(4, 5, 2, 0, 2))

@@ -14,7 +14,8 @@ from reasonrag_jax.train.checkpoint import load_trained_policy, manager, restore
 
 PAIRS = [
     {"instruction": "Answer briefly.", "input": f"Question {i}: where was person {i} born?",
-     "chosen": f"<query>birthplace of person {i}</query>", "rejected": f"<answer>town {i % 3}</answer>",
+     "chosen": f"<query>birthplace of person {i}</query>",
+     "rejected": f"<answer>town {i % 3}</answer>",
      "question_id": f"q{i}", "chosen_reward": 0.8, "rejected_reward": 0.1}
     for i in range(6)
 ]
@@ -112,13 +113,15 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_policy, monkeypatch):
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_policy):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     cfg = tiny_config(learning_rate="1e30", warmup_ratio=0.0, save_every=1, max_steps=6)
-    with pytest.raises(trainer.TrainingDiverged, match=r"step (\d+): loss .*Last good checkpoint: .*checkpoints/") as e:
+    match = r"step (\d+): loss .*Last good checkpoint: .*checkpoints/"
+    with pytest.raises(trainer.TrainingDiverged, match=match) as e:
         trainer.run_train(cfg, pairs, tmp_path / "nan", str(tiny_policy))
     bad = int(str(e.value).split()[1].rstrip(":"))
     mngr = manager(tmp_path / "nan", 2, async_save=False)
     assert mngr.latest_step() == bad - 1
     model, _ = load_trained_policy(tmp_path / "nan")
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
     record = restore(mngr, bad - 1, nnx.state(model, nnx.Param).to_pure_dict(), None)["record"]
     assert record["step"] == bad - 1 and record["config"]["train"]["learning_rate"] == 1e30
 
@@ -127,8 +130,8 @@ def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     records = tmp_path / "sft.jsonl"
     records.write_text("".join(json.dumps({"instruction": p["instruction"], "input": p["input"],
                                            "output": p["chosen"]}) + "\n" for p in PAIRS))
-    out = trainer.run_sft(tiny_config(max_steps=8, save_every=8, learning_rate="3e-3", grad_accum=2),
-                          records, tmp_path / "sft", str(tiny_policy))
+    cfg = tiny_config(max_steps=8, save_every=8, learning_rate="3e-3", grad_accum=2)
+    out = trainer.run_sft(cfg, records, tmp_path / "sft", str(tiny_policy))
     ls = losses(out)
     assert len(ls) == 8 and ls[-1] < ls[0] - 0.5
     assert not (out / "ref_logps").exists()

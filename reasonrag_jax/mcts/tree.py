@@ -35,8 +35,9 @@ class Tree(flax.struct.PyTreeNode):
         return self.value_sum / jnp.maximum(self.visits, 1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def init(batch: int, num_nodes: int, max_children: int) -> Tree:
-    """B trees holding only their root."""
+    """B trees holding only their root (N = num_nodes = rollout budget + 1, C = max_children)."""
     i32 = lambda v: jnp.full((batch, num_nodes), v, jnp.int32)  # noqa: E731
     return Tree(parent=i32(-1), depth=i32(0), kind=i32(0), visits=i32(0),
                 value_sum=jnp.zeros((batch, num_nodes), jnp.float32),

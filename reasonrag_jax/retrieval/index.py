@@ -26,6 +26,8 @@ from reasonrag_jax.retrieval.corpus import iter_corpus
 from reasonrag_jax.retrieval.embed import embed_corpus, embed_texts, gather_chunks
 
 EXACT_MAX = 20_000   # up to this many passages exact search is fast and needs no training
+# ScaNN parameters that are also search-time knobs: `retrieval.scann` overrides them at load
+SEARCH_KNOBS = {"num_leaves_to_search": "leaves_to_search", "reorder": "pre_reorder_num_neighbors"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ def encoder_id(cfg: RetrievalConfig, encoder) -> dict[str, Any]:
 
 def scann_params(n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     """Brute force for small corpora, AH + reorder, then tree + AH + reorder with √n leaves."""
-    if n < 50_000:
+    if n < EXACT_MAX:
         params: dict[str, Any] = {"mode": "brute"}
-    elif n < 500_000:
+    elif n < 100_000:
         params = {"mode": "ah", "dims_per_block": 2, "reorder": 100, "training_sample_size": 100_000}
     else:
         leaves = int(math.sqrt(n))
@@ -142,9 +144,11 @@ class Retriever:
     """Batched top-k search over a built index directory."""
 
     def __init__(self, index_dir: Path, meta: dict[str, Any], encoder, embeddings: np.ndarray,
-                 scann_searcher=None, batch_size: int = 64):
+                 scann_searcher=None, scann_knobs: dict[str, int] | None = None,
+                 batch_size: int = 64):
         self.index_dir, self.meta, self.encoder = index_dir, meta, encoder
         self.embeddings, self.scann, self.batch_size = embeddings, scann_searcher, batch_size
+        self.scann_knobs = scann_knobs or {}
         self.doc_ids: list[str] = meta["doc_ids"]
         self._offsets = np.load(index_dir / "offsets.npy")
         with open(index_dir / "passages.jsonl", "rb") as f:
@@ -181,7 +185,8 @@ class Retriever:
         if meta["backend"] == "exact":
             emb = np.asarray(emb, np.float32)
         searcher = load_scann(index_dir / "scann") if meta["backend"] == "scann" else None
-        return cls(index_dir, meta, encoder, emb, searcher, cfg.embed_batch_size)
+        knobs = {kw: int(cfg.scann[key]) for key, kw in SEARCH_KNOBS.items() if key in cfg.scann}
+        return cls(index_dir, meta, encoder, emb, searcher, knobs, cfg.embed_batch_size)
 
     def passage(self, j: int, score: float) -> Passage:
         obj = json.loads(self._text[self._offsets[j]:self._offsets[j + 1]])
@@ -192,7 +197,7 @@ class Retriever:
         """(indices [Q, k], scores [Q, k]) for query embeddings; `exact` bypasses ScaNN."""
         queries = np.ascontiguousarray(queries, np.float32)
         if self.scann is not None and not exact:
-            idx, scores = self.scann.search_batched_parallel(queries, final_num_neighbors=k)
+            idx, scores = self.scann.search_batched_parallel(queries, k, **self.scann_knobs)
             return np.asarray(idx), np.asarray(scores)
         return exact_search(self.embeddings, queries, k)
 

@@ -2,9 +2,9 @@
 
 A training directory has `policy.json` (decoder config, dtypes, base policy), `tokenizer/`, and
 `checkpoints/<step>/` written by an Orbax CheckpointManager: params, optimiser state, and a JSON
-record of step, data position and the run's whole config (checked on resume). Orbax writes each step to a
-temporary directory and renames it when complete, so a kill never leaves a step that looks
-finished.
+record of step, data position and the run's whole config (checked on resume). Orbax writes each
+step to a temporary directory and renames it when complete, so a kill never leaves a step that
+looks finished.
 """
 from __future__ import annotations
 

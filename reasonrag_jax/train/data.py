@@ -60,14 +60,16 @@ def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str,
     out = []
     for line, obj in _records(path):
         if not isinstance(obj, dict):
-            raise InputError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
+            raise InputError(f"{where(path, line)}: expected a JSON object, "
+                             f"got {type(obj).__name__}")
         rec = {}
         for name, required in fields.items():
             if name not in obj and required:
                 raise InputError(f"{where(path, line, name)} is missing")
             value = obj.get(name, "")
             if not isinstance(value, str):
-                raise InputError(f"{where(path, line, name)} should be str, got {type(value).__name__}")
+                raise InputError(f"{where(path, line, name)} should be str, "
+                                 f"got {type(value).__name__}")
             rec[name] = value
         for name in distinct:
             if not rec[name].strip():

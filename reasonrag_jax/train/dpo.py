@@ -30,7 +30,8 @@ def sequence_logps(model, tokens: jax.Array, loss_mask: jax.Array, chunk: int = 
         return jnp.sum(lp * m, axis=-1)
 
     split = lambda x: x.reshape(b, -1, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    per_chunk = jax.lax.map(lambda xs: chunk_logps(*xs), (split(inputs), split(targets), split(mask)))
+    per_chunk = jax.lax.map(lambda xs: chunk_logps(*xs),
+                            (split(inputs), split(targets), split(mask)))
     return per_chunk.sum(0)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ def run_sft(cfg: Config, records: Path, out: Path, init: str | None = None) -> P
     return train(cfg, Path(records), Path(out), init, "sft")
 
 
-def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_unit: int) -> np.ndarray:
+def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_unit: int
+               ) -> np.ndarray:
     """Row indices of the batch at `step`: a seeded permutation per epoch, wrapping at the end
     so every batch has the same size. Depends on nothing but its arguments (exact resume)."""
     per_epoch = math.ceil(n_units / batch_size)
@@ -103,9 +104,9 @@ def placement(mesh: Mesh, rules: Any, state: nnx.State, optimizer: optax.Gradien
     opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract, params,
                                       transform_non_params=lambda _: replicated)
     sharding = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
-    return Placement(mesh, params, opt_state, sharding(batch_spec(rules, 2)),
-                     sharding(batch_spec(rules, 2, leading=1)), sharding(batch_spec(rules, 1, leading=1)),
-                     replicated)
+    return Placement(mesh, params, opt_state, rows=sharding(batch_spec(rules, 2)),
+                     micro=sharding(batch_spec(rules, 2, leading=1)),
+                     micro_ref=sharding(batch_spec(rules, 1, leading=1)), replicated=replicated)
 
 
 def place_state(host_params: Any, optimizer: optax.GradientTransformation, place: Placement
@@ -124,7 +125,8 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: 
     def loss_fn(p, tokens, mask, ref_lp):
         lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
         if objective == "dpo":
-            return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta, tc.label_smoothing)
+            return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta,
+                            tc.label_smoothing)
         return sft_loss(lp, mask[:, 1:].sum(-1))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -173,10 +175,12 @@ def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: in
     if cache.is_file():
         return np.load(cache)
     fn = jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m),
-                 in_shardings=(place.params, place.rows, place.rows), out_shardings=place.replicated)
+                 in_shardings=(place.params, place.rows, place.rows),
+                 out_shardings=place.replicated)
     out = np.zeros(len(data.tokens), np.float32)
     starts = range(0, len(out), rows_per_call)
-    for lo in tqdm(starts, desc="reference log-probs", unit="batch", disable=jax.process_index() > 0):
+    for lo in tqdm(starts, desc="reference log-probs", unit="batch",
+                   disable=jax.process_index() > 0):
         rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)  # pad with the last row
         tokens, mask = batch_arrays(data, rows, buckets)
         got = fn(params, global_array(tokens, place.rows), global_array(mask, place.rows))
@@ -195,8 +199,9 @@ def _check_resume(record: dict[str, Any], cfg: Config, out: Path) -> None:
     now = to_dict(cfg)["train"]
     for k in _RESUME_KEYS:
         if k in saved and saved[k] != now[k]:
-            raise InputError(f"{out}/checkpoints/{record['step']}: written with train.{k}={saved[k]!r}, "
-                             f"now {now[k]!r}; use the same settings to resume or a new --out")
+            raise InputError(f"{out}/checkpoints/{record['step']}: written with "
+                             f"train.{k}={saved[k]!r}, now {now[k]!r}; use the same settings "
+                             "to resume or a new --out")
 
 
 def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: str) -> Path:
@@ -207,6 +212,7 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     # A training dir keeps its own dtypes; the run's config decides compute dtype and remat.
     model.cfg = dataclasses.replace(model.cfg, dtype=cfg.model.dtype, remat=cfg.model.remat,
                                     param_dtype=cfg.model.param_dtype)
+    decoder_cfg = model.cfg
     graphdef, state = nnx.split(model)
     host_params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.model.param_dtype)),
                                state.to_pure_dict())
@@ -227,11 +233,12 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     micro_rows = tc.batch_size // tc.grad_accum * rows_per_unit
     if micro_rows % batch_ways(mesh, cfg.mesh.rules):
         raise InputError(f"a micro-batch of {micro_rows} rows does not split over the "
-                         f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh {dict(mesh.shape)}")
+                         f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh "
+                         f"{dict(mesh.shape)}")
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
-        ckpt.write_policy_card(out, nnx.merge(graphdef, state).cfg, tokenizer, str(base))
+        ckpt.write_policy_card(out, decoder_cfg, tokenizer, str(base))
         print(f"[train] {objective}: {n_units} examples ({data.truncated} truncated to "
               f"{tc.max_length} tokens), {total} steps of {tc.batch_size}, mesh {dict(mesh.shape)}")
 
@@ -259,7 +266,9 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Save-and-stop on SIGTERM (preemption) / Ctrl-C; handlers can only be set from the main thread.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT) if main}
     bar = tqdm(range(start, total), initial=start, total=total, desc=objective, unit="step",
                disable=not lead)
     try:
@@ -268,9 +277,10 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
             tokens, mask = batch_arrays(data, rows, tc.length_buckets)
             ref_lp = ref[rows] if ref is not None else np.zeros(len(rows), np.float32)
             micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
-            params, opt_state, metrics = step_fn(
-                params, opt_state, global_array(micro(tokens), place.micro),
-                global_array(micro(mask), place.micro), global_array(micro(ref_lp), place.micro_ref))
+            batch = (global_array(micro(tokens), place.micro),
+                     global_array(micro(mask), place.micro),
+                     global_array(micro(ref_lp), place.micro_ref))
+            params, opt_state, metrics = step_fn(params, opt_state, *batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 mngr.wait_until_finished()
