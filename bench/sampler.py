@@ -12,7 +12,7 @@ Prints progress lines, then one JSON line:
 `{"jax_tok_s_b1", "hf_tok_s_b1", "ratio_b1", "jax_tok_s_b16", "hf_tok_s_b16", "ratio_b16",
 "decode_step_ms_b16", "decode_floor_ms_b16", "greedy_match"}` (+ breakdown fields).
 
-    JAX_PLATFORMS=cpu .venv/bin/python bench/sampler.py [--threads N]
+    JAX_PLATFORMS=cpu .venv/bin/python bench/sampler.py [--threads N] [--jax-only]
 """
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--jax-only", action="store_true",
+                    help="skip transformers (its fields are null): a quick decode-floor check")
     ap.add_argument("--hf-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -114,14 +116,16 @@ def main() -> None:
 
     model, tokenizer = load_policy(str(model_dir))
     prompts = make_prompts(tokenizer, max(BATCHES))
+    hf: dict = {}                              # empty with --jax-only: its fields are null
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
-        log(f"transformers in a child process, {args.threads} threads ...")
-        child = subprocess.run(
-            [sys.executable, __file__, "--threads", str(args.threads), "--hf-child",
-             str(prompts_file), str(model_dir)], check=True, stdout=subprocess.PIPE, text=True)
-        hf = json.loads(child.stdout.strip().splitlines()[-1])
+        if not args.jax_only:
+            log(f"transformers in a child process, {args.threads} threads ...")
+            child = subprocess.run(
+                [sys.executable, __file__, "--threads", str(args.threads), "--hf-child",
+                 str(prompts_file), str(model_dir)], check=True, stdout=subprocess.PIPE, text=True)
+            hf = json.loads(child.stdout.strip().splitlines()[-1])
 
     sampler = Sampler(model, tokenizer, SamplerConfig())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -134,7 +138,7 @@ def main() -> None:
         res[f"total_s_b{b}"], out = best_of(2 if b == 1 else 1, sampler.generate_ids, rows,
                                             params, seeds)
         tokens = [c[0].token_ids for c in out]
-        same = [a == h for a, h in zip(tokens, hf[f"tokens_b{b}"])]
+        same = [a == h for a, h in zip(tokens, hf.get(f"tokens_b{b}", []))]
         match &= all(same)
         log(f"jax batch {b}: {b * NEW_TOKENS / res[f'total_s_b{b}']:.1f} tok/s "
             f"(prefill {res[f'prefill_s_b{b}']:.2f} s), greedy rows equal to hf: "
@@ -146,26 +150,30 @@ def main() -> None:
                 * (PROMPT_LEN + NEW_TOKENS // 2))       # valid slots read, averaged over steps
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
-    step_ms = 1e3 * (res["total_s_b16"] - res["prefill_s_b16"]) / (NEW_TOKENS - 1)
-    hf_step_ms = 1e3 * (hf["total_s_b16"] - hf["prefill_s_b16"]) / (NEW_TOKENS - 1)
+
+    def step_ms(r):
+        return 1e3 * (r["total_s_b16"] - r["prefill_s_b16"]) / (NEW_TOKENS - 1) if r else None
+
+    def per_s(count, r, key):
+        return count / r[key] if r else None
+
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB -> "
         f"floor {floor_ms:.1f} ms; + mean KV read {kv_bytes / 1e6:.0f} MB -> "
-        f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.1f} ms; jax step {step_ms:.1f} ms, "
-        f"hf step {hf_step_ms:.1f} ms")
+        f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.1f} ms; jax step {step_ms(res):.1f} ms")
     result = {
-        "jax_tok_s_b1": NEW_TOKENS / res["total_s_b1"],
-        "hf_tok_s_b1": NEW_TOKENS / hf["total_s_b1"],
-        "ratio_b1": hf["total_s_b1"] / res["total_s_b1"],
-        "jax_tok_s_b16": 16 * NEW_TOKENS / res["total_s_b16"],
-        "hf_tok_s_b16": 16 * NEW_TOKENS / hf["total_s_b16"],
-        "ratio_b16": hf["total_s_b16"] / res["total_s_b16"],
-        "decode_step_ms_b16": step_ms,
+        "jax_tok_s_b1": per_s(NEW_TOKENS, res, "total_s_b1"),
+        "hf_tok_s_b1": per_s(NEW_TOKENS, hf, "total_s_b1"),
+        "ratio_b1": hf["total_s_b1"] / res["total_s_b1"] if hf else None,
+        "jax_tok_s_b16": per_s(16 * NEW_TOKENS, res, "total_s_b16"),
+        "hf_tok_s_b16": per_s(16 * NEW_TOKENS, hf, "total_s_b16"),
+        "ratio_b16": hf["total_s_b16"] / res["total_s_b16"] if hf else None,
+        "decode_step_ms_b16": step_ms(res),
         "decode_floor_ms_b16": floor_ms,
-        "greedy_match": bool(match),
-        "hf_decode_step_ms_b16": hf_step_ms,
+        "greedy_match": bool(match) if hf else None,
+        "hf_decode_step_ms_b16": step_ms(hf),
         "decode_floor_with_kv_ms_b16": 1e3 * (weight_bytes + kv_bytes) / bandwidth,
-        "jax_prefill_tok_s_b16": 16 * PROMPT_LEN / res["prefill_s_b16"],
-        "hf_prefill_tok_s_b16": 16 * PROMPT_LEN / hf["prefill_s_b16"],
+        "jax_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, res, "prefill_s_b16"),
+        "hf_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, hf, "prefill_s_b16"),
         "copy_gb_s": bandwidth / 1e9,
         "threads": args.threads,
     }

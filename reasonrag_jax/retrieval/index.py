@@ -62,7 +62,7 @@ def scann_params(n: int, overrides: dict[str, Any]) -> dict[str, Any]:
     else:
         leaves = int(math.sqrt(n))
         params = {"mode": "tree_ah", "num_leaves": leaves, "num_leaves_to_search": max(1, leaves // 20),
-                  "training_sample_size": min(n, 250_000), "dims_per_block": 2, "reorder": 100}
+                  "training_sample_size": min(n, 250_000), "dims_per_block": 2, "reorder": 200}
     unknown = set(overrides) - {"mode", "num_leaves", "num_leaves_to_search", "training_sample_size",
                                 "dims_per_block", "reorder", "threshold"}
     if unknown:
