@@ -37,7 +37,10 @@ def py_backup(node, value):
         node = node.parent
 
 
-ops = st.lists(st.tuples(st.floats(0, 1, width=32), st.booleans()), min_size=1, max_size=24)
+# Dyadic values keep value sums exact in float32 (the arrays) and float64 (the reference), so a
+# comparison of UCT scores never flips on rounding.
+ops = st.lists(st.tuples(st.sampled_from([0.0, 0.125, 0.25, 0.5, 0.625, 0.75, 1.0]), st.booleans()),
+               min_size=1, max_size=24)
 
 
 @settings(max_examples=20, deadline=None)
