@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonrag_jax.config import Config, load_config, to_dict
-from reasonrag_jax.io import append_jsonl, read_jsonl, write_bytes_atomic
+from reasonrag_jax.io import append_jsonl, read_jsonl, save_figure
 
 ROWS = ("Base", "SFT", "ORL", "PRL")
 
@@ -144,7 +144,6 @@ def results_table(evals: dict[str, dict[str, Any]]) -> str:
 
 
 def plot_results(evals: dict[str, dict[str, Any]], path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -162,9 +161,5 @@ def plot_results(evals: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("score (%)")
     ax.set_title("ReasonRAG ablation on the synthetic KB (SmolLM2-135M)")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
 

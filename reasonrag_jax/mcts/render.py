@@ -5,13 +5,12 @@ and the picture read only dumps, so they work on a finished run's `*.trees.jsonl
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reasonrag_jax.io import write_bytes_atomic
+from reasonrag_jax.io import save_figure
 from reasonrag_jax.mcts import tree as T
 
 _FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "exhausted",
@@ -86,8 +85,4 @@ def render_tree(dump: dict[str, Any], path: str | Path) -> None:
     gold = dump["golden_answers"][0] if dump["golden_answers"] else ""
     ax.set_title(f"{dump['question'][:90]}  (gold: {gold})", fontsize=9)
     ax.set_axis_off()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)

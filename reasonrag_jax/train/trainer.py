@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from reasonrag_jax.config import Config, TrainConfig, to_dict
-from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, write_bytes_atomic
+from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_bytes_atomic
 from reasonrag_jax.models.weights import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
@@ -330,7 +330,6 @@ def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
     """Loss (and DPO reward margin / accuracy) against step, as a PNG beside the checkpoints."""
     if not metrics.exists():
         return
-    import io
 
     import matplotlib
 
@@ -347,8 +346,4 @@ def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
         ax.plot(steps, [rows[s].get(k, np.nan) for s in steps])
         ax.set_title(k)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure(fig, path)
