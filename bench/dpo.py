@@ -123,7 +123,8 @@ def run_trl(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(
             output_dir=tmp, per_device_train_batch_size=args.batch, max_length=args.seq, beta=0.3,
-            learning_rate=1e-6, lr_scheduler_type="cosine", warmup_ratio=0.2, max_grad_norm=1.0,
+            learning_rate=1e-6, lr_scheduler_type="cosine", warmup_steps=max(1, total // 5),
+            max_grad_norm=1.0,
             weight_decay=0.0, max_steps=total, precompute_ref_log_probs=True, logging_steps=1,
             report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
             bf16=False, fp16=False)
