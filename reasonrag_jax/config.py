@@ -35,8 +35,6 @@ class SamplerConfig:
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 1536)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     max_batch: int = 32             # rows per sampler call
-    prefix_block: int = 0           # a token prefix shared by all rows (≥ 1 block) is prefilled
-                                    # once, in whole blocks; 0 disables
 
 
 @dataclass

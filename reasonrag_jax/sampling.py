@@ -6,8 +6,8 @@ program; params are jit arguments, so swapping trained weights never recompiles.
 `chunk` tokens per device call inside a `lax.while_loop` that exits when every row is done;
 stop strings are then matched on the decoded text on the host, which is exact whatever the
 tokenisation of the stop string in context. `n` samples of a prompt share its prefill (cache rows
-are gathered), and a token prefix common to all rows of a call (the agent's system prompt) is
-prefilled once and copied into every row.
+are gathered). The sampler keeps the weights in the decoder's serving layout (per-layer arrays,
+see `decoder.forward`), so a decode step reads each weight and cache buffer once, in place.
 
 Randomness: row i, sample j, token t draws with key(seed_i, j) folded with t, so a row's output
 never depends on what else is in the batch. Reported log-probs are of the chosen token under the
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from reasonrag_jax.config import SamplerConfig
-from reasonrag_jax.models.decoder import Decoder, KVCache
+from reasonrag_jax.models.decoder import Decoder, KVCache, forward, logits, unstack_layers
 
 
 @dataclass(frozen=True)
@@ -104,69 +104,66 @@ class Sampler:
                  chunk: int = 16):
         self.config = config or SamplerConfig()
         self.tokenizer = tokenizer
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef = nnx.graphdef(model)
+        self.params = unstack_layers(model.params())
         self.model_cfg = model.cfg
         self.chunk = chunk
         self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(4,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
         self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,))
         self._score = jax.jit(self._score_fn, static_argnums=(0,))
 
     def update_params(self, state: nnx.State) -> None:
         """Swap in new weights of the same shapes (no recompilation)."""
-        self.state = state
+        self.params = unstack_layers(nnx.merge(self.graphdef, state).params())
 
     # ------------------------------------------------------------------ device programs
-    def _model(self, state):
-        return nnx.merge(self.graphdef, state)
-
-    def _prefill_fn(self, state, tokens, start, lengths, cache):
-        """Tokens at positions start + t (after a shared prefix already in the cache)."""
+    def _prefill_fn(self, params, tokens, lengths, cache):
+        """Right-padded prompts from position 0 into a fresh cache."""
         self.compilations += 1
-        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, cache = self._model(state).hidden(tokens, positions, cache)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, cache = forward(self.model_cfg, params, tokens, positions, cache)
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-        return self._model(state).logits(last)[:, 0], cache
+        return logits(self.model_cfg, params, last)[:, 0], cache
 
-    def _decode_fn(self, chunk, state, cache, logits, pos, keys, done, n_done, params):
+    def _decode_fn(self, chunk, params, cache, last_logits, pos, keys, done, n_done, knobs):
         """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
         self.compilations += 1
-        temperature, top_p, top_k, budget, eos = params
-        model = self._model(state)
-        b = logits.shape[0]
+        temperature, top_p, top_k, budget, eos = knobs
+        b = last_logits.shape[0]
         tokens = jnp.full((b, chunk), self.pad_id, jnp.int32)
         logps = jnp.zeros((b, chunk), jnp.float32)
 
         def body(carry):
-            i, cache, logits, pos, done, n_done, tokens, logps = carry
-            tok = _choose(logits, keys, n_done, temperature, top_p, top_k)
-            lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+            i, cache, last, pos, done, n_done, tokens, logps = carry
+            tok = _choose(last, keys, n_done, temperature, top_p, top_k)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(last), tok[:, None], axis=-1)[:, 0]
             tok = jnp.where(done, self.pad_id, tok)
             tokens = tokens.at[:, i].set(tok)
             logps = logps.at[:, i].set(jnp.where(done, 0.0, lp))
             n_done = n_done + (~done).astype(jnp.int32)
             done = done | jnp.isin(tok, eos) | (n_done >= budget)
-            new_logits, cache = model(tok[:, None], pos[:, None], cache)
+            hidden, cache = forward(self.model_cfg, params, tok[:, None], pos[:, None], cache)
             pos = pos + (~done).astype(jnp.int32)
-            return i + 1, cache, new_logits[:, 0], pos, done, n_done, tokens, logps
+            return (i + 1, cache, logits(self.model_cfg, params, hidden)[:, 0], pos, done, n_done,
+                    tokens, logps)
 
-        carry = (0, cache, logits, pos, done, n_done, tokens, logps)
+        carry = (0, cache, last_logits, pos, done, n_done, tokens, logps)
         carry = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[4]), body, carry)
-        _, cache, logits, pos, done, n_done, tokens, logps = carry
-        return cache, logits, pos, done, n_done, tokens, logps
+        _, cache, last_logits, pos, done, n_done, tokens, logps = carry
+        return cache, last_logits, pos, done, n_done, tokens, logps
 
-    def _score_fn(self, width, state, tokens, starts, targets, mask):
+    def _score_fn(self, width, params, tokens, starts, targets, mask):
         """Summed log-prob of `targets` [B, width] predicted from positions starts + arange."""
         self.compilations += 1
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        model = self._model(state)
-        hidden, _ = model.hidden(tokens, positions)
+        hidden, _ = forward(self.model_cfg, params, tokens, positions)
         idx = jnp.minimum(starts[:, None] + jnp.arange(width), tokens.shape[1] - 1)
-        logits = model.logits(jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
-        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, :, None], axis=-1)[..., 0]
+        out = logits(self.model_cfg, params, jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
+        lp = jnp.take_along_axis(jax.nn.log_softmax(out), targets[:, :, None], axis=-1)[..., 0]
         return jnp.sum(lp * mask, axis=-1)
 
     # ------------------------------------------------------------------ host API
@@ -202,24 +199,17 @@ class Sampler:
         cfg = self.config
         p = len(prompts)
         pb = _bucket(p, cfg.batch_buckets)
-        shared = self._shared_prefix(prompts)
-        t = _bucket(max(len(x) for x in prompts) - shared, cfg.prompt_buckets)
+        t = _bucket(max(len(x) for x in prompts), cfg.prompt_buckets)
         # Attention reads every cache slot each step, so the cache is only as long as this call
         # needs (rounded to limit recompiles): at batch 16 it is as many bytes as the weights.
-        size = min(-(-(shared + t + params.max_new_tokens) // 128) * 128, cfg.cache_size)
-        cache = KVCache.init(self.model_cfg, 1 if shared else pb, size)
-        if shared:   # the prefix common to all rows is prefilled once and copied into each row
-            _, cache = self._prefill(self.state, jnp.asarray([prompts[0][:shared]], jnp.int32),
-                                     jnp.int32(0), jnp.asarray([shared], jnp.int32), cache)
-            cache = cache.take(jnp.zeros(pb, jnp.int32))
+        size = min(-(-(t + params.max_new_tokens) // 128) * 128, cfg.cache_size)
         tokens = np.full((pb, t), self.pad_id, np.int32)
         lengths = np.ones(pb, np.int32)
         for i, ids in enumerate(prompts):
-            tokens[i, :len(ids) - shared] = ids[shared:]
-            lengths[i] = len(ids) - shared
-        logits, cache = self._prefill(self.state, jnp.asarray(tokens), jnp.int32(shared),
-                                      jnp.asarray(lengths), cache)
-        lengths += shared
+            tokens[i, :len(ids)] = ids
+            lengths[i] = len(ids)
+        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                      KVCache.init(self.model_cfg, pb, size))
 
         # n samples per prompt: the prefilled cache rows are gathered, not recomputed.
         rows = p * n
@@ -247,7 +237,7 @@ class Sampler:
         results: list[Completion | None] = [None] * rows
         while True:
             cache, logits, pos, done, n_done, tok, lp = self._decode(
-                self.chunk, self.state, cache, logits, pos, keys, done, n_done, knobs)
+                self.chunk, self.params, cache, logits, pos, keys, done, n_done, knobs)
             tok, lp, done_host = np.asarray(tok), np.asarray(lp), np.array(done)
             n_host = np.asarray(n_done)
             for r in range(rows):
@@ -264,18 +254,6 @@ class Sampler:
                 break
             done = jnp.asarray(done_host)
         return [results[i * n:(i + 1) * n] for i in range(p)]
-
-    def _shared_prefix(self, prompts: list[list[int]]) -> int:
-        """Length of the token prefix all rows share (agent prompts repeat one system prompt),
-        in whole `prefix_block`s and leaving every row at least one token of its own; 0 when it
-        is shorter than a block or there is one row."""
-        block = self.config.prefix_block
-        if block <= 0 or len(prompts) < 2:
-            return 0
-        first, n = prompts[0], min(len(x) for x in prompts) - 1
-        for row in prompts[1:]:
-            n = next((i for i in range(n) if row[i] != first[i]), n)
-        return n // block * block
 
     def _finish(self, tokens: list[int], logps: list[float], params: SamplingParams,
                 device_done: bool) -> Completion | None:
@@ -317,7 +295,7 @@ class Sampler:
                 starts[r] = len(p) - 1
                 targets[r, :len(c)] = c
                 mask[r, :len(c)] = 1.0
-            sums = self._score(width, self.state, *map(jnp.asarray, (tokens, starts, targets, mask)))
+            sums = self._score(width, self.params, *map(jnp.asarray, (tokens, starts, targets, mask)))
             out[start:start + len(part)] = np.asarray(sums)[:len(part)]
         scores = np.full((len(prompts), max(map(len, continuations))), -np.inf, np.float32)
         scores[tuple(np.array(where).T)] = out

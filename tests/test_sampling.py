@@ -178,23 +178,6 @@ def test_eos_ends_a_row(model, sampler):
     assert (c.token_ids, c.finish_reason) == (full.token_ids, "length")
 
 
-def test_shared_prefix_prefilled_once_gives_the_same_samples(model):
-    """Rows sharing a long prefix (one system prompt): prefilling it once and copying it into
-    every row changes nothing but the work done."""
-    system = "You are a careful assistant. Answer briefly. "           # 45 chars = tokens
-    prompts = [system + q for q in ("Who?", "Where is it?", "When did the war end")]
-    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=30)
-    once = Sampler(model, CharTokenizer(), SamplerConfig(**{**vars(CONFIG), "prefix_block": 16}))
-    assert once._shared_prefix([encode(x) for x in prompts]) == 32
-    plain = Sampler(model, CharTokenizer(), SamplerConfig(**{**vars(CONFIG), "prefix_block": 0}))
-    a, b = once.generate(prompts, params, [1, 2, 3], n=2), plain.generate(prompts, params,
-                                                                         [1, 2, 3], n=2)
-    for ra, rb in zip(a, b):
-        for ca, cb in zip(ra, rb):
-            assert ca.token_ids == cb.token_ids
-            np.testing.assert_allclose(ca.logprobs, cb.logprobs, atol=1e-5)
-
-
 def test_score_is_the_summed_continuation_logprob(model, sampler):
     conts = [["!", "abc d"], ["yes", "no", "maybe not"]]
     got = sampler.score(PROMPTS[:2], conts)

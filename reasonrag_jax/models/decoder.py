@@ -1,8 +1,10 @@
 """Llama / Qwen2 decoder in Flax NNX, with a per-row-position KV cache.
 
-Layer weights are stacked on a leading `layers` axis and the forward pass is one `lax.scan`, so
-a 30-layer model compiles as one layer (seconds on CPU) and rematerialisation is one flag.
-Every parameter carries logical axis names (`sharding_names`) that `sharding.py` maps to a mesh.
+Layer weights are stacked on a leading `layers` axis and training runs them as one `lax.scan`,
+so a 30-layer model compiles as one layer and rematerialisation is one flag. Serving (the
+sampler, anything with a KV cache) takes the same weights as a tuple of per-layer arrays and runs
+the layers unrolled, reading every weight and cache buffer in place; both go through one
+`forward`. Every parameter carries logical axis names that `sharding.py` maps to a mesh.
 """
 from __future__ import annotations
 
@@ -104,17 +106,26 @@ PRESETS: dict[str, DecoderConfig] = {
 
 
 class KVCache(flax.struct.PyTreeNode):
-    k: jax.Array  # [L, B, KVH, S, Dh]  (S innermost but one: attention reads it contiguously)
-    v: jax.Array  # [L, B, KVH, S, Dh]
+    """One buffer per layer, so a decode step updates each layer's slots in place (a stacked
+    [L, ...] cache read inside the layer scan made XLA copy it at every layer).
+
+    Keys are stored transposed, slot axis innermost, because a decode step's scores then stream
+    through them: on XLA:CPU `q · K` reads [B, KVH, Dh, S] about twice as fast as [.., S, Dh].
+    Slot s holds position s.
+    """
+    k: tuple[jax.Array, ...]  # per layer [B, KVH, Dh, S]
+    v: tuple[jax.Array, ...]  # per layer [B, KVH, S, Dh]
 
     @classmethod
     def init(cls, cfg: DecoderConfig, batch: int, size: int) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, size, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
+        def zeros(shape):
+            return tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros((batch, cfg.num_kv_heads, cfg.head_dim, size)),
+                   v=zeros((batch, cfg.num_kv_heads, size, cfg.head_dim)))
 
     def take(self, rows: jax.Array) -> KVCache:
         """Rows gathered by index (copies a prefilled prompt into n sample rows)."""
-        return KVCache(k=jnp.take(self.k, rows, axis=1), v=jnp.take(self.v, rows, axis=1))
+        return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), self)
 
 
 # Per-layer parameters: name -> (shape builder, logical axes without the leading "layers").
@@ -157,15 +168,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [..., B, K, S, D] ← new [..., B, K, T, D] at slot positions[row, t] of each row."""
-    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-    # Advanced indices split by a slice put their dims first: the update is [B, T, ..., K, D].
-    n = new.ndim
-    new = new.transpose(n - 4, n - 2, *range(n - 4), n - 3, n - 1)
-    return cache.at[..., rows, :, positions, :].set(new.astype(cache.dtype), mode="drop")
-
-
 class Decoder(nnx.Module):
     """Causal LM. `__call__(tokens, positions, cache) -> (float32 logits, cache)`."""
 
@@ -188,6 +190,14 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
+    def params(self) -> dict[str, Any]:
+        """Plain arrays: embed, final_norm, [lm_head], and `layers` stacked {name: [L, ...]}."""
+        out = {"embed": self.embed[...], "final_norm": self.final_norm[...],
+               "layers": {n: getattr(self, n)[...] for n in LAYER_PARAMS if hasattr(self, n)}}
+        if not self.cfg.tie_word_embeddings:
+            out["lm_head"] = self.lm_head[...]
+        return out
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
                  ) -> tuple[jax.Array, KVCache | None]:
         hidden, cache = self.hidden(tokens, positions, cache)
@@ -195,48 +205,80 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, H] → float32 [B, T, V] (split out so DPO can take log-probs in chunks)."""
-        if self.cfg.tie_word_embeddings:
-            w, spec = self.embed[...], "bth,vh->btv"
-        else:
-            w, spec = self.lm_head[...], "bth,hv->btv"
-        return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return logits(self.cfg, self.params(), hidden)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
                ) -> tuple[jax.Array, KVCache | None]:
-        cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-        layers = {n: getattr(self, n)[...].astype(dtype) for n in LAYER_PARAMS if hasattr(self, n)}
-        # This call's tokens attend to each other causally, by position and by index (so right
-        # padding never leaks in), and to the cache slots before the row's first new position
-        # (slot s holds position s). Calls write contiguous positions (prefill, then decode).
-        mask_new = ((positions[:, None, :] <= positions[:, :, None])
-                    & jnp.tri(tokens.shape[1], dtype=bool))                  # [B, T, T]
-        mask_cache = None if cache is None else (
-            jnp.arange(cache.k.shape[3]) < positions[:, :1, None])          # [B, 1, S]
+        """Final-normed hidden states; with a cache, this call's tokens also attend to it and
+        their K/V are written into it."""
+        params = self.params()
+        return forward(self.cfg, params if cache is None else unstack_layers(params), tokens,
+                       positions, cache)
 
-        # Inside the layer scan the cache is only read; the new K/V of all layers are written
-        # with one scatter afterwards, in place. Carrying or updating the cache inside the scan
-        # makes XLA copy it at every layer, which dominated the decode step.
-        def layer(x, inputs):
-            p, kv = inputs
-            return _block(cfg, p, x, positions, mask_new, mask_cache, kv)
 
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """`layers` as a tuple of per-layer dicts: the serving layout (see `forward`)."""
+    stacked = params["layers"]
+    count = next(iter(stacked.values())).shape[0]
+    return {**params, "layers": tuple({n: w[i] for n, w in stacked.items()} for i in range(count))}
+
+
+def logits(cfg: DecoderConfig, params: dict[str, Any], hidden: jax.Array) -> jax.Array:
+    """[B, T, H] → float32 [B, T, V] through the (tied or untied) output head."""
+    if cfg.tie_word_embeddings:
+        w, spec = params["embed"], "bth,vh->btv"
+    else:
+        w, spec = params["lm_head"], "bth,hv->btv"
+    return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array,
+            cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """→ (final-normed hidden [B, T, H], the cache with this call's K/V written in).
+
+    Stacked `layers` run as one `lax.scan` (training and scoring: a 30-layer model compiles as
+    one layer, and remat is one flag). A tuple of per-layer dicts runs unrolled — the serving
+    layout, which a KV cache needs: each weight and cache buffer is then read and updated in
+    place, where slicing stacked arrays inside the scan copied every layer's weights and cache
+    at every decode step.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    layers = params["layers"]
+    if cache is None:
+        # The call's tokens attend to each other causally, by position and by index (so right
+        # padding never leaks in).
+        mask = ((positions[:, None, :] <= positions[:, :, None])
+                & jnp.tri(tokens.shape[1], dtype=bool))                      # [B, T, T]
+    else:
+        # Written first, then attended: slot s holds position s, and rows write contiguous
+        # positions (prefill, then decode), so a token sees exactly the slots up to its own.
+        mask = jnp.arange(cache.v[0].shape[2]) <= positions[:, :, None]      # [B, T, S]
+
+    def layer(x, p, kv=None):
+        return _block(cfg, {n: w.astype(dtype) for n, w in p.items()}, x, positions, mask, kv)
+
+    if isinstance(layers, dict):
+        if cache is not None:
+            raise ValueError("a KV cache needs the per-layer layout (unstack_layers)")
         if cfg.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
-        kv = (cache.k, cache.v) if cache is not None else None
-        x, (new_k, new_v) = jax.lax.scan(layer, x, (layers, kv))
-        if cache is not None:
-            cache = KVCache(k=_write_cache(cache.k, new_k, positions),
-                            v=_write_cache(cache.v, new_v, positions))
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        return x, cache
+        x, _ = jax.lax.scan(lambda x, p: (layer(x, p)[0], None), x, layers)
+    else:
+        ks, vs = [], []
+        for i, p in enumerate(layers):
+            x, kv = layer(x, p, None if cache is None else (cache.k[i], cache.v[i]))
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        cache = None if cache is None else KVCache(k=tuple(ks), v=tuple(vs))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
-           mask_new: jax.Array, mask_cache: jax.Array | None,
-           kv: tuple[jax.Array, jax.Array] | None):
-    """One pre-norm layer → (residual stream, this call's K/V). `kv`: this layer's cache."""
+           mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
+    """One pre-norm layer → (residual stream, this layer's cache buffers with the call's K/V
+    written in, or None). `kv`: the buffers (keys transposed, see `KVCache`)."""
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -250,28 +292,25 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
     # Heads-major layout [B, K, T, D]: attention is a plain batched matmul over (B, K).
     q = rope(q, positions, cfg.rope_theta).reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, cfg.head_dim)
-    k = rope(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)
-    v = v.transpose(0, 2, 1, 3)
-    scale = cfg.head_dim ** -0.5
-    neg = jnp.finfo(jnp.float32).min
-
-    def scores(keys, mask):   # [B, K, G*T, S'] float32, masked
-        sc = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32) * scale
-        sc = sc.reshape(b, cfg.num_kv_heads, groups, t, -1)
-        return jnp.where(mask[:, None, None], sc, neg).reshape(b, cfg.num_kv_heads, groups * t, -1)
-
-    # Softmax over [cache slots | new tokens] without writing the new tokens into a cache copy.
-    parts = [scores(k, mask_new)]
-    if kv is not None:
-        parts.insert(0, scores(kv[0], mask_cache))
-    probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1).astype(v.dtype)
-    attn = jnp.einsum("bkqs,bksd->bkqd", probs[..., -t:], v)
-    if kv is not None:
-        attn = attn + jnp.einsum("bkqs,bksd->bkqd", probs[..., :-t], kv[1])
+    k = rope(k, positions, cfg.rope_theta)
+    if kv is None:
+        keys, values, spec = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), "bkqd,bksd->bkqs"
+    else:
+        # Advanced indices split by slices put their dims first: both updates are [B, T, K, D].
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
+        keys = kv[0].at[rows, :, :, positions].set(k.astype(kv[0].dtype), mode="drop")
+        values = kv[1].at[rows, :, positions, :].set(v.astype(kv[1].dtype), mode="drop")
+        kv, spec = (keys, values), "bkqd,bkds->bkqs"
+    scores = jnp.einsum(spec, q, keys, preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+    scores = scores.reshape(b, cfg.num_kv_heads, groups, t, -1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    attn = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, cfg.num_kv_heads, groups * t, -1),
+                      values)
     attn = attn.reshape(b, cfg.num_kv_heads, groups, t, -1).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, -1)
     x = x + attn @ p["wo"].reshape(-1, p["wo"].shape[-1])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     gate = jax.nn.silu(h @ p["w_gate"])
     x = x + (gate * (h @ p["w_up"])) @ p["w_down"]
-    return x, (k, v)
+    return x, kv
