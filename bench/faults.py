@@ -1,9 +1,11 @@
 """Fault campaign: kill commands at seeded random moments and feed every reader bad input.
 
-Kills: `reasonrag-jax index` and `train` (SFT and DPO on a tiny random policy with the SmolLM2
-tokenizer) run as subprocesses, get SIGKILL after a seeded random delay, are re-run to
-completion, and their outputs are compared with an uninterrupted run: index search results,
-final checkpoint params, metrics per step; leftovers (`*.partial`, `*.tmp`) are counted as lost.
+Kills: `reasonrag-jax index`, `train` (SFT on a tiny random policy with the SmolLM2 tokenizer),
+`generate` (MCTS + SPRE pairs) and `eval` run as subprocesses, get SIGKILL after a seeded random
+delay, are re-run to completion, and their outputs are compared with an uninterrupted run: index
+search results, final checkpoint params and per-step losses, the pairs/trees/outcome files, the
+eval summary and traces; leftovers (`*.partial`, `*.tmp`) count as lost. `train` also gets a
+SIGTERM (preemption): it must exit 130 after saving a checkpoint, and resume to the same result.
 Bad inputs: corpus / QA / pairs / config files with broken lines, run through the CLI; each must
 exit 2 with one line that names the file (and line or key), leaving earlier outputs intact.
 
@@ -31,17 +33,20 @@ CLI = [sys.executable, "-m", "reasonrag_jax.cli"]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
 
 
-def run(args: list[str], kill_after: float | None = None) -> subprocess.CompletedProcess | None:
-    """Run the CLI; with `kill_after`, SIGKILL it after that many seconds (None if it was killed)."""
+def run(args: list[str], kill_after: float | None = None, sig: int = signal.SIGKILL
+        ) -> subprocess.CompletedProcess | None:
+    """Run the CLI; with `kill_after`, send `sig` after that many seconds. None if SIGKILLed;
+    after another signal, the finished process (its exit code says how it stopped)."""
     proc = subprocess.Popen(CLI + args, env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=kill_after)
-        return subprocess.CompletedProcess(args, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        return None
+        proc.send_signal(sig)
+        out, err = proc.communicate()
+        if sig == signal.SIGKILL:
+            return None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def leftovers(path: Path) -> list[Path]:
@@ -90,12 +95,16 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
     data = write_synthetic(work / "data", seed=0, num_entities=80)
     stats = {"kills": 0, "resumed_identical": 0, "lost_records": 0}
 
-    def campaign(name, args, out, compare, max_delay):
+    def campaign(name, args, out, compare, max_delay, kills=kills_per_command, sig=signal.SIGKILL):
         reference = compare(out.with_name(out.name + "-ref"), None)
-        for k in range(kills_per_command):
-            target = out.with_name(f"{out.name}-{k}")
+        for k in range(kills):
+            target = out.with_name(f"{out.name}-{sig.name}-{k}")
             delay = rng.uniform(2.0, max_delay)
-            killed = run(args(target), kill_after=delay) is None
+            first = run(args(target), kill_after=delay, sig=sig)
+            killed = first is None or first.returncode != 0
+            if sig != signal.SIGKILL and first is not None and first.returncode not in (0, 130):
+                print(f"{name}: {sig.name} exit {first.returncode}: {first.stderr[-300:]}")
+                stats["lost_records"] += 1
             result = run(args(target))
             ok = result is not None and result.returncode == 0
             same = ok and compare(target, None) == reference
@@ -103,7 +112,8 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
             stats["kills"] += 1
             stats["resumed_identical"] += int(same)
             stats["lost_records"] += lost + (0 if ok else 1)
-            print(f"{name}: kill at {delay:.1f}s ({'killed' if killed else 'finished first'}) → "
+            print(f"{name}: {sig.name} at {delay:.1f}s "
+                  f"({'stopped' if killed else 'finished first'}) → "
                   f"resumed {'identical' if same else 'DIFFERENT'}, leftovers {lost}", flush=True)
 
     def index_args(out):
@@ -138,6 +148,37 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
 
     run(train_args(work / "train-ref"))
     campaign("train", train_args, work / "train", train_compare, 60.0)
+    campaign("train", train_args, work / "train", train_compare, 40.0, kills=1, sig=signal.SIGTERM)
+
+    qa = work / "qa.jsonl"
+    qa.write_text("".join(line for line in data["train"].read_text().splitlines(True)[:6]))
+    agent = ["--set", "agent.max_step_tokens=24", "--set", "sampler.max_batch=8"]
+
+    def generate_args(out):
+        return ["generate", "--dataset", str(qa), "--index", str(work / "index-ref"),
+                "--checkpoint", str(policy), "--out", str(out / "pairs.jsonl"), *agent,
+                "--set", "mcts.max_rollouts=4", "--set", "mcts.spre_rollouts=1",
+                "--set", "mcts.batch_questions=2"]
+
+    def generate_compare(out, _):
+        files = [out / n for n in ("pairs.jsonl", "pairs.jsonl.trees.jsonl",
+                                   "pairs.jsonl.outcome.jsonl")]
+        return [f.read_text() for f in files] if files[1].exists() else None
+
+    run(generate_args(work / "generate-ref"))
+    campaign("generate", generate_args, work / "generate", generate_compare, 50.0)
+
+    def eval_args(out):
+        return ["eval", "--dataset", str(qa), "--index", str(work / "index-ref"),
+                "--checkpoint", str(policy), "--out", str(out), *agent,
+                "--set", "agent.batch_size=2"]
+
+    def eval_compare(out, _):
+        files = [out / "summary.json", out / "traces.jsonl"]
+        return [f.read_text() for f in files] if files[0].exists() else None
+
+    run(eval_args(work / "eval-ref"))
+    campaign("eval", eval_args, work / "eval", eval_compare, 30.0)
     return stats
 
 

@@ -62,11 +62,24 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path, args.overrides)
 
 
+def _persistent_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk: every demo stage and every re-run of a command builds
+    new samplers and train steps of the same shapes, and compiling the unrolled serving decoder
+    costs seconds per shape on a CPU."""
+    import jax
+
+    from reasonrag_jax.io import cache_root
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = _config(args)
     from reasonrag_jax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    _persistent_compilation_cache()
     if args.command in ("train", "generate", "eval"):
         import jax
 

@@ -248,11 +248,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise InputError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
-            raise InputError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())   # one line
+            raise InputError(f"{path}{line}: invalid YAML ({problem})") from None
         if not isinstance(loaded, dict):
             raise InputError(f"{path}: expected a mapping at top level")
         data = _merge(data, loaded)

@@ -8,11 +8,13 @@ output under `out/`, so re-running the command continues where it stopped.
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from reasonrag_jax.config import Config, load_config, to_dict
-from reasonrag_jax.io import append_jsonl, read_jsonl, save_figure
+from reasonrag_jax.io import append_jsonl, read_jsonl, save_figure, write_json_atomic
 
 ROWS = ("Base", "SFT", "ORL", "PRL")
 
@@ -47,8 +49,8 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path) -> tuple[Path, Path]:
-    """Cut the larger pairs file so ORL and PRL train on the same number of pairs."""
+def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path) -> int:
+    """Cut the larger pairs file so ORL and PRL train on the same number of pairs → that number."""
     rows_a = [obj for _, obj in read_jsonl(a, allow_empty=True)]
     rows_b = [obj for _, obj in read_jsonl(b, allow_empty=True)]
     n = min(len(rows_a), len(rows_b))
@@ -58,7 +60,16 @@ def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path) -> tuple[Path, Pat
             tmp.unlink(missing_ok=True)
             append_jsonl(tmp, rows[:n])
             tmp.replace(out)
-    return out_a, out_b
+    return n
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float]):
+    """Time a stage (a resumed stage that finds its output costs ~0) and say so."""
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"[demo] {name}: {timings[name]:.0f} s")
 
 
 def run_demo(cfg: Config, out: Path, quick: bool = False) -> dict[str, Any]:
@@ -77,45 +88,55 @@ def run_demo(cfg: Config, out: Path, quick: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[demo] writing everything under {out}")
 
+    timings: dict[str, float] = {}
     data_dir = out / "data"
-    if not (data_dir / "test.jsonl").exists():
-        write_synthetic(data_dir, seed=cfg.seed, num_entities=demo.entities)
-    test = _subset(data_dir / "test.jsonl", out / "test_subset.jsonl", demo.test_questions)
-    mcts_qs = _subset(data_dir / "train.jsonl", out / "mcts_questions.jsonl", demo.mcts_questions)
+    with _stage("data + index", timings):
+        if not (data_dir / "test.jsonl").exists():
+            write_synthetic(data_dir, seed=cfg.seed, num_entities=demo.entities)
+        test = _subset(data_dir / "test.jsonl", out / "test_subset.jsonl", demo.test_questions)
+        mcts_qs = _subset(data_dir / "train.jsonl", out / "mcts_questions.jsonl",
+                          demo.mcts_questions)
+        index = out / "index"
+        if not (index / "metadata.json").exists():
+            build_index(data_dir / "corpus.jsonl", index, cfg.retrieval)
 
-    index = out / "index"
-    if not (index / "metadata.json").exists():
-        build_index(data_dir / "corpus.jsonl", index, cfg.retrieval)
-
-    evals = {"Base": run_eval(cfg, test, index, None, out / "eval" / "base")}
+    with _stage("eval Base", timings):
+        evals = {"Base": run_eval(cfg, test, index, None, out / "eval" / "base")}
 
     sft_data = out / "sft.jsonl"
-    if not sft_data.exists():
-        retriever = Retriever.load(index, cfg.retrieval)
-        examples = read_qa(data_dir / "train.jsonl")[: demo.sft_questions]
-        records = [r for ex in examples for r in gold_sft_records(ex, retriever, cfg.agent)]
-        tmp = sft_data.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        append_jsonl(tmp, records)
-        tmp.replace(sft_data)
-    sft_cfg = _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
-                            f"train.learning_rate={demo.sft_learning_rate}"])
-    sft_ckpt = run_sft(sft_cfg, sft_data, out / "ckpt" / "sft", None)
-    evals["SFT"] = run_eval(cfg, test, index, str(sft_ckpt), out / "eval" / "sft")
+    with _stage("SFT", timings):
+        if not sft_data.exists():
+            retriever = Retriever.load(index, cfg.retrieval)
+            examples = read_qa(data_dir / "train.jsonl")[: demo.sft_questions]
+            records = [r for ex in examples for r in gold_sft_records(ex, retriever, cfg.agent)]
+            tmp = sft_data.with_suffix(".tmp")
+            tmp.unlink(missing_ok=True)
+            append_jsonl(tmp, records)
+            tmp.replace(sft_data)
+        sft_cfg = _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
+                                f"train.learning_rate={demo.sft_learning_rate}"])
+        sft_ckpt = run_sft(sft_cfg, sft_data, out / "ckpt" / "sft", None)
+    with _stage("eval SFT", timings):
+        evals["SFT"] = run_eval(cfg, test, index, str(sft_ckpt), out / "eval" / "sft")
 
     pairs = out / "pairs.jsonl"
-    run_generate(cfg, mcts_qs, index, pairs, str(sft_ckpt))
-    prl_pairs, orl_pairs = _equal_budget(
-        pairs, pairs.with_name("pairs.outcome.jsonl"),
-        out / "pairs_prl.jsonl", out / "pairs_orl.jsonl")
+    with _stage("MCTS + SPRE pairs", timings):
+        run_generate(cfg, mcts_qs, index, pairs, str(sft_ckpt))
+        prl_pairs, orl_pairs = out / "pairs_prl.jsonl", out / "pairs_orl.jsonl"
+        budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), prl_pairs, orl_pairs)
     dpo_cfg = _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
                             f"train.learning_rate={demo.dpo_learning_rate}"])
-    for row, pairs_file in (("ORL", orl_pairs), ("PRL", prl_pairs)):
-        ckpt = run_train(dpo_cfg, pairs_file, out / "ckpt" / row.lower(), str(sft_ckpt))
-        evals[row] = run_eval(cfg, test, index, str(ckpt), out / "eval" / row.lower())
+    if budget == 0:   # every rollout scored the same: nothing to prefer, say so in the table
+        print("[demo] MCTS found no sibling steps with different values: no ORL/PRL rows")
+    for row, pairs_file in (("ORL", orl_pairs), ("PRL", prl_pairs)) if budget else ():
+        with _stage(f"DPO {row}", timings):
+            ckpt = run_train(dpo_cfg, pairs_file, out / "ckpt" / row.lower(), str(sft_ckpt))
+        with _stage(f"eval {row}", timings):
+            evals[row] = run_eval(cfg, test, index, str(ckpt), out / "eval" / row.lower())
 
-    table = results_table(evals)
+    table = results_table(evals) + f"ORL and PRL each trained on {budget} preference pairs.\n"
     (out / "results.md").write_text(table)
+    write_json_atomic(out / "timings.json", timings)
     plot_results(evals, out / "results.png")
     print(table)
     return evals

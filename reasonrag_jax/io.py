@@ -200,3 +200,9 @@ def file_checksum(path: str | os.PathLike, algo: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def cache_root() -> Path:
+    """Per-user cache of derived files (de-quantised weights, compiled programs);
+    `REASONRAG_JAX_CACHE` moves it."""
+    return Path(os.environ.get("REASONRAG_JAX_CACHE", Path.home() / ".cache" / "reasonrag_jax"))

@@ -101,3 +101,15 @@ def test_buckets_and_batches(tokenizer):
     rows = np.concatenate([batch_rows(s, 5, 2, 0, 2) for s in range(3)])
     assert (rows[1::2] == rows[0::2] + 1).all() and set(rows[:10:2] // 2) == {0, 1, 2, 3, 4}
     np.testing.assert_array_equal(batch_rows(4, 5, 2, 0, 2), batch_rows(4, 5, 2, 0, 2))
+
+
+def test_length_grouped_batches_cover_the_epoch_with_similar_lengths():
+    lengths = np.random.default_rng(0).permutation(64) * 10      # distinct lengths 0..630
+    epoch = [batch_rows(s, 64, 4, 0, 1, lengths, group=4) for s in range(16)]
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(64))   # still a permutation
+    spans = [np.ptp(lengths[b]) for b in epoch]
+    # a batch is 4 length-neighbours among 16 random units: far tighter than random batches
+    rand = [np.ptp(lengths[batch_rows(s, 64, 4, 0, 1)]) for s in range(16)]
+    assert np.mean(spans) < 0.5 * np.mean(rand)
+    np.testing.assert_array_equal(batch_rows(21, 64, 4, 0, 1, lengths, group=4),
+                                  batch_rows(21, 64, 4, 0, 1, lengths, group=4))

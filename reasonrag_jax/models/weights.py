@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from reasonrag_jax.config import EMBEDDED
-from reasonrag_jax.io import InputError, atomic_dir
+from reasonrag_jax.io import InputError, atomic_dir, cache_root
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -242,9 +241,8 @@ def load_gguf(path: Path, **overrides: Any) -> Decoder:
 
 def cache_dir(path: Path, tag: str) -> Path:
     """Where a conversion of `path` is cached (keyed by the file's size and mtime)."""
-    root = Path(os.environ.get("REASONRAG_JAX_CACHE", Path.home() / ".cache" / "reasonrag_jax"))
     stat = path.stat()
-    return root / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{tag}"
+    return cache_root() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{tag}"
 
 
 def gguf_as_hf_dir(path: Path) -> Path:

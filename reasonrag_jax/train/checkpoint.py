@@ -76,9 +76,12 @@ def load_trained_policy(out_dir: str | Path, step: int | None = None, *, dtype: 
     card_file = out_dir / "policy.json"
     if not card_file.is_file():
         raise InputError(f"{out_dir}: not a training directory (no policy.json)")
-    card = json.loads(card_file.read_text())
-    cfg = DecoderConfig.from_hf(card["decoder"], dtype=dtype or card["dtype"],
-                                param_dtype=card["param_dtype"], remat=remat)
+    try:
+        card = json.loads(card_file.read_text())
+        cfg = DecoderConfig.from_hf(card["decoder"], dtype=dtype or card["dtype"],
+                                    param_dtype=card["param_dtype"], remat=remat)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{card_file}: not a valid policy card ({type(e).__name__}: {e})") from None
     mngr = manager(out_dir, keep=1, async_save=False)
     step = mngr.latest_step() if step is None else step
     if step is None:

@@ -1,8 +1,9 @@
 """DPO and SFT objectives: pure functions of log-probs (the trainer supplies them).
 
 Log-probs are summed over completion tokens only (prompt masked) with a float32 log-softmax,
-computed in time chunks so the [B, T, vocab] logits never exist at once. Metric names follow
-TRL, so curves compare directly with TRL/LLaMA-Factory runs.
+computed in time chunks so the [B, T, vocab] logits never exist at once; chunks with no
+completion token in any row (most of an agent step's long prompt) skip the output head entirely.
+Metric names follow TRL, so curves compare directly with TRL/LLaMA-Factory runs.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 
-def sequence_logps(model, tokens: jax.Array, loss_mask: jax.Array, chunk: int = 128) -> jax.Array:
+def sequence_logps(model, tokens: jax.Array, loss_mask: jax.Array, chunk: int = 64) -> jax.Array:
     """Σ_t log p(tokens[t] | tokens[<t]) over positions with loss_mask[t] = 1. → [B]."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -24,10 +25,14 @@ def sequence_logps(model, tokens: jax.Array, loss_mask: jax.Array, chunk: int = 
     mask = jnp.pad(mask, ((0, 0), (0, pad)))
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
-    def chunk_logps(h, y, m):
+    def head_logps(h, y, m):
         logits = model.logits(h)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
         return jnp.sum(lp * m, axis=-1)
+
+    def chunk_logps(h, y, m):
+        return jax.lax.cond(jnp.any(m > 0), head_logps, lambda *_: jnp.zeros(b, jnp.float32),
+                            h, y, m)
 
     split = lambda x: x.reshape(b, -1, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
     per_chunk = jax.lax.map(lambda xs: chunk_logps(*xs),
