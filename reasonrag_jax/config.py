@@ -41,7 +41,6 @@ class SamplerConfig:
 class RetrievalConfig:
     encoder: str = EMBEDDED         # HF BERT-family dir or `embedded` (all-MiniLM-L6-v2)
     backend: str = "auto"           # auto | scann | exact
-    top_k: int = 3
     query_prefix: str = ""          # BGE / E5 instruction prefixes
     passage_prefix: str = ""
     pooling: str = "mean"           # mean | cls

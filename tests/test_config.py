@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.retrieval.top_k == 3  # the paper's setting everywhere
+    assert cfg.agent.num_passages == 3  # the paper's top-3 everywhere
 
 
 def test_overrides_parse_yaml_values():
