@@ -68,3 +68,24 @@ def test_outcome_pairs():
     summary = summarize(pairs)
     assert summary["by_layer"] == {"1": 3, "2": 1}
     assert summary["by_action_type"] == {"Query Generation": 3, "Answer Generation": 1}
+
+
+def test_outcome_pairs_count_spre_rollouts_as_trajectories():
+    #     0
+    #   1(a)  2(b)         rollouts from 1: F1 1.0, 0.5; from 2: 0.0; from 3: 0.0
+    #   |
+    #   3(e)
+    nodes = [node(0, -1, 0, "root", "", 0.5, children=(1, 2)),
+             node(1, 0, 1, "query", "a", 0.6, children=(3,)),
+             node(2, 0, 1, "query", "b", 0.0),
+             node(3, 1, 2, "evidence", "e", 0.0)]
+    for n, f1s in zip(nodes, ([], [1.0, 0.5], [0.0], [0.0])):
+        n["rollout_f1"] = f1s
+    dump = {"question_id": "q2", "question": "?", "golden_answers": ["x"], "nodes": nodes}
+    got = [(p["chosen_content"], p["rejected_content"], p["chosen_reward"], p["rejected_reward"])
+           for p in outcome_pairs(dump, min_gap=0.01)]
+    # 1.0 vs 0.0 from 2 branches at (1, 2); rollouts of 1 vs 3 share a path: not compared.
+    assert got == [("a", "b", 1.0, 0.0)]
+    for n in nodes:
+        n["rollout_f1"] = []
+    assert outcome_pairs(dump) == []

@@ -103,7 +103,9 @@ def test_search_batches_calls_and_keeps_consistent_statistics():
                 continue
             # The node's reward is SPRE of its episode; its statistics are its own backups
             # (once, or once per visit for an answer node) plus its children's.
-            assert n["reward"] == pytest.approx(spre(runner, [episode_of(dump, n["id"])], [0])[0])
+            valuation = spre(runner, [episode_of(dump, n["id"])], [0])
+            assert n["reward"] == pytest.approx(valuation.values[0])
+            assert len(n["rollout_f1"]) == (0 if n["terminal"] else 3)
             own = n["visits"] - sum(k["visits"] for k in kids)
             assert own == 1 or (n["terminal"] and own >= 1)
             assert n["q_value"] * n["visits"] == pytest.approx(

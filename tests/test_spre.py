@@ -36,10 +36,12 @@ def test_spre_is_the_mean_of_f1_times_beta_to_the_steps():
         "a": [finished(3, "Zyper"), finished(5, "Zyper city"), finished(4, "Lyon")],
         "b": [finished(2, "the Zyper"), finished(6, "nowhere"), finished(2, "Zyper")],
     })
-    values = SPRE(k=3, beta=0.9, temperature=0.7)(runner, [partial_a, done, partial_b], [1, 2, 3])
+    values, rollout_f1 = SPRE(k=3, beta=0.9, temperature=0.7)(
+        runner, [partial_a, done, partial_b], [1, 2, 3])
     # a: (F1 1 · 0.9^3 + F1 2/3 · 0.9^5 + 0) / 3 ; done: 1 · 0.9^2 ; b: (0.81 + 0 + 0.81) / 3
     assert values.tolist() == pytest.approx(
         [(0.9 ** 3 + (2 / 3) * 0.9 ** 5) / 3, 0.81, 2 * 0.81 / 3], rel=1e-6)
+    assert rollout_f1 == [[1.0, pytest.approx(2 / 3), 0.0], [], [1.0, 0.0, 1.0]]
     assert runner.calls == [(2, 3, 0.7, [1, 3])]   # ONE batched call for the unfinished nodes
 
 
@@ -48,4 +50,4 @@ def test_outcome_and_defaults():
     assert outcome(finished(1, "zyper!"), 0.5) == pytest.approx(0.5)
     spre = SPRE()
     assert (spre.k, spre.beta, spre.rollouts_per_node) == (4, 0.9, 4)
-    assert SPRE(k=2)(ScriptedRunner({}), [], []).shape == (0,)
+    assert SPRE(k=2)(ScriptedRunner({}), [], []).values.shape == (0,)

@@ -6,16 +6,19 @@ only how a step is judged:
 
 - Process pairs (PRL): siblings whose MCTS values (mean SPRE estimate backed up through the node)
   differ by at least `min_gap` and whose tagged contents differ; the higher value is chosen.
-- Outcome pairs (ORL): complete trajectories (root → answer node) of the same question compared
-  by final-answer F1 only — no length discount, no credit for intermediate steps. Two
-  trajectories share every step up to their branch point, so what the comparison can teach is
-  the first step where they differ: chosen/rejected are those two sibling steps, the rewards are
-  the two trajectories' F1. Pairing whole trajectories instead would give multi-prompt
-  sequences the step-level trainer cannot use. Many trajectory pairs meet at the same sibling
-  pair; we keep one per sibling pair (the comparison with the largest F1 gap, first found on
-  ties), so both files are per-branch-point and of comparable size. Outcome comparisons may
-  still point "the wrong way" for a step (a good query followed by a bad answer) — that credit
-  noise is exactly what process supervision removes, so it is kept.
+- Outcome pairs (ORL): complete trajectories of the same question compared by final-answer F1
+  only — no length discount, no credit for intermediate steps. The trajectories are the tree's
+  answer nodes and the SPRE rollouts (each a sampled finish of the episode at the node it started
+  from; their F1s are in the dump's `rollout_f1`), so ORL sees every episode the search sampled,
+  as an outcome-reward method would. Two trajectories share every step up to their branch point,
+  so what the comparison can teach is the first step where they differ: chosen/rejected are
+  those two sibling steps, the rewards are the two trajectories' F1 (trajectories on one
+  root-to-node path have no branch point and are not compared). Pairing whole trajectories
+  instead would give multi-prompt sequences the step-level trainer cannot use. Many trajectory
+  pairs meet at the same sibling pair; we keep one per sibling pair (the comparison with the
+  largest F1 gap, first found on ties), so both files are per-branch-point and of comparable
+  size. Outcome comparisons may still point "the wrong way" for a step (a good query followed by
+  a bad answer) — that credit noise is exactly what process supervision removes, so it is kept.
 """
 from __future__ import annotations
 
@@ -70,28 +73,34 @@ def _path(nodes: list[dict[str, Any]], i: int) -> list[int]:
 
 
 def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
-    """One pair per sibling pair where two complete trajectories branch and their final-answer
-    F1 differ by ≥ `min_gap` (see the module docstring), ordered by branch point."""
+    """One pair per sibling pair where two complete trajectories (answer nodes and rollouts)
+    branch and their final-answer F1 differ by ≥ `min_gap` (see the module docstring), ordered
+    by branch point."""
     nodes, golds = dump["nodes"], dump["golden_answers"]
-    ends = [n["id"] for n in nodes if n["terminal"]]
-    f1 = {t: f1_score(nodes[t]["prediction"] or "", golds) for t in ends}
-    best: dict[tuple[int, int], tuple[float, int, int, int, int]] = {}  # gap, good, end, bad, end
-    for t1, t2 in combinations(ends, 2):
-        gap = abs(f1[t1] - f1[t2])
+    ends = []   # (node the trajectory passes last in the tree, its answer F1), in node order
+    for n in nodes:
+        if n["terminal"]:
+            ends.append((n["id"], f1_score(n["prediction"] or "", golds)))
+        ends += [(n["id"], f) for f in n.get("rollout_f1", [])]
+    best: dict[tuple[int, int], tuple[float, int, float, int, float]] = {}  # gap, good, f1, bad, f1
+    for (t1, f1), (t2, f2) in combinations(ends, 2):
+        gap = abs(f1 - f2)
         if gap < min_gap:
             continue
         p1, p2 = _path(nodes, t1), _path(nodes, t2)
-        d = next(i for i, (x, y) in enumerate(zip(p1, p2)) if x != y)
+        d = next((i for i, (x, y) in enumerate(zip(p1, p2)) if x != y), None)
+        if d is None:
+            continue
         a, b = p1[d], p2[d]
         if nodes[a]["content"] == nodes[b]["content"]:
             continue
         key = (min(a, b), max(a, b))
         if key not in best or gap > best[key][0]:
-            best[key] = (gap, *((a, t1, b, t2) if f1[t1] > f1[t2] else (b, t2, a, t1)))
+            best[key] = (gap, *((a, f1, b, f2) if f1 > f2 else (b, f2, a, f1)))
     out = []
     for key in sorted(best, key=lambda k: (nodes[k[0]]["parent"], k)):
-        _, good, good_end, bad, bad_end = best[key]
-        out.append(_pair(dump, good, bad, f1[good_end], f1[bad_end]))
+        _, good, good_f1, bad, bad_f1 = best[key]
+        out.append(_pair(dump, good, bad, good_f1, bad_f1))
     return out
 
 

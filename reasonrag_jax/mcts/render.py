@@ -17,8 +17,11 @@ _FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal
            "children")
 
 
-def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any], **extra: Any) -> dict[str, Any]:
-    """Tree `i` of the batch as JSON: one record per node with its statistics and its step."""
+def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any],
+              rollout_f1: dict[int, list[float]] | None = None, **extra: Any) -> dict[str, Any]:
+    """Tree `i` of the batch as JSON: one record per node with its statistics, its step and the
+    answer F1 of each value rollout run from it."""
+    rollout_f1 = rollout_f1 or {}
     arr = {k: np.asarray(getattr(tree, k)[i]) for k in _FIELDS}
     example = episodes[T.ROOT].example
     nodes = []
@@ -37,6 +40,7 @@ def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any], **extra: Any) -> d
             "prompt": step.prompt if step else "", "response": step.response if step else "",
             "content": step.content if step else "", "prediction": ep.prediction,
             "retrieved": [p.id for p in step.retrieved] if step else [],
+            "rollout_f1": [round(float(f), 6) for f in rollout_f1.get(node, [])],
         })
     return {"question_id": example.id, "question": example.question,
             "golden_answers": list(example.golden_answers), **extra, "nodes": nodes}

@@ -55,6 +55,7 @@ def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
     seeds = [question_seed(seed, ex.id) for ex in examples]
     c_uct = jnp.full((b,), cfg.c_uct, jnp.float32)
     rollouts = np.zeros(b, np.int64)
+    rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
     for it in range(cfg.max_rollouts):
         room = np.asarray(tree.num_nodes) < n
         if not room.any():
@@ -65,22 +66,24 @@ def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
         it_seeds = [derive_seed(seeds[i], it) for i in grow]
         new = [kid[0] for kid in runner.expand([table[i][leaf[i]] for i in grow], 1,
                                                cfg.temperature, it_seeds)] if grow else []
-        values = np.asarray(value_fn(runner, new, it_seeds), np.float32) if grow else []
+        valuation = value_fn(runner, new, it_seeds) if grow else None
         value, kind = np.zeros(b, np.float32), np.zeros(b, np.int32)
         terminal, valid = np.zeros(b, bool), np.zeros(b, bool)
-        for i, ep, v in zip(grow, new, values):
-            value[i], kind[i], terminal[i] = v, T.KINDS.index(ep.steps[-1].kind), ep.done
-            valid[i] = True
+        for j, (i, ep) in enumerate(zip(grow, new)):
+            value[i], kind[i] = valuation.values[j], T.KINDS.index(ep.steps[-1].kind)
+            terminal[i], valid[i] = ep.done, True
             rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
         tree, child = T.add_child(tree, jnp.asarray(leaf), jnp.asarray(kind), jnp.asarray(value),
                                   jnp.asarray(terminal), jnp.asarray(valid))
         child = np.asarray(child)
-        for i, ep in zip(grow, new):
+        for j, (i, ep) in enumerate(zip(grow, new)):
             table[i][int(child[i])] = ep
+            rollout_f1[i][int(child[i])] = valuation.rollout_f1[j]
         node = np.where(valid, child, leaf)
         tree = T.backup(tree, jnp.asarray(node), tree.reward[rows, node],
                         jnp.asarray(valid | (room & at_end)))
-    return [dump_tree(tree, i, table[i], rollouts=int(rollouts[i])) for i in range(b)]
+    return [dump_tree(tree, i, table[i], rollout_f1[i], rollouts=int(rollouts[i]))
+            for i in range(b)]
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
