@@ -1,7 +1,9 @@
 """DPO training throughput and peak memory: our jitted step vs TRL `DPOTrainer` on torch CPU.
 
 Same model (SmolLM2-135M-Instruct, float32), same pairs, batch and sequence length, reference
-log-probs precomputed on both sides (not timed), sigmoid loss at β 0.3, AdamW + clipping. Every
+log-probs precomputed on both sides (not timed), sigmoid loss at β 0.3, AdamW + clipping,
+activations recomputed in the backward pass on both sides (our `model.remat`, TRL's default
+gradient checkpointing). Every
 row is exactly `--seq` tokens (prompts are short, completions long and cut at the end, which is
 both our truncation rule and TRL's `keep_start`), so tokens/s counts the same tokens on both
 sides. Each side runs in its own process so its peak RSS is its own.
@@ -47,6 +49,7 @@ def run_jax(args) -> dict:
     import numpy as np
     from flax import nnx
 
+    from reasonrag_jax.cli import DEFAULT_CONFIG
     from reasonrag_jax.config import load_config
     from reasonrag_jax.models.weights import load_policy
     from reasonrag_jax.sharding import global_array, make_mesh
@@ -54,9 +57,12 @@ def run_jax(args) -> dict:
     from reasonrag_jax.train.data import batch_arrays, encode_pairs, read_pairs
 
     total = args.warmup + args.steps
-    cfg = load_config(None, [f"train.batch_size={args.batch}", f"train.max_length={args.seq}",
-                             f"train.length_buckets=[{args.seq}]", f"train.max_steps={total}"])
-    model, tokenizer = load_policy("embedded")
+    # The CLI's config with remat on: TRL's DPOConfig defaults to gradient_checkpointing=True.
+    cfg = load_config(DEFAULT_CONFIG, [
+        f"train.batch_size={args.batch}", f"train.max_length={args.seq}",
+        f"train.length_buckets=[{args.seq}]", f"train.max_steps={total}",
+        "train.learning_rate=1e-6", "model.remat=true"])
+    model, tokenizer = load_policy("embedded", remat=cfg.model.remat)
     pairs = read_pairs(args.pairs_file)
     data = encode_pairs(tokenizer, pairs, args.seq)
     assert (data.lengths == args.seq).all(), "every row must be exactly --seq tokens"

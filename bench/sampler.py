@@ -144,7 +144,7 @@ def main() -> None:
             f"(prefill {res[f'prefill_s_b{b}']:.2f} s), greedy rows equal to hf: "
             f"{sum(same)}/{len(same)}")
 
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(sampler.state))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(sampler.params))
     cfg = model.cfg
     kv_bytes = (2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4
                 * (PROMPT_LEN + NEW_TOKENS // 2))       # valid slots read, averaged over steps
