@@ -1,16 +1,18 @@
 """Fault campaign: kill commands at seeded random moments and feed every reader bad input.
 
 Kills: `reasonrag-jax index`, `train` (SFT on a tiny random policy with the SmolLM2 tokenizer),
-`generate` (MCTS + SPRE pairs) and `eval` run as subprocesses, get SIGKILL after a seeded random
-delay, are re-run to completion, and their outputs are compared with an uninterrupted run: index
-search results, final checkpoint params and per-step losses, the pairs/trees/outcome files, the
-eval summary and traces; leftovers (`*.partial`, `*.tmp`) count as lost. `train` also gets a
+`generate` (MCTS + SPRE pairs) and `eval` run as subprocesses, get SIGKILL at a seeded random
+50–95% of their uninterrupted wall time (past start-up, so the kill lands in the work on any
+machine; `stopped_by_kill` counts the kills that did stop a run), are re-run to completion,
+and their outputs are compared with an uninterrupted run: index search results, final
+checkpoint params and per-step losses, the pairs/trees/outcome files, the eval summary and
+traces; leftovers (`*.partial`, `*.tmp`) count as lost. `train` also gets a
 SIGTERM (preemption): it must exit 130 after saving a checkpoint, and resume to the same result.
 Bad inputs: corpus / QA / pairs / config files with broken lines, run through the CLI; each must
 exit 2 with one line that names the file (and line or key), leaving earlier outputs intact.
 
 Prints progress lines, then one JSON line:
-{"kills", "resumed_identical", "bad_inputs", "clear_errors", "lost_records"}.
+{"kills", "stopped_by_kill", "resumed_identical", "bad_inputs", "clear_errors", "lost_records"}.
 """
 from __future__ import annotations
 
@@ -93,13 +95,23 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
     from reasonrag_jax.data.synthetic import write_synthetic
 
     data = write_synthetic(work / "data", seed=0, num_entities=80)
-    stats = {"kills": 0, "resumed_identical": 0, "lost_records": 0}
+    stats = {"kills": 0, "stopped": 0, "resumed_identical": 0, "lost_records": 0}
 
-    def campaign(name, args, out, compare, max_delay, kills=kills_per_command, sig=signal.SIGKILL):
-        reference = compare(out.with_name(out.name + "-ref"), None)
+    durations: dict[str, float] = {}
+
+    def campaign(name, args, out, compare, kills=kills_per_command, sig=signal.SIGKILL,
+                 window=(0.5, 0.95)):
+        """Kill at a seeded fraction of the uninterrupted run's wall time, so every kill lands
+        while the command is working, whatever the machine's speed."""
+        ref = out.with_name(out.name + "-ref")
+        if name not in durations:
+            start = time.perf_counter()
+            run(args(ref))
+            durations[name] = time.perf_counter() - start
+        reference = compare(ref, None)
         for k in range(kills):
             target = out.with_name(f"{out.name}-{sig.name}-{k}")
-            delay = rng.uniform(2.0, max_delay)
+            delay = rng.uniform(*window) * durations[name]
             first = run(args(target), kill_after=delay, sig=sig)
             killed = first is None or first.returncode != 0
             if sig != signal.SIGKILL and first is not None and first.returncode not in (0, 130):
@@ -110,9 +122,10 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
             same = ok and compare(target, None) == reference
             lost = len(leftovers(target))
             stats["kills"] += 1
+            stats["stopped"] += int(killed)
             stats["resumed_identical"] += int(same)
             stats["lost_records"] += lost + (0 if ok else 1)
-            print(f"{name}: {sig.name} at {delay:.1f}s "
+            print(f"{name}: {sig.name} at {delay:.1f}s of {durations[name]:.1f}s "
                   f"({'stopped' if killed else 'finished first'}) → "
                   f"resumed {'identical' if same else 'DIFFERENT'}, leftovers {lost}", flush=True)
 
@@ -123,13 +136,12 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
     def index_compare(out, _):
         return index_results(out) if (out / "metadata.json").exists() else None
 
-    run(index_args(work / "index-ref"))
-    campaign("index", index_args, work / "index", index_compare, 40.0)
+    campaign("index", index_args, work / "index", index_compare)
 
     policy = tiny_policy(work)
     sft = work / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": "Answer.", "input": f"Q{i}?", "output": f"A{i}"}) + "\n"
-                           for i in range(48)))
+                           for i in range(96)))
 
     def train_args(out):
         return ["train", "--pairs", str(sft), "--init", str(policy), "--out", str(out), "--set",
@@ -146,9 +158,10 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
             losses[r["step"]] = round(r["loss"], 6)
         return (sorted(losses.items()), {k: np.round(v, 6).tobytes() for k, v in params.items()})
 
-    run(train_args(work / "train-ref"))
-    campaign("train", train_args, work / "train", train_compare, 60.0)
-    campaign("train", train_args, work / "train", train_compare, 40.0, kills=1, sig=signal.SIGTERM)
+    campaign("train", train_args, work / "train", train_compare)
+    # Mid-run, so the signal lands inside the training loop rather than in the final save.
+    campaign("train", train_args, work / "train", train_compare, kills=1, sig=signal.SIGTERM,
+             window=(0.4, 0.6))
 
     qa = work / "qa.jsonl"
     qa.write_text("".join(line for line in data["train"].read_text().splitlines(True)[:6]))
@@ -165,8 +178,7 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
                                    "pairs.jsonl.outcome.jsonl")]
         return [f.read_text() for f in files] if files[1].exists() else None
 
-    run(generate_args(work / "generate-ref"))
-    campaign("generate", generate_args, work / "generate", generate_compare, 50.0)
+    campaign("generate", generate_args, work / "generate", generate_compare)
 
     def eval_args(out):
         return ["eval", "--dataset", str(qa), "--index", str(work / "index-ref"),
@@ -177,8 +189,7 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
         files = [out / "summary.json", out / "traces.jsonl"]
         return [f.read_text() for f in files] if files[0].exists() else None
 
-    run(eval_args(work / "eval-ref"))
-    campaign("eval", eval_args, work / "eval", eval_compare, 30.0)
+    campaign("eval", eval_args, work / "eval", eval_compare)
     return stats
 
 
@@ -237,11 +248,13 @@ def main() -> None:
     start = time.time()
     try:
         stats = bad_input_campaign(work)
-        kills = ({"kills": 0, "resumed_identical": 0, "lost_records": 0} if args.skip_kills
+        kills = ({"kills": 0, "stopped": 0, "resumed_identical": 0, "lost_records": 0}
+                 if args.skip_kills
                  else kill_campaign(work, random.Random(args.seed), args.kills))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {"kills": kills["kills"], "resumed_identical": kills["resumed_identical"],
+    result = {"kills": kills["kills"], "stopped_by_kill": kills["stopped"],
+              "resumed_identical": kills["resumed_identical"],
               "bad_inputs": stats["bad_inputs"], "clear_errors": stats["clear_errors"],
               "lost_records": stats["lost_records"] + kills["lost_records"],
               "seconds": round(time.time() - start, 1)}

@@ -133,7 +133,7 @@ def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, e
         np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
         if backend == "scann":
             meta["scann"] = scann_params(len(ids), cfg.scann)
-            save_scann(build_scann(emb, meta["scann"], cfg.top_k), tmp / "scann")
+            save_scann(build_scann(emb, meta["scann"]), tmp / "scann")
         del emb
         (tmp / "metadata.json").write_text(json.dumps(meta))
     shutil.rmtree(work, ignore_errors=True)
