@@ -3,10 +3,9 @@
 Same model (SmolLM2-135M-Instruct, float32), same pairs, batch and sequence length, reference
 log-probs precomputed on both sides (not timed), sigmoid loss at β 0.3, AdamW + clipping,
 activations recomputed in the backward pass on both sides (our `model.remat`, TRL's default
-gradient checkpointing). Every
-row is exactly `--seq` tokens (prompts are short, completions long and cut at the end, which is
-both our truncation rule and TRL's `keep_start`), so tokens/s counts the same tokens on both
-sides. Each side runs in its own process so its peak RSS is its own.
+gradient checkpointing). Every row is exactly `--seq` tokens (prompts are short, completions
+long and cut at the end, which is both our truncation rule and TRL's `keep_start`), so tokens/s
+counts the same tokens on both sides. Each side runs in its own process so its peak RSS is its own.
 
     .venv/bin/python bench/dpo.py [--batch 4 --seq 256 --steps 5 --warmup 1]
 

@@ -91,11 +91,14 @@ def index_results(index: Path) -> list[list[str]]:
     return [[p.id for p in row] for row in r.search(["birthplace", "film director", "founded"], 5)]
 
 
+KILL_STATS = ("kills", "stopped", "resumed_identical", "lost_records")
+
+
 def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dict[str, int]:
     from reasonrag_jax.data.synthetic import write_synthetic
 
     data = write_synthetic(work / "data", seed=0, num_entities=80)
-    stats = {"kills": 0, "stopped": 0, "resumed_identical": 0, "lost_records": 0}
+    stats = dict.fromkeys(KILL_STATS, 0)
 
     durations: dict[str, float] = {}
 
@@ -248,8 +251,7 @@ def main() -> None:
     start = time.time()
     try:
         stats = bad_input_campaign(work)
-        kills = ({"kills": 0, "stopped": 0, "resumed_identical": 0, "lost_records": 0}
-                 if args.skip_kills
+        kills = (dict.fromkeys(KILL_STATS, 0) if args.skip_kills
                  else kill_campaign(work, random.Random(args.seed), args.kills))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -82,12 +82,13 @@ def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str,
         if n["terminal"]:
             ends.append((n["id"], f1_score(n["prediction"] or "", golds)))
         ends += [(n["id"], f) for f in n.get("rollout_f1", [])]
+    paths = {t: _path(nodes, t) for t in {t for t, _ in ends}}   # many trajectories per node
     best: dict[tuple[int, int], tuple[float, int, float, int, float]] = {}  # gap, good, f1, bad, f1
     for (t1, f1), (t2, f2) in combinations(ends, 2):
         gap = abs(f1 - f2)
         if gap < min_gap:
             continue
-        p1, p2 = _path(nodes, t1), _path(nodes, t2)
+        p1, p2 = paths[t1], paths[t2]
         d = next((i for i, (x, y) in enumerate(zip(p1, p2)) if x != y), None)
         if d is None:
             continue
