@@ -6,7 +6,9 @@ thread pools. EOS is ignored on both sides so every row decodes exactly 128 toke
 
 The decode floor is measured in the same run: the policy's weight bytes over the machine's copy
 bandwidth (STREAM convention: bytes read + bytes written per second). A decode step must read
-every weight once; at batch 16 it also reads the KV cache (reported alongside).
+every weight once; at batch 16 it also reads the KV cache (reported alongside). Also reported:
+the step's weight matmuls alone (`decode_matmuls_ms_b16`), the rate XLA:CPU's dots actually
+stream the weights at — the floor this engine can reach, against the copy-bandwidth one.
 
 Prints progress lines, then one JSON line:
 `{"jax_tok_s_b1", "hf_tok_s_b1", "ratio_b1", "jax_tok_s_b16", "hf_tok_s_b16", "ratio_b16",
@@ -64,6 +66,29 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
     return 2 * nbytes / best_of(repeats, np.copyto, dst, src)[0]
+
+
+def matmul_step_ms(params: dict, cfg, rows: int = 16, repeats: int = 7) -> float:
+    """One decode step's weight matmuls alone, chained through every layer and the output head
+    at `rows` rows: what XLA:CPU's dot reaches streaming the weights, the part of a step that no
+    change to attention, sampling or the loop can remove."""
+    import jax
+    import jax.numpy as jnp
+
+    from reasonrag_jax.models.decoder import logits
+
+    @jax.jit
+    def matmuls(params, x):
+        for p in params["layers"]:
+            heads = x @ p["wq"].reshape(x.shape[-1], -1)
+            kv = x @ p["wk"].reshape(x.shape[-1], -1) + x @ p["wv"].reshape(x.shape[-1], -1)
+            x = x + heads @ p["wo"].reshape(-1, x.shape[-1]) + jnp.mean(kv)
+            x = x + (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+        return logits(cfg, params, x[:, None])
+
+    x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
+    jax.block_until_ready(matmuls(params, x))
+    return 1e3 * best_of(repeats, lambda: jax.block_until_ready(matmuls(params, x)))[0]
 
 
 def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
@@ -150,6 +175,7 @@ def main() -> None:
                 * (PROMPT_LEN + NEW_TOKENS // 2))       # valid slots read, averaged over steps
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * weight_bytes / bandwidth
+    matmul_ms = matmul_step_ms(sampler.params, cfg)
 
     def step_ms(r):
         return 1e3 * (r["total_s_b16"] - r["prefill_s_b16"]) / (NEW_TOKENS - 1) if r else None
@@ -159,7 +185,9 @@ def main() -> None:
 
     log(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; weights {weight_bytes / 1e6:.0f} MB -> "
         f"floor {floor_ms:.1f} ms; + mean KV read {kv_bytes / 1e6:.0f} MB -> "
-        f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.1f} ms; jax step {step_ms(res):.1f} ms")
+        f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.1f} ms; weight matmuls alone "
+        f"{matmul_ms:.1f} ms ({weight_bytes / matmul_ms / 1e6:.1f} GB/s); "
+        f"jax step {step_ms(res):.1f} ms")
     result = {
         "jax_tok_s_b1": per_s(NEW_TOKENS, res, "total_s_b1"),
         "hf_tok_s_b1": per_s(NEW_TOKENS, hf, "total_s_b1"),
@@ -172,6 +200,7 @@ def main() -> None:
         "greedy_match": bool(match) if hf else None,
         "hf_decode_step_ms_b16": step_ms(hf),
         "decode_floor_with_kv_ms_b16": 1e3 * (weight_bytes + kv_bytes) / bandwidth,
+        "decode_matmuls_ms_b16": matmul_ms,
         "jax_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, res, "prefill_s_b16"),
         "hf_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, hf, "prefill_s_b16"),
         "copy_gb_s": bandwidth / 1e9,
