@@ -9,6 +9,12 @@ tokenisation of the stop string in context. `n` samples of a prompt share its pr
 are gathered). The sampler keeps the weights in the decoder's serving layout (per-layer arrays,
 see `decoder.forward`), so a decode step reads each weight and cache buffer once, in place.
 
+On a mesh (several devices, or several processes of a pod) the weights are sharded by their
+logical axis names exactly as in training, the KV cache by rows over the batch axes and by KV
+heads over the tensor axis, and rows are padded to a multiple of the batch shards. What the host
+reads back (tokens, log-probs, done flags) is replicated, so every process of a pod takes the
+same decisions and runs the same loop: all of them call `generate` with the same prompts.
+
 Randomness: row i, sample j, token t draws with key(seed_i, j) folded with t, so a row's output
 never depends on what else is in the batch. Reported log-probs are of the chosen token under the
 model's unmodified distribution (temperature 1, no top-k/top-p), as DPO and scoring use it.
@@ -16,6 +22,7 @@ model's unmodified distribution (temperature 1, no top-k/top-p), as DPO and scor
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reasonrag_jax.config import SamplerConfig
+from reasonrag_jax.config import MeshConfig, SamplerConfig
 from reasonrag_jax.models.decoder import Decoder, KVCache, forward, logits, unstack_layers
+from reasonrag_jax.sharding import (batch_spec, batch_ways, fitted_spec, global_array, make_mesh,
+                                    state_shardings)
 
 
 @dataclass(frozen=True)
@@ -57,18 +67,25 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return -(-n // top) * top
 
 
-def row_keys(seeds: Sequence[int], samples: Sequence[int]) -> jax.Array:
+def seed_words(seeds: Sequence[int], samples: Sequence[int]) -> np.ndarray:
+    """[3, rows] uint32: each seed's high and low 32 bits and the sample index — what a row's
+    PRNG key is made of (`row_keys`), as host integers that shard with the rows."""
+    seeds = np.asarray([int(s) % 2**64 for s in seeds], np.uint64)
+    return np.stack([(seeds >> np.uint64(32)).astype(np.uint32),
+                     (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+                     np.asarray(samples, np.uint32).reshape(seeds.shape)])
+
+
+def row_keys(words: jax.Array | np.ndarray) -> jax.Array:
     """One PRNG key per row from (seed, sample index) only — batch composition never matters.
 
     Seeds are any non-negative integers below 2**64 (the agent derives 63-bit seeds); both
     32-bit halves are folded in, so distinct seeds give distinct streams.
     """
-    seeds = np.asarray([int(s) % 2**64 for s in seeds], np.uint64)
-    hi = jnp.asarray((seeds >> np.uint64(32)).astype(np.uint32))
-    lo = jnp.asarray((seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    hi, lo, sample = jnp.asarray(words, jnp.uint32)
     fold = jax.vmap(jax.random.fold_in)
     base = jnp.broadcast_to(jax.random.key(0), hi.shape)
-    return fold(fold(fold(base, hi), lo), jnp.asarray(samples, jnp.uint32))
+    return fold(fold(fold(base, hi), lo), sample)
 
 
 def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
@@ -101,24 +118,65 @@ class Sampler:
     """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
 
     def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
-                 chunk: int = 16):
+                 chunk: int = 16, mesh: Mesh | None = None,
+                 rules: Sequence[tuple[str, Any]] | None = None):
         self.config = config or SamplerConfig()
         self.tokenizer = tokenizer
         self.graphdef = nnx.graphdef(model)
-        self.params = unstack_layers(model.params())
         self.model_cfg = model.cfg
+        self.mesh = mesh or make_mesh(MeshConfig(shape={"data": 1}), jax.devices()[:1])
+        self.rules = MeshConfig().rules if rules is None else rules
+        self.row_multiple = batch_ways(self.mesh, self.rules)   # rows are padded to a multiple
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.rows = NamedSharding(self.mesh, batch_spec(self.rules, 1))
+        self.row_table = NamedSharding(self.mesh, batch_spec(self.rules, 2))
+        self.cache_sharding = self._cache_sharding()
+        self.params = self._place_params(model)
         self.chunk = chunk
         self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,))
-        self._score = jax.jit(self._score_fn, static_argnums=(0,))
+        rows, table, cache, replicated = (self.rows, self.row_table, self.cache_sharding,
+                                          self.replicated)
+        self._new_cache = jax.jit(functools.partial(KVCache.init, self.model_cfg),
+                                  static_argnums=(0, 1), out_shardings=cache)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,),
+                                out_shardings=(table, cache))
+        self._fan_out = jax.jit(lambda cache, last, parent: (cache.take(parent), last[parent]),
+                                out_shardings=(cache, table))
+        self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
+                               out_shardings=(cache, table, rows) + (replicated,) * 4)
+        self._score = jax.jit(self._score_fn, static_argnums=(0,), out_shardings=replicated)
+
+    def _cache_sharding(self) -> KVCache:
+        """Rows over the batch axes, KV heads over the tensor axis where they divide it; the
+        slot axis (None) is never sharded, as a decode step writes one slot of every row."""
+        cfg = self.model_cfg
+        names = (("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim"))
+        shape = (self.row_multiple, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
+                for n in names)
+        return KVCache(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
+
+    def _place_rows(self, x: np.ndarray) -> jax.Array:
+        """A host array whose leading axis is rows, split over the batch shards."""
+        return global_array(x, NamedSharding(self.mesh, batch_spec(self.rules, np.ndim(x))))
+
+    def _place_params(self, model: Decoder) -> dict[str, Any]:
+        """The model's weights in the serving layout, each layer's arrays sharded like the
+        stacked training parameter they come from (its spec minus the `layers` axis)."""
+        stacked = state_shardings(nnx.state(model, nnx.Param), self.mesh, self.rules)
+        per_layer = {n: NamedSharding(self.mesh, PartitionSpec(*stacked[n].spec[1:]))
+                     for n in model.params()["layers"]}
+        params = unstack_layers(model.params())
+        shardings = {**{n: stacked[n] for n in params if n != "layers"},
+                     "layers": tuple(per_layer for _ in params["layers"])}
+        return jax.tree.map(global_array, params, shardings)
 
     def update_params(self, state: nnx.State) -> None:
         """Swap in new weights of the same shapes (no recompilation)."""
-        self.params = unstack_layers(nnx.merge(self.graphdef, state).params())
+        self.params = self._place_params(nnx.merge(self.graphdef, state))
 
     # ------------------------------------------------------------------ device programs
     def _prefill_fn(self, params, tokens, lengths, cache):
@@ -129,10 +187,11 @@ class Sampler:
         last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
         return logits(self.model_cfg, params, last)[:, 0], cache
 
-    def _decode_fn(self, chunk, params, cache, last_logits, pos, keys, done, n_done, knobs):
+    def _decode_fn(self, chunk, params, cache, last_logits, pos, words, done, n_done, knobs):
         """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
         self.compilations += 1
         temperature, top_p, top_k, budget, eos = knobs
+        keys = row_keys(words)
         b = last_logits.shape[0]
         tokens = jnp.full((b, chunk), self.pad_id, jnp.int32)
         logps = jnp.zeros((b, chunk), jnp.float32)
@@ -198,7 +257,7 @@ class Sampler:
                       n: int) -> list[list[Completion]]:
         cfg = self.config
         p = len(prompts)
-        pb = _bucket(p, cfg.batch_buckets)
+        pb = self._rows_bucket(p)
         t = _bucket(max(len(x) for x in prompts), cfg.prompt_buckets)
         # Attention reads every cache slot each step, so the cache is only as long as this call
         # needs (rounded to limit recompiles): at batch 16 it is as many bytes as the weights.
@@ -208,36 +267,38 @@ class Sampler:
         for i, ids in enumerate(prompts):
             tokens[i, :len(ids)] = ids
             lengths[i] = len(ids)
-        logits, cache = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                      KVCache.init(self.model_cfg, pb, size))
+        place, replicate = self._place_rows, self._replicate
+        logits, cache = self._prefill(self.params, place(tokens), place(lengths),
+                                      self._new_cache(pb, size))
 
         # n samples per prompt: the prefilled cache rows are gathered, not recomputed.
         rows = p * n
-        rb = _bucket(rows, cfg.batch_buckets)
+        rb = self._rows_bucket(rows)
         parent = np.zeros(rb, np.int32)
         parent[:rows] = np.repeat(np.arange(p), n)
         if n > 1 or rb != pb:
-            cache = cache.take(jnp.asarray(parent))
-            logits = logits[jnp.asarray(parent)]
+            cache, logits = self._fan_out(cache, logits, replicate(parent))
         row_seed = np.zeros(rb, np.uint64)
         row_seed[:rows] = np.repeat(np.asarray([int(s) % 2**64 for s in seeds], np.uint64), n)
         sample = np.zeros(rb, np.int32)
         sample[:rows] = np.tile(np.arange(n), p)
-        keys = row_keys(row_seed, sample)
-        pos = jnp.asarray(lengths[parent])
-        done = jnp.asarray(np.arange(rb) >= rows)
-        n_done = jnp.zeros(rb, jnp.int32)
+        words = global_array(seed_words(row_seed, sample),
+                             NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
+        pos = place(lengths[parent])
+        done = replicate(np.arange(rb) >= rows)
+        n_done = replicate(np.zeros(rb, np.int32))
         eos = sorted(self.eos_ids) if not params.ignore_eos else []
-        eos = jnp.asarray((eos + [-1] * self.max_eos)[:self.max_eos], jnp.int32)
-        knobs = (jnp.float32(params.temperature), jnp.float32(params.top_p),
-                 jnp.int32(params.top_k), jnp.int32(params.max_new_tokens), eos)
+        eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
+        knobs = tuple(replicate(x) for x in (
+            np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
+            np.int32(params.max_new_tokens), eos))
 
         new_tokens: list[list[int]] = [[] for _ in range(rows)]
         new_logps: list[list[float]] = [[] for _ in range(rows)]
         results: list[Completion | None] = [None] * rows
         while True:
             cache, logits, pos, done, n_done, tok, lp = self._decode(
-                self.chunk, self.params, cache, logits, pos, keys, done, n_done, knobs)
+                self.chunk, self.params, cache, logits, pos, words, done, n_done, knobs)
             tok, lp, done_host = np.asarray(tok), np.asarray(lp), np.array(done)
             n_host = np.asarray(n_done)
             for r in range(rows):
@@ -252,8 +313,15 @@ class Sampler:
                     done_host[r] = True
             if all(x is not None for x in results):
                 break
-            done = jnp.asarray(done_host)
+            done = replicate(done_host)
         return [results[i * n:(i + 1) * n] for i in range(p)]
+
+    def _rows_bucket(self, rows: int) -> int:
+        """Rows of a device call: the batch bucket, padded to a multiple of the batch shards."""
+        return -(-_bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
+
+    def _replicate(self, x: Any) -> jax.Array:
+        return global_array(x, self.replicated)
 
     def _finish(self, tokens: list[int], logps: list[float], params: SamplingParams,
                 device_done: bool) -> Completion | None:
@@ -285,7 +353,7 @@ class Sampler:
         for start in range(0, len(flat), self.config.max_batch):
             part = flat[start:start + self.config.max_batch]
             t = _bucket(max(len(p) + len(c) for p, c in part), self.config.prompt_buckets)
-            b = _bucket(len(part), self.config.batch_buckets)
+            b = self._rows_bucket(len(part))
             tokens = np.full((b, t), self.pad_id, np.int32)
             starts = np.zeros(b, np.int32)
             targets = np.zeros((b, width), np.int32)
@@ -295,7 +363,8 @@ class Sampler:
                 starts[r] = len(p) - 1
                 targets[r, :len(c)] = c
                 mask[r, :len(c)] = 1.0
-            sums = self._score(width, self.params, *map(jnp.asarray, (tokens, starts, targets, mask)))
+            sums = self._score(width, self.params,
+                               *map(self._place_rows, (tokens, starts, targets, mask)))
             out[start:start + len(part)] = np.asarray(sums)[:len(part)]
         scores = np.full((len(prompts), max(map(len, continuations))), -np.inf, np.float32)
         scores[tuple(np.array(where).T)] = out

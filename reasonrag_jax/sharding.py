@@ -98,6 +98,18 @@ def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, Any]
     return PartitionSpec(*out)
 
 
+def fitted_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
+    """Logical names → PartitionSpec for an array of `shape`; a dimension that its mesh axes do
+    not divide is replicated instead."""
+    spec = []
+    for size, axes in zip(shape, logical_to_spec(names, rules)):
+        axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = math.prod(mesh.shape[a] for a in axes_t)
+        spec.append(axes if size % ways == 0 else None)
+    return PartitionSpec(*spec)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> dict:
     """Pure dict of NamedShardings mirroring `state.to_pure_dict()`, from each variable's
     logical axis names (flax stores `sharding_names` as `out_sharding`); replicated if none.
@@ -111,12 +123,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any
         names = meta.get("out_sharding") or meta.get("sharding_names")
         if not names:
             return NamedSharding(mesh, PartitionSpec())
-        spec = []
-        for size, axes in zip(var.shape, logical_to_spec(names, rules)):
-            axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            ways = math.prod(mesh.shape[a] for a in axes_t)
-            spec.append(axes if size % ways == 0 else None)
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        return NamedSharding(mesh, fitted_spec(names, var.shape, mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 

@@ -1,7 +1,13 @@
 """Sampler: greedy = an uncached argmax loop, sampling = an uncached loop with the same keys,
 per-row seeds, n samples sharing one prefill, exact stop strings, EOS, scoring, no recompiles
-inside a bucket, and SmolLM2 greedy = transformers `generate`."""
+inside a bucket, a sharded mesh = one device, and SmolLM2 greedy = transformers `generate`."""
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import TINY
 from reasonrag_jax.config import SamplerConfig
-from reasonrag_jax.models.decoder import Decoder
-from reasonrag_jax.sampling import Sampler, SamplingParams, row_keys
+from reasonrag_jax.models.decoder import Decoder, DecoderConfig
+from reasonrag_jax.sampling import Sampler, SamplingParams, row_keys, seed_words
 
 
 class CharTokenizer:
@@ -98,7 +105,7 @@ def test_samples_equal_an_uncached_loop_with_the_same_keys(model, sampler):
     temp, seed, n = 0.9, 7, 3
     (samples,) = sampler.generate([PROMPTS[0]], SamplingParams(max_new_tokens=12,
                                                                temperature=temp), [seed], n=n)
-    keys = row_keys([seed] * n, range(n))
+    keys = row_keys(seed_words([seed] * n, range(n)))
     assert len({tuple(c.token_ids) for c in samples}) == n     # different streams per sample
     for j, c in enumerate(samples):
         def pick(logits, t, key=keys[j]):
@@ -207,6 +214,57 @@ def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_
     fresh = Sampler(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)), CharTokenizer(), CONFIG, chunk=8)
     assert [c[0].token_ids for c in after] == [
         c[0].token_ids for c in fresh.generate(PROMPTS[:3], params, [0, 1, 2])]
+
+
+def sampler_outputs(mesh=None) -> dict:
+    """Greedy and n-sampled completions, scores and shardings of a tiny Qwen2 (q/k/v bias,
+    untied head) on `mesh`: what the sharded and multi-process tests compare with one device."""
+    cfg = DecoderConfig(**TINY, rope_theta=1e4, tie_word_embeddings=False, qkv_bias=True,
+                        model_type="qwen2")
+    s = Sampler(Decoder(cfg, rngs=nnx.Rngs(5)), CharTokenizer(), CONFIG, chunk=8, mesh=mesh)
+    greedy = s.generate(PROMPTS, SamplingParams(max_new_tokens=20), [0, 1, 2])
+    sampled = s.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95),
+                         [4, 5, 6], n=3)
+    rows = [c for group in greedy + sampled for c in group]
+    return {"tokens": [c.token_ids for c in rows], "logprobs": [c.logprobs for c in rows],
+            "score": s.score(PROMPTS, [["ab", "xyz"]] * 3).tolist(),
+            "specs": {"wq": list(s.params["layers"][0]["wq"].sharding.spec),
+                      "lm_head": list(s.params["lm_head"].sharding.spec),
+                      "k": list(s.cache_sharding.k[0].spec), "v": list(s.cache_sharding.v[0].spec)}}
+
+
+def assert_same_outputs(got: dict, want: dict) -> None:
+    assert got["tokens"] == want["tokens"]
+    for a, b in zip(got["logprobs"], want["logprobs"]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(got["score"], want["score"], atol=1e-4)
+
+
+SHARDED = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from test_sampling import sampler_outputs
+    from reasonrag_jax.config import MeshConfig
+    from reasonrag_jax.sharding import make_mesh
+    mesh = make_mesh(MeshConfig(shape={"data": 2, "fsdp": 2, "tensor": 2}))
+    print("RESULT" + json.dumps(sampler_outputs(mesh)))
+""")
+
+
+def test_sharded_sampler_equals_one_device():
+    """On a 2×2×2 mesh of 8 CPU devices: weights sharded by their logical names, the cache by
+    rows and KV heads, rows padded to the 4 batch shards — and the same tokens as one device."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.split("RESULT", 1)[1])
+    # the 97-token vocabulary does not split 2 ways: that axis of the head stays replicated
+    assert sharded["specs"] == {"wq": ["fsdp", "tensor", None], "lm_head": ["fsdp", None],
+                                "k": [["data", "fsdp"], "tensor", None, None],
+                                "v": [["data", "fsdp"], "tensor", None, None]}
+    assert_same_outputs(sharded, sampler_outputs())
 
 
 @pytest.mark.slow
