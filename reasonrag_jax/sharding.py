@@ -6,9 +6,12 @@ Parameters carry logical axis names (`sharding_names` metadata: "vocab", "embed"
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import math
 import os
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.config import MeshConfig
-from reasonrag_jax.io import InputError
+from reasonrag_jax.io import InputError, done_keys
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -147,3 +150,40 @@ def global_array(x: Any, sharding: NamedSharding) -> jax.Array:
     Works alike for one process and for many, where `device_put` alone cannot."""
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+# ---------------------------------------------------------------- outputs of a multi-process job
+# Every process of a pod runs the same eval / generate loop (the sampler's calls are collective);
+# process 0 writes the outputs, which live on storage every process reads (as Orbax checkpoints
+# do), so all of them resume from the same state.
+
+def lead_process() -> bool:
+    """Whether this process writes the shared outputs (process 0; the only one when alone)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Barrier across the processes (a no-op for one): the lead's writes are done after it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def resume_keys(path: str | os.PathLike, key: str) -> set[Any]:
+    """`done_keys` of a shared output: the lead repairs a torn tail first, then every process
+    reads the same keys — or the run stops, as processes resuming from different states would
+    make different sampler calls and wait on each other forever."""
+    keys = done_keys(path, key) if lead_process() else set()
+    sync_processes(f"resume {path}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        keys = keys if lead_process() else done_keys(path, key)
+        digest = hashlib.sha256(json.dumps(sorted(map(str, keys))).encode()).digest()
+        try:
+            multihost_utils.assert_equal(np.frombuffer(digest, np.uint32), "")
+        except AssertionError:
+            raise InputError(f"{Path(path)}: the processes see different finished records; "
+                             "--out must be on storage that every process shares") from None
+    return keys

@@ -98,7 +98,7 @@ def test_run_eval_wiring_and_settings_guard(tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(weights, "load_policy", lambda spec, **kw: loaded.append(spec) or
                         (None, None))
-    monkeypatch.setattr(sampling, "Sampler", lambda model, tok, cfg: ScriptedPolicy(SCRIPT))
+    monkeypatch.setattr(sampling, "Sampler", lambda model, tok, cfg, **mesh: ScriptedPolicy(SCRIPT))
     monkeypatch.setattr(index.Retriever, "load",
                         classmethod(lambda cls, d, cfg: FakeRetriever({**DOCS, **ITEM_DOCS})))
     dataset = tmp_path / "qa.jsonl"

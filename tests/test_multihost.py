@@ -1,6 +1,7 @@
 """Two local processes joined by jax.distributed (gloo on 127.0.0.1) train data-parallel and write
-one checkpoint that a single process restores, with the single-process run's numbers; and sample
-on one mesh across both processes, each getting the single-process completions."""
+one checkpoint that a single process restores, with the single-process run's numbers; sample on
+one mesh across both processes, each getting the single-process completions; and run `eval` and
+`generate` together, writing the files one process writes."""
 import json
 import os
 import socket
@@ -46,6 +47,58 @@ SAMPLER_WORKER = textwrap.dedent("""
     assert jax.process_count() == 2 and jax.device_count() == 2
     print("RESULT" + json.dumps(sampler_outputs(make_mesh(MeshConfig(shape={"data": -1})))))
 """)
+
+
+PIPELINE_WORKER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from reasonrag_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.eval.evaluate import run_eval
+    from reasonrag_jax.mcts.search import run_generate
+    dataset, index, policy, out = sys.argv[1:5]
+    cfg = load_config(None, sys.argv[5:])
+    run_eval(cfg, Path(dataset), Path(index), policy, Path(out) / "eval")
+    run_generate(cfg, Path(dataset), Path(index), Path(out) / "pairs.jsonl", policy)
+    print("WORKER_DONE")
+""")
+
+
+UNSHARED_WORKER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    from reasonrag_jax.sharding import maybe_initialize_distributed, resume_keys
+    maybe_initialize_distributed()
+    import jax
+    from reasonrag_jax.io import InputError
+    disk = Path(sys.argv[1]) / f"disk{jax.process_index()}"   # same path, a disk each
+    disk.mkdir()
+    os.chdir(disk)
+    out = Path("traces.jsonl")
+    out.write_text("".join(json.dumps({"id": f"q{i}"}) + "\\n"
+                           for i in range(jax.process_index() + 1)))
+    try:
+        resume_keys(out, "id")
+    except InputError as e:
+        print("REFUSED", e)
+""")
+
+
+def assert_close(got, want, where: str) -> None:
+    """Equal JSON values, floats to 1e-6 relative."""
+    if isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6), where
+    elif isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for k in want:
+            assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_close(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, where
 
 
 def run_two(script: str, *args: str) -> list[str]:
@@ -109,3 +162,46 @@ def test_two_processes_sample_on_one_mesh():
         got = json.loads(log.split("RESULT", 1)[1].splitlines()[0])
         assert got["specs"]["k"] == [["data", "fsdp"], "tensor", None, None]
         assert_same_outputs(got, want)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_run_eval_and_generate_like_one(tmp_path, tiny_policy):  # noqa: F811
+    """Sampling at temperature > 0, rows over both processes: the files hold what a single
+    process writes (log-prob sums to float rounding: the two meshes reduce in another order)."""
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.data.qa import read_qa, write_qa
+    from reasonrag_jax.data.synthetic import write_synthetic
+    from reasonrag_jax.eval.evaluate import run_eval
+    from reasonrag_jax.mcts.search import run_generate
+    from reasonrag_jax.retrieval.index import build_index
+
+    overrides = ["agent.max_iter=2", "agent.max_step_tokens=6", "agent.batch_size=4",
+                 "agent.temperature=0.8", "mcts.max_rollouts=3", "mcts.spre_rollouts=2",
+                 "mcts.batch_questions=2"]
+    cfg = load_config(None, overrides)
+    data = write_synthetic(tmp_path / "data", seed=0, num_entities=20)
+    index = build_index(data["corpus"], tmp_path / "index", cfg.retrieval)
+    dataset = tmp_path / "qa.jsonl"
+    write_qa(dataset, read_qa(data["test"])[:3])
+    logs = run_two(PIPELINE_WORKER, str(dataset), str(index), str(tiny_policy),
+                   str(tmp_path / "multi"), *overrides)
+    assert all("WORKER_DONE" in log for log in logs)
+    run_eval(cfg, dataset, index, str(tiny_policy), tmp_path / "one" / "eval")
+    run_generate(cfg, dataset, index, tmp_path / "one" / "pairs.jsonl", str(tiny_policy))
+    for name in ("eval/traces.jsonl", "eval/summary.json", "pairs.trees.jsonl", "pairs.jsonl",
+                 "pairs.outcome.jsonl", "pairs.summary.json"):
+        got, want = ((tmp_path / run / name).read_text() for run in ("multi", "one"))
+        if name.endswith(".jsonl"):
+            got, want = ([json.loads(x) for x in text.splitlines()] for text in (got, want))
+        else:
+            got, want = json.loads(got), json.loads(want)
+        assert_close(got, want, name)
+    assert len((tmp_path / "one" / "eval/traces.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.multiprocess
+def test_processes_resuming_from_different_outputs_are_refused(tmp_path):
+    """Outputs on disks the processes do not share would make them run different questions and
+    wait on each other's collectives forever: a clear error instead."""
+    for log in run_two(UNSHARED_WORKER, str(tmp_path)):
+        assert "REFUSED" in log and "storage that every process shares" in log, log[-2000:]

@@ -20,7 +20,8 @@ from reasonrag_jax.agent.episodes import Episode, EpisodeRunner, derive_seed
 from reasonrag_jax.config import Config
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.eval.metrics import accuracy, exact_match, f1_score, retrieval_recall
-from reasonrag_jax.io import InputError, append_jsonl, done_keys, read_jsonl, write_json_atomic
+from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, write_json_atomic
+from reasonrag_jax.sharding import lead_process, make_mesh, resume_keys, sync_processes
 
 METRICS = ("em", "f1", "acc", "retrieval_recall")
 
@@ -80,20 +81,24 @@ def evaluate(runner: EpisodeRunner | None, examples: Sequence[QAExample], out: P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     traces = out / "traces.jsonl"
-    done = done_keys(traces, "id")
+    done = resume_keys(traces, "id")
     todo = [ex for ex in examples if ex.id not in done]
+    lead = lead_process()
     if todo:
         if runner is None:
             raise ValueError("questions left to run but no runner given")
         seeds = [derive_seed(seed, zlib.crc32(ex.id.encode())) for ex in todo]
         with tqdm(total=len(examples), initial=len(examples) - len(todo), desc=name,
-                  unit="q") as bar:
+                  unit="q", disable=not lead) as bar:
             for _, _, ep in runner.rollouts(runner.start(todo), temperature, seeds):
-                append_jsonl(traces, [trace_record(ep)])
+                if lead:
+                    append_jsonl(traces, [trace_record(ep)])
                 bar.update(1)
+    sync_processes(f"{traces} written")
     summary = summarize(examples, traces)
-    write_json_atomic(out / "summary.json", summary)
-    print(format_table(name, summary))
+    if lead:
+        write_json_atomic(out / "summary.json", summary)
+        print(format_table(name, summary))
     return summary
 
 
@@ -106,11 +111,12 @@ def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None
     agent = {k: v for k, v in dataclasses.asdict(cfg.agent).items() if k != "batch_size"}
     run = {"dataset": str(dataset.resolve()), "index": str(Path(index_dir).resolve()),
            "policy": str(policy), "agent": agent, "seed": cfg.seed}
-    marker, done = out / "run.json", done_keys(out / "traces.jsonl", "id")
+    marker, done = out / "run.json", resume_keys(out / "traces.jsonl", "id")
     if done and marker.exists() and json.loads(marker.read_text()) != run:
         raise InputError(f"{out}: holds traces of a run with other settings (see {marker}); "
                          "use another --out")
-    write_json_atomic(marker, run)
+    if lead_process():
+        write_json_atomic(marker, run)
 
     runner = None
     if any(ex.id not in done for ex in examples):
@@ -120,7 +126,8 @@ def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None
 
         model, tokenizer = load_policy(policy, dtype=cfg.model.dtype,
                                        param_dtype=cfg.model.param_dtype)
-        runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler),
-                               Retriever.load(index_dir, cfg.retrieval), cfg.agent)
+        sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
+                          rules=cfg.mesh.rules)
+        runner = EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
     return evaluate(runner, examples, out, temperature=cfg.agent.temperature, seed=cfg.seed,
                     name=dataset.name)

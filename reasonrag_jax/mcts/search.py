@@ -27,12 +27,12 @@ from tqdm import tqdm
 from reasonrag_jax.agent.episodes import Episode, derive_seed
 from reasonrag_jax.config import Config, MCTSConfig
 from reasonrag_jax.data.qa import QAExample, read_qa
-from reasonrag_jax.io import (append_jsonl, done_keys, read_jsonl, write_json_atomic,
-                              write_jsonl_atomic)
+from reasonrag_jax.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
 from reasonrag_jax.mcts import pairs as P
 from reasonrag_jax.mcts import tree as T
 from reasonrag_jax.mcts.render import dump_tree, render_tree
 from reasonrag_jax.mcts.spre import SPRE, ValueFn
+from reasonrag_jax.sharding import lead_process, make_mesh, resume_keys
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -104,20 +104,24 @@ def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg
              seed: int, value_fn: ValueFn | None = None) -> dict[str, Any]:
     """Search the not yet searched `examples` in batches of `cfg.batch_questions`, appending
     trees and pairs per batch; then write the summary and the picture. Returns the summary."""
-    done = done_keys(paths["trees"], "question_id")     # also drops a torn last line
+    done = resume_keys(paths["trees"], "question_id")     # also drops a torn last line
     dumps = [obj for _, obj in read_jsonl(paths["trees"], allow_empty=True)] if done else []
     prl, orl = _pairs(dumps, cfg.min_value_gap)
-    write_jsonl_atomic(paths["pairs"], prl)          # repair a kill between the two appends
-    write_jsonl_atomic(paths["outcome"], orl)
+    lead = lead_process()                              # the one process that writes
+    if lead:
+        write_jsonl_atomic(paths["pairs"], prl)      # repair a kill between the two appends
+        write_jsonl_atomic(paths["outcome"], orl)
     todo = [ex for ex in examples if ex.id not in done]
     start, rollouts, num_pairs = time.time(), 0, len(prl)
-    with tqdm(total=len(examples), initial=len(examples) - len(todo), desc="mcts", unit="q") as bar:
+    with tqdm(total=len(examples), initial=len(examples) - len(todo), desc="mcts", unit="q",
+              disable=not lead) as bar:
         for lo in range(0, len(todo), cfg.batch_questions):
             batch = search(runner, todo[lo:lo + cfg.batch_questions], cfg, seed, value_fn)
             new_prl, new_orl = _pairs(batch, cfg.min_value_gap)
-            append_jsonl(paths["trees"], batch)
-            append_jsonl(paths["pairs"], new_prl)
-            append_jsonl(paths["outcome"], new_orl)
+            if lead:
+                append_jsonl(paths["trees"], batch)
+                append_jsonl(paths["pairs"], new_prl)
+                append_jsonl(paths["outcome"], new_orl)
             dumps += batch
             prl += new_prl
             orl += new_orl
@@ -127,9 +131,10 @@ def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg
             rate = rollouts / (time.time() - start)
             bar.set_postfix(pairs=num_pairs, rollouts_per_s=f"{rate:.2f}")
     summary = {"questions": len(dumps), "process": P.summarize(prl), "outcome": P.summarize(orl)}
-    write_json_atomic(paths["summary"], summary)
-    if dumps:
-        render_tree(max(dumps, key=lambda d: len(d["nodes"])), paths["picture"])
+    if lead:
+        write_json_atomic(paths["summary"], summary)
+        if dumps:
+            render_tree(max(dumps, key=lambda d: len(d["nodes"])), paths["picture"])
     return summary
 
 
@@ -139,7 +144,7 @@ def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: s
     examples = read_qa(dataset)
     paths = output_paths(out)
     runner = None
-    if {ex.id for ex in examples} - done_keys(paths["trees"], "question_id"):
+    if {ex.id for ex in examples} - resume_keys(paths["trees"], "question_id"):
         from reasonrag_jax.agent.episodes import EpisodeRunner
         from reasonrag_jax.models.weights import load_policy
         from reasonrag_jax.retrieval.index import Retriever
@@ -147,8 +152,9 @@ def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: s
 
         model, tokenizer = load_policy(checkpoint or cfg.model.policy, dtype=cfg.model.dtype,
                                        param_dtype=cfg.model.param_dtype)
-        runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler),
-                               Retriever.load(index_dir, cfg.retrieval), cfg.agent)
+        sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
+                          rules=cfg.mesh.rules)
+        runner = EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
     summary = generate(runner, examples, paths, cfg.mcts, cfg.seed)
     process = summary["process"]
     print(f"[generate] {summary['questions']} trees → {process['pairs']} process pairs "
