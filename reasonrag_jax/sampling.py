@@ -129,7 +129,7 @@ class Sampler:
         self.row_multiple = batch_ways(self.mesh, self.rules)   # rows are padded to a multiple
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.rows = NamedSharding(self.mesh, batch_spec(self.rules, 1))
-        self.row_table = NamedSharding(self.mesh, batch_spec(self.rules, 2))
+        self.rows_2d = NamedSharding(self.mesh, batch_spec(self.rules, 2))
         self.cache_sharding = self._cache_sharding()
         self.params = self._place_params(model)
         self.chunk = chunk
@@ -137,16 +137,16 @@ class Sampler:
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        rows, table, cache, replicated = (self.rows, self.row_table, self.cache_sharding,
-                                          self.replicated)
+        rows, rows_2d, cache, replicated = (
+            self.rows, self.rows_2d, self.cache_sharding, self.replicated)
         self._new_cache = jax.jit(functools.partial(KVCache.init, self.model_cfg),
                                   static_argnums=(0, 1), out_shardings=cache)
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,),
-                                out_shardings=(table, cache))
+                                out_shardings=(rows_2d, cache))
         self._fan_out = jax.jit(lambda cache, last, parent: (cache.take(parent), last[parent]),
-                                out_shardings=(cache, table))
+                                out_shardings=(cache, rows_2d))
         self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
-                               out_shardings=(cache, table, rows) + (replicated,) * 4)
+                               out_shardings=(cache, rows_2d, rows) + (replicated,) * 4)
         self._score = jax.jit(self._score_fn, static_argnums=(0,), out_shardings=replicated)
 
     def _cache_sharding(self) -> KVCache:
