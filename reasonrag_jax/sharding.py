@@ -11,13 +11,14 @@ import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.config import MeshConfig
@@ -165,8 +166,6 @@ def lead_process() -> bool:
 def sync_processes(name: str) -> None:
     """Barrier across the processes (a no-op for one): the lead's writes are done after it."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -177,8 +176,6 @@ def resume_keys(path: str | os.PathLike, key: str) -> set[Any]:
     keys = done_keys(path, key) if lead_process() else set()
     sync_processes(f"resume {path}")
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         keys = keys if lead_process() else done_keys(path, key)
         digest = hashlib.sha256(json.dumps(sorted(map(str, keys))).encode()).digest()
         try:
