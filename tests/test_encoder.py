@@ -1,4 +1,11 @@
-"""The Flax MiniLM equals transformers' torch BertModel + the same pooling (embedded weights)."""
+"""The Flax MiniLM equals transformers' torch BertModel + the same pooling (embedded weights),
+on one device and with a batch's rows split over eight."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -54,3 +61,24 @@ def test_cls_pooling_and_prefixes_match_transformers(torch_bert):
     np.testing.assert_allclose(enc.encode(TEXTS[:2], "passage"),
                                reference(torch_bert, ["passage: " + t for t in TEXTS[:2]], "cls", False),
                                atol=1e-4)
+
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    from reasonrag_jax.models.encoder import TextEncoder, embedded_encoder_dir
+    assert jax.local_device_count() == 8
+    emb = TextEncoder(embedded_encoder_dir()).encode(json.loads(sys.argv[1]))
+    print("RESULT" + json.dumps(emb.tolist()))
+""")
+
+
+def test_rows_split_over_local_devices_equal_one_device():
+    """Four texts pad to eight rows, one per device; the embeddings are the one-device ones."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps(TEXTS)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.array(json.loads(proc.stdout.split("RESULT", 1)[1]))
+    np.testing.assert_allclose(got, TextEncoder(embedded_encoder_dir()).encode(TEXTS), atol=1e-6)

@@ -1,7 +1,8 @@
 """Two local processes joined by jax.distributed (gloo on 127.0.0.1) train data-parallel and write
 one checkpoint that a single process restores, with the single-process run's numbers; sample on
 one mesh across both processes, each getting the single-process completions; and run `eval` and
-`generate` together, writing the files one process writes."""
+`generate` together, writing the files one process writes; and build one index, each process
+embedding its share of the corpus."""
 import json
 import os
 import socket
@@ -82,6 +83,17 @@ UNSHARED_WORKER = textwrap.dedent("""
         resume_keys(out, "id")
     except InputError as e:
         print("REFUSED", e)
+""")
+
+
+INDEX_WORKER = textwrap.dedent("""
+    import sys
+    from reasonrag_jax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.retrieval.index import build_index
+    build_index(sys.argv[1], sys.argv[2], load_config(None, sys.argv[3:]).retrieval)
+    print("WORKER_DONE")
 """)
 
 
@@ -205,3 +217,23 @@ def test_processes_resuming_from_different_outputs_are_refused(tmp_path):
     wait on each other's collectives forever: a clear error instead."""
     for log in run_two(UNSHARED_WORKER, str(tmp_path)):
         assert "REFUSED" in log and "storage that every process shares" in log, log[-2000:]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_build_the_index_one_process_builds(tmp_path):
+    """Chunks alternate between the processes; the lead gathers them and builds the index."""
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.data.synthetic import write_synthetic
+    from reasonrag_jax.retrieval.index import build_index
+
+    corpus = write_synthetic(tmp_path / "data", seed=0, num_entities=20)["corpus"]
+    overrides = ["retrieval.chunk_size=8"]
+    logs = run_two(INDEX_WORKER, str(corpus), str(tmp_path / "multi"), *overrides)
+    assert all("WORKER_DONE" in log for log in logs)
+    single = build_index(corpus, tmp_path / "one", load_config(None, overrides).retrieval)
+    for name in ("metadata.json", "passages.jsonl"):
+        assert (tmp_path / "multi" / name).read_text() == (single / name).read_text()
+    np.testing.assert_allclose(np.load(tmp_path / "multi" / "embeddings.npy"),
+                               np.load(single / "embeddings.npy"), atol=1e-3)
+    assert len(json.loads((single / "metadata.json").read_text())["doc_ids"]) > 16  # 3+ chunks
+    assert not list(tmp_path.glob(".multi.embeddings-*"))        # chunk files cleaned up

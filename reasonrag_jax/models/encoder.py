@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.io import InputError, file_checksum
 
@@ -132,7 +133,12 @@ def load_bert(path: Path) -> BertEncoder:
 
 
 class TextEncoder:
-    """Texts → float32 [N, H] embeddings with the model's pooling, normalisation and prefixes."""
+    """Texts → float32 [N, H] embeddings with the model's pooling, normalisation and prefixes.
+
+    A batch's rows are split over this process's devices (weights replicated): embedding a
+    corpus is data-parallel on every accelerator of a host, and processes never wait on each
+    other, so each can embed its own part of a corpus (`retrieval.embed`).
+    """
 
     def __init__(self, path: str | Path, pooling: str = "mean", normalize: bool = True,
                  max_length: int = 256, query_prefix: str = "", passage_prefix: str = ""):
@@ -153,9 +159,11 @@ class TextEncoder:
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
         self.prefixes = {"query": query_prefix, "passage": passage_prefix}
         graphdef, state = nnx.split(self.model)
+        mesh = Mesh(np.asarray(jax.local_devices()), ("rows",))
+        self._rows = NamedSharding(mesh, PartitionSpec("rows"))
         self._embed = jax.jit(lambda state, tokens, mask: self._pool(
-            nnx.merge(graphdef, state)(tokens, mask), mask))
-        self._state = state
+            nnx.merge(graphdef, state)(tokens, mask), mask), out_shardings=self._rows)
+        self._state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
 
     def fingerprint(self) -> str:
         """Checksum of the weights, config and tokenizer: what an index must have been built with."""
@@ -180,15 +188,18 @@ class TextEncoder:
 
     def encode(self, texts: list[str], kind: str = "passage") -> np.ndarray:
         """One batch; the caller batches by length. Lengths pad to a multiple of 32 and the batch
-        to a power of two: few compilations, and at most 31 wasted positions per row."""
+        to a power of two (and a multiple of the devices): few compilations, and at most 31
+        wasted positions per row."""
         prefix = self.prefixes[kind]
         ids = [e.ids for e in self.tokenizer.encode_batch([prefix + t for t in texts])]
         t = min(self.max_length, -(-max(len(x) for x in ids) // 32) * 32)
-        b = 1 << max(0, (len(ids) - 1).bit_length())
+        devices = self._rows.mesh.size
+        b = -(-(1 << max(0, (len(ids) - 1).bit_length())) // devices) * devices
         tokens = np.zeros((b, t), np.int32)
         mask = np.zeros((b, t), bool)
         for i, x in enumerate(ids):
             tokens[i, :len(x)] = x
             mask[i, :len(x)] = True
         mask[len(ids):, 0] = True  # padding rows: keep their softmax finite
+        tokens, mask = jax.device_put((tokens, mask), self._rows)
         return np.asarray(self._embed(self._state, tokens, mask))[:len(ids)]

@@ -4,12 +4,16 @@ Each chunk of `chunk_size` passages is embedded and saved as `chunk-XXXXX.npy` (
 temporary name, then renamed), so a killed run restarts at the first missing chunk. Inside a
 chunk, passages are sorted by length so a batch pads little (length bucketing); the encoder
 pads the batch to a power-of-two length, so only a handful of shapes are ever compiled.
+
+In a job of P processes (a pod), process i embeds chunks i, i + P, i + 2P, ... on its own
+devices; the chunk directory must then be on storage every process shares.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -31,13 +35,16 @@ def embed_texts(encoder, texts: list[str], batch_size: int, kind: str,
 
 def embed_corpus(encoder, corpus: str | os.PathLike, work: Path, chunk_size: int,
                  batch_size: int, dtype: str = "float16") -> list[str]:
-    """Embed `corpus` into chunk files under `work` (skipping finished ones); returns doc ids."""
+    """Embed this process's share of `corpus` into chunk files under `work` (skipping finished
+    ones); returns the doc ids of the whole corpus."""
     work.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
     with tqdm(desc="embed", unit="passage") as bar:
         for c, chunk in enumerate(batched(iter_corpus(corpus), chunk_size)):
             ids.extend(i for i, _ in chunk)
             path = work / f"chunk-{c:05d}.npy"
+            if c % jax.process_count() != jax.process_index():
+                continue
             if path.exists():
                 bar.update(len(chunk))
                 continue
@@ -57,6 +64,7 @@ def gather_chunks(work: Path, n: int, dim: int, dtype: str, out: Path) -> np.mem
         arr[lo:lo + len(part)] = part
         lo += len(part)
     if lo != n:
-        raise RuntimeError(f"{work}: chunks hold {lo} embeddings, the corpus has {n}")
+        raise RuntimeError(f"{work}: chunks hold {lo} embeddings, the corpus has {n} (in a "
+                           "multi-process job, --out must be on storage every process shares)")
     arr.flush()
     return arr

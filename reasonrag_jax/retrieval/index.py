@@ -24,6 +24,7 @@ from reasonrag_jax.config import EMBEDDED, RetrievalConfig
 from reasonrag_jax.io import InputError, atomic_dir, file_checksum
 from reasonrag_jax.retrieval.corpus import iter_corpus
 from reasonrag_jax.retrieval.embed import embed_corpus, embed_texts, gather_chunks
+from reasonrag_jax.sharding import lead_process, sync_processes
 
 EXACT_MAX = 20_000   # up to this many passages exact search is fast and needs no training
 # ScaNN parameters that are also search-time knobs: `retrieval.scann` overrides them at load
@@ -117,6 +118,10 @@ def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, e
     ident = encoder_id(cfg, encoder)
     work = _work_dir(out_dir, checksum, ident, cfg.embed_dtype, cfg.chunk_size)
     ids = embed_corpus(encoder, corpus, work, cfg.chunk_size, cfg.embed_batch_size, cfg.embed_dtype)
+    sync_processes(f"embedded {work}")
+    if not lead_process():                       # the lead builds from every process's chunks
+        sync_processes(f"built {out_dir}")
+        return out_dir
     backend = cfg.backend if cfg.backend != "auto" else ("exact" if len(ids) <= EXACT_MAX else "scann")
     if backend not in ("exact", "scann"):
         raise InputError(f"retrieval.backend: {backend!r} is not auto, exact or scann")
@@ -137,6 +142,7 @@ def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, e
         del emb
         (tmp / "metadata.json").write_text(json.dumps(meta))
     shutil.rmtree(work, ignore_errors=True)
+    sync_processes(f"built {out_dir}")
     return out_dir
 
 
