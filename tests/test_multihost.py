@@ -1,8 +1,9 @@
-"""Two local processes joined by jax.distributed (gloo on 127.0.0.1) train data-parallel and write
-one checkpoint that a single process restores, with the single-process run's numbers; sample on
-one mesh across both processes, each getting the single-process completions; and run `eval` and
-`generate` together, writing the files one process writes; and build one index, each process
-embedding its share of the corpus."""
+"""Two local processes joined by jax.distributed (gloo on 127.0.0.1), against one process:
+- train data-parallel and write one checkpoint that a single process restores, same numbers;
+- sample on one mesh across both, each reading back the single-process completions;
+- run `eval` and `generate` together: process 0 writes what a single process writes;
+- build one index, each process embedding its share of the chunks;
+- refuse to resume from outputs the processes do not share."""
 import json
 import os
 import socket
