@@ -167,9 +167,9 @@ class Sampler:
         """The model's weights in the serving layout, each layer's arrays sharded like the
         stacked training parameter they come from (its spec minus the `layers` axis)."""
         stacked = state_shardings(nnx.state(model, nnx.Param), self.mesh, self.rules)
-        per_layer = {n: NamedSharding(self.mesh, PartitionSpec(*stacked[n].spec[1:]))
-                     for n in model.params()["layers"]}
         params = unstack_layers(model.params())
+        per_layer = {n: NamedSharding(self.mesh, PartitionSpec(*stacked[n].spec[1:]))
+                     for n in params["layers"][0]}
         shardings = {**{n: stacked[n] for n in params if n != "layers"},
                      "layers": tuple(per_layer for _ in params["layers"])}
         return jax.tree.map(global_array, params, shardings)

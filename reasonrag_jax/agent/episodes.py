@@ -20,6 +20,9 @@ from reasonrag_jax.config import AgentConfig
 from reasonrag_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from reasonrag_jax.config import Config
     from reasonrag_jax.data.qa import QAExample
     from reasonrag_jax.retrieval.index import Passage
     from reasonrag_jax.sampling import Completion
@@ -95,6 +98,20 @@ class Episode:
 def derive_seed(seed: int, *salts: int) -> int:
     """A 31-bit seed that depends on (seed, salts) only."""
     return int(np.random.SeedSequence([seed % 2**63, *salts]).generate_state(1)[0]) >> 1
+
+
+def runner_from_config(cfg: Config, policy: str, index_dir: str | Path) -> EpisodeRunner:
+    """The runner of `eval` and `generate`: `policy` loaded, its sampler on the config's mesh
+    (every process of a pod runs it), the index at `index_dir` as the retriever."""
+    from reasonrag_jax.models.weights import load_policy
+    from reasonrag_jax.retrieval.index import Retriever
+    from reasonrag_jax.sampling import Sampler
+    from reasonrag_jax.sharding import make_mesh
+
+    model, tokenizer = load_policy(policy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
+                      rules=cfg.mesh.rules)
+    return EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
 
 
 class EpisodeRunner:

@@ -16,12 +16,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from reasonrag_jax.agent.episodes import Episode, EpisodeRunner, derive_seed
+from reasonrag_jax.agent.episodes import Episode, EpisodeRunner, derive_seed, runner_from_config
 from reasonrag_jax.config import Config
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.eval.metrics import accuracy, exact_match, f1_score, retrieval_recall
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, write_json_atomic
-from reasonrag_jax.sharding import lead_process, make_mesh, resume_keys, sync_processes
+from reasonrag_jax.sharding import lead_process, resume_keys, sync_processes
 
 METRICS = ("em", "f1", "acc", "retrieval_recall")
 
@@ -118,16 +118,7 @@ def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None
     if lead_process():
         write_json_atomic(marker, run)
 
-    runner = None
-    if any(ex.id not in done for ex in examples):
-        from reasonrag_jax.models.weights import load_policy
-        from reasonrag_jax.retrieval.index import Retriever
-        from reasonrag_jax.sampling import Sampler
-
-        model, tokenizer = load_policy(policy, dtype=cfg.model.dtype,
-                                       param_dtype=cfg.model.param_dtype)
-        sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
-                          rules=cfg.mesh.rules)
-        runner = EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
+    todo = any(ex.id not in done for ex in examples)
+    runner = runner_from_config(cfg, policy, index_dir) if todo else None
     return evaluate(runner, examples, out, temperature=cfg.agent.temperature, seed=cfg.seed,
                     name=dataset.name)

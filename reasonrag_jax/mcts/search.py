@@ -32,7 +32,7 @@ from reasonrag_jax.mcts import pairs as P
 from reasonrag_jax.mcts import tree as T
 from reasonrag_jax.mcts.render import dump_tree, render_tree
 from reasonrag_jax.mcts.spre import SPRE, ValueFn
-from reasonrag_jax.sharding import lead_process, make_mesh, resume_keys
+from reasonrag_jax.sharding import lead_process, resume_keys
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -145,16 +145,9 @@ def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: s
     paths = output_paths(out)
     runner = None
     if {ex.id for ex in examples} - resume_keys(paths["trees"], "question_id"):
-        from reasonrag_jax.agent.episodes import EpisodeRunner
-        from reasonrag_jax.models.weights import load_policy
-        from reasonrag_jax.retrieval.index import Retriever
-        from reasonrag_jax.sampling import Sampler
+        from reasonrag_jax.agent.episodes import runner_from_config
 
-        model, tokenizer = load_policy(checkpoint or cfg.model.policy, dtype=cfg.model.dtype,
-                                       param_dtype=cfg.model.param_dtype)
-        sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
-                          rules=cfg.mesh.rules)
-        runner = EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
+        runner = runner_from_config(cfg, checkpoint or cfg.model.policy, index_dir)
     summary = generate(runner, examples, paths, cfg.mcts, cfg.seed)
     process = summary["process"]
     print(f"[generate] {summary['questions']} trees → {process['pairs']} process pairs "
