@@ -116,7 +116,7 @@ def bookkeeping_fraction(questions: int = 4, rollouts: int = 8) -> float:
     from reasonrag_jax.sampling import Sampler
 
     cfg = load_config(None, [f"mcts.max_rollouts={rollouts}", "mcts.spre_rollouts=2",
-                             f"mcts.batch_questions={questions}", "agent.max_iter=2",
+                             f"mcts.batch_questions={questions}", "agent.max_retrievals=2",
                              "agent.max_step_tokens=32"])
     work = Path(tempfile.mkdtemp(prefix="bench_mcts_"))
     files = write_synthetic(work / "data", seed=0, num_entities=40)

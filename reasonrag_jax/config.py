@@ -55,7 +55,7 @@ class RetrievalConfig:
 @dataclass
 class AgentConfig:
     mode: str = "guided"            # guided | free
-    max_iter: int = 4               # reasoning iterations before the forced answer
+    max_retrievals: int = 4         # queries (retrievals) before the forced answer
     max_step_tokens: int = 64       # new tokens per step
     temperature: float = 0.0
     top_p: float = 1.0

@@ -177,7 +177,7 @@ def test_forced_answer_at_the_cap():
     forced_in = Q + H1 + "\n\n" + P.FORCED_TASK
     script = {**GUIDED, forced_in: ["So the answer is <answer>Ana Reyes</answer>",
                                     "So the next query is <query>never used</query>"]}
-    (ep,), calls, _ = run(script, AgentConfig(max_iter=1, num_passages=2))
+    (ep,), calls, _ = run(script, AgentConfig(max_retrievals=1, num_passages=2))
     assert [(s.kind, s.content) for s in ep.steps] == [
         ("query", "director of Moonfall"),
         ("evidence", "Moonfall is a 1990 film directed by Ana Reyes."), ("answer", "Ana Reyes")]
@@ -206,7 +206,7 @@ def test_length_cut_keeps_what_was_written():
               Q + "\nQuery 1: director of\nEvidence 1: None\n\n"
                   "Reasoning step: no more searches are allowed, so give the final answer.":
                   "So the answer is <answer>unknown</answer>"}
-    (ep,), _, searches = run(script, AgentConfig(max_iter=1, max_step_tokens=2))
+    (ep,), _, searches = run(script, AgentConfig(max_retrievals=1, max_step_tokens=2))
     assert [(s.kind, s.content) for s in ep.steps] == [
         ("query", "director of"), ("evidence", "None"), ("answer", "unknown")]
     assert searches == [("search", ["director of"])]

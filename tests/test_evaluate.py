@@ -128,7 +128,7 @@ def assert_well_formed(trace, cfg, corpus_ids):
         if s["query"]:
             assert len(s["retrieved"]) == cfg.num_passages
         assert set(s["retrieved"]) <= corpus_ids
-    assert trace["retrievals"] <= cfg.max_iter
+    assert trace["retrievals"] <= cfg.max_retrievals
     assert all(0.0 <= v <= 1.0 for v in trace.get("metrics", {}).values())
 
 
@@ -140,7 +140,7 @@ def test_smollm2_guided_traces_are_well_formed(tmp_path, smollm2):
 
     root = Path(__file__).resolve().parent.parent
     cfg = load_config(root / "configs" / "smollm2_cpu.yaml",
-                      ["agent.max_iter=1", "agent.max_step_tokens=8", "agent.batch_size=8"])
+                      ["agent.max_retrievals=1", "agent.max_step_tokens=8", "agent.batch_size=8"])
     paths = write_synthetic(tmp_path / "data", seed=0, num_entities=20)
     retriever = Retriever.load(build_index(paths["corpus"], tmp_path / "index", cfg.retrieval),
                                cfg.retrieval)
@@ -158,7 +158,7 @@ def test_smollm2_guided_traces_are_well_formed(tmp_path, smollm2):
     # From each gold first query on, grounding and the forced answer run on the model too.
     starts = []
     for ep in runner.start(examples):
-        turn = P.turn(ep.example.question, (), cfg.agent.max_iter)
+        turn = P.turn(ep.example.question, (), cfg.agent.max_retrievals)
         query = ep.example.metadata["gold_chain"][0]["query"]
         passages = retriever.search([query], cfg.agent.num_passages)[0]
         starts.append(ep.advance(Step("query", turn.instruction, turn.input,

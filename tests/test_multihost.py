@@ -188,7 +188,7 @@ def test_two_processes_run_eval_and_generate_like_one(tmp_path, tiny_policy):  #
     from reasonrag_jax.mcts.search import run_generate
     from reasonrag_jax.retrieval.index import build_index
 
-    overrides = ["agent.max_iter=2", "agent.max_step_tokens=6", "agent.batch_size=4",
+    overrides = ["agent.max_retrievals=2", "agent.max_step_tokens=6", "agent.batch_size=4",
                  "agent.temperature=0.8", "mcts.max_rollouts=3", "mcts.spre_rollouts=2",
                  "mcts.batch_questions=2"]
     cfg = load_config(None, overrides)

@@ -135,19 +135,19 @@ def test_transitions_and_forced_answer_at_cap():
     assert P.next_state([q1, e1, S("answer", "")]) == P.TERMINAL
     assert P.next_state([S("query", "")]) == P.REASONING
 
-    t = P.turn("Who?", [q1], max_iter=2)
+    t = P.turn("Who?", [q1], max_retrievals=2)
     assert (t.state, t.forced) == (P.GROUNDING, False)
     assert t.input.endswith("Doc 1 (T) x\n\nGrounding step: extract the evidence for query 1.")
-    assert not P.turn("Who?", [q1, e1], max_iter=2).forced
-    capped = P.turn("Who?", [q1, e1], max_iter=1)
+    assert not P.turn("Who?", [q1, e1], max_retrievals=2).forced
+    capped = P.turn("Who?", [q1, e1], max_retrievals=1)
     assert (capped.state, capped.forced) == (P.REASONING, True)
     assert capped.input == P.reasoning_input("Who?", [("q1", "e1")], forced=True)
-    assert P.turn("Who?", [], max_iter=0).forced                # closed book
-    after_empty = P.turn("Who?", [q1, e1, S("query", "")], max_iter=4)
+    assert P.turn("Who?", [], max_retrievals=0).forced                # closed book
+    after_empty = P.turn("Who?", [q1, e1, S("query", "")], max_retrievals=4)
     assert after_empty.forced and after_empty.input == capped.input
     assert P.history([q1, S("evidence", "None")]) == [("q1", "None")]
     with pytest.raises(ValueError):
-        P.turn("Who?", [S("answer", "x")], max_iter=2)
+        P.turn("Who?", [S("answer", "x")], max_retrievals=2)
 
 
 class ChainRetriever:
@@ -201,7 +201,7 @@ def test_gold_sft_records():
          "output": "So the answer is <answer>Velmora</answer>"},
     ]
     # at the cap the last prompt is the forced one, as at inference
-    capped = P.gold_sft_records(EXAMPLE, retriever, AgentConfig(num_passages=2, max_iter=2))
+    capped = P.gold_sft_records(EXAMPLE, retriever, AgentConfig(num_passages=2, max_retrievals=2))
     assert capped[-1]["input"] == q + h1 + h2 + "\n\n" + P.FORCED_TASK
 
 
@@ -209,5 +209,5 @@ def test_gold_sft_records_skips_chains_the_runner_cannot_follow():
     missed = ChainRetriever({"director of Moonfall": [D1], "birthplace of Ana Reyes": [DX]})
     assert P.gold_sft_records(EXAMPLE, missed, AgentConfig()) == []
     found = ChainRetriever({"director of Moonfall": [D1], "birthplace of Ana Reyes": [D2]})
-    assert P.gold_sft_records(EXAMPLE, found, AgentConfig(max_iter=1)) == []
-    assert len(P.gold_sft_records(EXAMPLE, found, AgentConfig(max_iter=2))) == 5
+    assert P.gold_sft_records(EXAMPLE, found, AgentConfig(max_retrievals=1)) == []
+    assert len(P.gold_sft_records(EXAMPLE, found, AgentConfig(max_retrievals=2))) == 5

@@ -165,7 +165,7 @@ def test_smollm2_small_run_writes_valid_pairs_and_resumes(tmp_path, smollm2):
                                retrieval)
     model, tokenizer = smollm2
     sampler = Sampler(model, tokenizer, SamplerConfig(cache_size=1024, max_batch=8))
-    agent = AgentConfig(mode="guided", max_iter=1, max_step_tokens=12, batch_size=8)
+    agent = AgentConfig(mode="guided", max_retrievals=1, max_step_tokens=12, batch_size=8)
     cfg = MCTSConfig(max_rollouts=3, max_children=2, spre_rollouts=2, batch_questions=2)
     examples = read_qa(files["train"])[:4]
 

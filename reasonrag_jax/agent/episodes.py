@@ -183,7 +183,7 @@ class EpisodeRunner:
         """One protocol step for every (unfinished) episode, `n` alternatives each."""
         if not episodes:
             return []
-        turns = [P.turn(ep.example.question, ep.steps, self.cfg.max_iter) for ep in episodes]
+        turns = [P.turn(ep.example.question, ep.steps, self.cfg.max_retrievals) for ep in episodes]
         prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
         seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
         scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature)

@@ -3,7 +3,7 @@
 An episode alternates two states. *Reasoning* ends with `So the next query is <query>…</query>`
 or `So the answer is <answer>…</answer>`; a query is sent to the retriever and *Grounding* then
 extracts `<evidence>…</evidence>` (or `<evidence>None</evidence>`) from the passages. After
-`max_iter` queries the reasoning step is forced to answer.
+`max_retrievals` queries the reasoning step is forced to answer.
 
 Every step is a single (instruction, input) pair — one system and one user message, the
 RAG-ProGuide fields — so traces, preference pairs and SFT records share one format. The
@@ -207,8 +207,8 @@ def num_queries(steps: Sequence[Any]) -> int:
     return sum(1 for s in steps if s.kind == QUERY and s.content)
 
 
-def turn(question: str, steps: Sequence[Any], max_iter: int) -> Turn:
-    """The next step's state and messages; `max_iter` caps the number of queries."""
+def turn(question: str, steps: Sequence[Any], max_retrievals: int) -> Turn:
+    """The next step's state and messages; `max_retrievals` caps the number of queries."""
     state = next_state(steps)
     if state == TERMINAL:
         raise ValueError("episode is finished")
@@ -217,7 +217,7 @@ def turn(question: str, steps: Sequence[Any], max_iter: int) -> Turn:
         last = steps[-1]
         text = grounding_input(question, done, last.content, [p.contents for p in last.retrieved])
         return Turn(GROUNDING, False, INSTRUCTION, text)
-    forced = num_queries(steps) >= max_iter or bool(steps and steps[-1].kind == QUERY)
+    forced = num_queries(steps) >= max_retrievals or bool(steps and steps[-1].kind == QUERY)
     return Turn(REASONING, forced, INSTRUCTION, reasoning_input(question, done, forced))
 
 
@@ -229,12 +229,12 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
 
     `metadata.gold_chain` is `[{"query", "doc_id", "evidence"}, ...]`; the grounding prompts
     show what `retriever.search(query, cfg.num_passages)` returns, exactly as at inference. A
-    chain the runner could not have followed — longer than `cfg.max_iter`, or whose gold passage
+    chain the runner could not have followed — longer than `cfg.max_retrievals`, or whose gold passage
     is not among the passages retrieved for its query — yields no records rather than teaching
     steps the policy will never be in.
     """
     chain = example.metadata.get("gold_chain") or []
-    if not chain or len(chain) > cfg.max_iter or not example.golden_answers:
+    if not chain or len(chain) > cfg.max_retrievals or not example.golden_answers:
         return []
     retrieved = retriever.search([link["query"] for link in chain], cfg.num_passages)
     question, done, records = example.question, [], []
@@ -249,7 +249,7 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
         add(grounding_input(question, done, link["query"], [p.contents for p in passages]),
             evidence_response(link["evidence"]))
         done.append((link["query"], link["evidence"]))
-    add(reasoning_input(question, done, forced=len(done) >= cfg.max_iter),
+    add(reasoning_input(question, done, forced=len(done) >= cfg.max_retrievals),
         answer_response(example.golden_answers[0]))
     return records
 
