@@ -45,16 +45,18 @@ def test_accuracy_is_a_substring_test():
     assert accuracy("He was born in Tomar.", ["tomar"]) == 1.0
 
 
-def test_retrieval_recall():
+def test_retrieval_recall_is_flashrag_substring_test():
     passages = ["Zyper\nZyper is a city in Poumkuquex.", "Other\ntext"]
     assert retrieval_recall(passages, ["poumkuquex"]) == 1.0
     assert retrieval_recall(passages, ["Laithdencho", "the Zyper"]) == 1.0
     assert retrieval_recall(passages, ["Laithdencho"]) == 0.0
-    assert retrieval_recall(passages, ["city Zyper"]) == 0.0           # tokens must be in order
-    assert retrieval_recall(["Tomaris is far."], ["Tomar"]) == 0.0     # whole tokens only
+    assert retrieval_recall(passages, ["city Zyper"]) == 0.0          # the words must be in order
+    assert retrieval_recall(["Tomaris is far."], ["Tomar"]) == 1.0    # a substring, as FlashRAG
+    assert retrieval_recall(["a city in poumku quex"], ["Poumkuquex"]) == 0.0
     assert retrieval_recall(["New-York"], ["newyork"]) == 1.0
     assert retrieval_recall([], ["x"]) == 0.0
-    assert retrieval_recall(["the"], ["The"]) == 0.0                   # empty gold never matches
+    assert retrieval_recall(["Paris"], []) == 0.0
+    assert retrieval_recall(["Other"], ["The"]) == 1.0   # FlashRAG: "" is in every passage
 
 
 def test_summarize():
