@@ -68,6 +68,7 @@ class AgentConfig:
 class MCTSConfig:
     max_rollouts: int = 64          # simulations per question (tree has max_rollouts + 1 nodes)
     max_children: int = 2
+    max_retrievals: int = 3         # queries per searched episode (original: 3 here, 4 at eval)
     spre_rollouts: int = 4          # K Monte Carlo rollouts per new node
     beta: float = 0.9               # SPRE length discount
     c_uct: float = 1.4

@@ -193,3 +193,20 @@ def test_smollm2_small_run_writes_valid_pairs_and_resumes(tmp_path, smollm2):
         assert resumed[key].read_text() == full[key].read_text(), key
     assert json.loads(resumed["summary"].read_text()) == summary
     assert np.isfinite(summary["process"]["mean_reward_gap"])
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_7b_8xh100.yaml", "qwen2_5_7b_tpu_v5e64.yaml",
+                                  "smollm2_cpu.yaml"])
+def test_configs_carry_the_original_caps(name):
+    """The original caps the chain at 3 retrievals in data generation and 4 at inference;
+    `generate` builds its runner with the search's cap."""
+    from pathlib import Path
+
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.mcts.search import search_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    assert (cfg.agent.max_retrievals, cfg.mcts.max_retrievals) == (4, 3)
+    searching = search_config(cfg)
+    assert searching.agent.max_retrievals == 3 and searching.mcts == cfg.mcts
+    assert searching.agent.num_passages == cfg.agent.num_passages

@@ -1,4 +1,5 @@
-"""Array tree operations equal a plain-Python object tree on random operation sequences."""
+"""Array tree operations equal a plain-Python object tree on random operation sequences, and
+standard UCT (an answer node is selected again) gives hand-computed visits and values."""
 import math
 
 import jax.numpy as jnp
@@ -15,17 +16,11 @@ class Node:
         self.children, self.visits, self.value_sum = [], 0, 0.0
 
 
-def exhausted(node, max_children):
-    return node.terminal or (len(node.children) == max_children and
-                             all(exhausted(c, max_children) for c in node.children))
-
-
 def py_select(root, c, max_children):
     node = root
     while not node.terminal and len(node.children) == max_children:
         log_n = math.log(max(node.visits, 1))
-        live = [ch for ch in node.children if not exhausted(ch, max_children)] or node.children
-        node = max(live, key=lambda ch, log_n=log_n: math.inf if ch.visits == 0 else
+        node = max(node.children, key=lambda ch, log_n=log_n: math.inf if ch.visits == 0 else
                    ch.value_sum / ch.visits + c * math.sqrt(log_n / ch.visits))  # first best
     return node
 
@@ -121,9 +116,57 @@ def test_iteration_matches_python_search(seed, shape):
         np.testing.assert_allclose(np.asarray(tree.value_sum[j, :n]),
                                    [x.value_sum for x in nodes[j]], rtol=1e-5, atol=1e-5)
         assert np.asarray(tree.terminal[j, :n]).tolist() == [x.terminal for x in nodes[j]]
-        assert np.asarray(tree.exhausted[j, :n]).tolist() == [exhausted(x, max_children)
-                                                              for x in nodes[j]]
         assert np.asarray(tree.kind[j, 1:n]).tolist() == [2] * (n - 1)
         kids = np.asarray(tree.children[j, :n]).tolist()
         assert kids == [[nodes[j].index(c) for c in x.children] +
                         [-1] * (max_children - len(x.children)) for x in nodes[j]]
+
+
+
+def test_uct_selection_by_hand():
+    # Root: 10 visits. Node 1 (an answer): 3 visits, value sum 1.5; node 2: 7 visits, sum 4.9.
+    # UCT = Q + c * sqrt(ln 10 / n), ln 10 = 2.302585:
+    #   c = 1.4: node 1 = 0.5 + 1.4 * sqrt(0.767528) = 0.5 + 1.4 * 0.876087 = 1.7265
+    #            node 2 = 0.7 + 1.4 * sqrt(0.328941) = 0.7 + 1.4 * 0.573534 = 1.5029 → node 1
+    #   c = 0.5: node 1 = 0.5 + 0.438044 = 0.9380; node 2 = 0.7 + 0.286767 = 0.9868 → node 2
+    tree = T.init(2, 3, 2)
+    for terminal in (True, False):
+        tree, _ = T.add_child(tree, jnp.zeros(2, jnp.int32), jnp.ones(2, jnp.int32),
+                              jnp.zeros(2), jnp.full(2, terminal), jnp.ones(2, bool))
+    tree = tree.replace(visits=jnp.array([[10, 3, 7]] * 2, jnp.int32),
+                        value_sum=jnp.array([[6.4, 1.5, 4.9]] * 2, jnp.float32))
+    assert np.asarray(T.select(tree, jnp.array([1.4, 0.5]))).tolist() == [1, 2]
+
+
+def test_answer_node_is_selected_again_by_hand():
+    """A scripted tree where answering at once is right: 8 iterations at c = 1.
+
+    it 1: root has no child → add answer A (node 1, terminal, reward 0.9); back up 0.9.
+    it 2: root has 1 of 2 children → add query B (node 2, reward 0.1); back up 0.1.
+    Root full from here; UCT(A) = 0.9 + sqrt(ln N / n_A), UCT(B) = 0.1 + sqrt(ln N / 1):
+    it 3: N=2: A 0.9 + 0.8326 = 1.7326 > B 0.1 + 0.8326 → A again, back up 0.9 (n_A = 2)
+    it 4: N=3: A 0.9 + sqrt(1.0986/2) = 1.6412 > B 0.1 + 1.0481 = 1.1481 → A (n_A = 3)
+    it 5: N=4: A 0.9 + sqrt(1.3863/3) = 1.5798 > B 0.1 + 1.1774 = 1.2774 → A (n_A = 4)
+    it 6: N=5: A 0.9 + sqrt(1.6094/4) = 1.5343 > B 0.1 + 1.2686 = 1.3686 → A (n_A = 5)
+    it 7: N=6: A 0.9 + sqrt(1.7918/5) = 1.4986 > B 0.1 + 1.3386 = 1.4386 → A (n_A = 6)
+    it 8: N=7: A 0.9 + sqrt(1.9459/6) = 1.4695 < B 0.1 + 1.3950 = 1.4950 → B, which has no
+          child yet: add evidence C (node 3, reward 0.2) under B, back up 0.2.
+    Visits: root 8, A 6, B 2, C 1. Value sums: root 6 * 0.9 + 0.1 + 0.2 = 5.7, A 5.4,
+    B 0.3, C 0.2 → Q: root 0.7125, A 0.9, B 0.15, C 0.2. (Skipping A once it exists — the
+    old "exhausted" rule — would grow B's subtree from iteration 3 on and give A 1 visit.)
+    """
+    script = [(3, 0.9, True), (1, 0.1, False)] + [(1, 0.5, False)] * 5 + [(2, 0.2, False)]
+    tree = T.init(1, 9, 2)
+    leaves, children = [], []
+    for kind, reward, terminal in script:
+        tree, leaf, child = T.iteration(tree, jnp.ones(1), jnp.array([kind]),
+                                        jnp.array([reward], jnp.float32), jnp.array([terminal]))
+        leaves.append(int(leaf[0]))
+        children.append(int(child[0]))
+    assert leaves == [0, 0, 1, 1, 1, 1, 1, 2]
+    assert children == [1, 2, -1, -1, -1, -1, -1, 3]
+    assert int(tree.num_nodes[0]) == 4
+    assert np.asarray(tree.visits[0, :4]).tolist() == [8, 6, 2, 1]
+    np.testing.assert_allclose(np.asarray(tree.q_value[0, :4]), [0.7125, 0.9, 0.15, 0.2],
+                               atol=1e-6)
+    assert np.asarray(tree.parent[0, :4]).tolist() == [-1, 0, 0, 2]

@@ -13,8 +13,7 @@ import numpy as np
 from reasonrag_jax.io import save_figure
 from reasonrag_jax.mcts import tree as T
 
-_FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "exhausted",
-           "children")
+_FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal", "children")
 
 
 def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any],
@@ -34,7 +33,6 @@ def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any],
             "kind": T.KINDS[int(arr["kind"][node])], "visits": visits,
             "q_value": float(arr["value_sum"][node]) / max(1, visits),
             "reward": float(arr["reward"][node]), "terminal": bool(arr["terminal"][node]),
-            "exhausted": bool(arr["exhausted"][node]),
             "children": [int(x) for x in arr["children"][node] if x >= 0],
             "instruction": step.instruction if step else "", "input": step.input if step else "",
             "prompt": step.prompt if step else "", "response": step.response if step else "",

@@ -3,8 +3,11 @@
 Each iteration, for all B questions at once: select a node in every tree (UCT, arrays) → expand
 it by one protocol step with ONE batched `runner.expand` (retrieval included for query steps) →
 value the new nodes with ONE batched value-function call (SPRE rollouts) → back the values up.
-A selected answer node cannot grow; its own value is backed up again (standard MCTS), so the
-visit counts keep steering towards it when it is good.
+Selection is standard UCT (`tree.select`): an answer node competes with its siblings like any
+other node. A selected answer node cannot grow; its own value is backed up again (no new node),
+so when answering is right its visits and its ancestors' values keep growing towards it.
+Episodes in the search stop after `mcts.max_retrievals` queries (the original: 3 in data
+generation, against 4 at inference, `agent.max_retrievals`).
 
 Outputs next to `out` (pairs.jsonl): `pairs.trees.jsonl` (one tree dump per question, the
 source of truth), `pairs.jsonl` (process pairs), `pairs.outcome.jsonl` (outcome pairs),
@@ -15,6 +18,7 @@ id), so a resumed run writes the same files as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from pathlib import Path
@@ -138,6 +142,12 @@ def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg
     return summary
 
 
+def search_config(cfg: Config) -> Config:
+    """`cfg` with the search's query cap as the agent's: the runner caps what it is given."""
+    return dataclasses.replace(cfg, agent=dataclasses.replace(
+        cfg.agent, max_retrievals=cfg.mcts.max_retrievals))
+
+
 def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: str | Path,
                  checkpoint: str | None = None) -> dict[str, Any]:
     """`reasonrag-jax generate`: MCTS + SPRE over `dataset` → RAG-ProGuide pairs at `out`."""
@@ -147,7 +157,7 @@ def run_generate(cfg: Config, dataset: str | Path, index_dir: str | Path, out: s
     if {ex.id for ex in examples} - resume_keys(paths["trees"], "question_id"):
         from reasonrag_jax.agent.episodes import runner_from_config
 
-        runner = runner_from_config(cfg, checkpoint or cfg.model.policy, index_dir)
+        runner = runner_from_config(search_config(cfg), checkpoint or cfg.model.policy, index_dir)
     summary = generate(runner, examples, paths, cfg.mcts, cfg.seed)
     process = summary["process"]
     print(f"[generate] {summary['questions']} trees → {process['pairs']} process pairs "

@@ -25,8 +25,6 @@ class Tree(flax.struct.PyTreeNode):
     value_sum: jax.Array    # [B, N] float32: sum of backed-up values
     reward: jax.Array       # [B, N] float32: the node's own SPRE estimate
     terminal: jax.Array     # [B, N] bool: the episode ends at this node (answer step)
-    exhausted: jax.Array    # [B, N] bool: nothing below can grow (terminal, or all C children
-                            #   exist and are exhausted)
     children: jax.Array     # [B, N, C] int32: child nodes in creation order, -1 for none
     num_nodes: jax.Array    # [B] int32: nodes in use (node ids 0..num_nodes-1)
 
@@ -43,7 +41,6 @@ def init(batch: int, num_nodes: int, max_children: int) -> Tree:
                 value_sum=jnp.zeros((batch, num_nodes), jnp.float32),
                 reward=jnp.zeros((batch, num_nodes), jnp.float32),
                 terminal=jnp.zeros((batch, num_nodes), bool),
-                exhausted=jnp.zeros((batch, num_nodes), bool),
                 children=jnp.full((batch, num_nodes, max_children), -1, jnp.int32),
                 num_nodes=jnp.ones((batch,), jnp.int32))
 
@@ -55,9 +52,11 @@ def _per_tree(fn):
 
 def _one_select(t: Tree, c_uct: jax.Array) -> jax.Array:
     """The node to expand: descend from the root while the node is non-terminal and has all C
-    children, to the child of highest UCT (unvisited first; first child on ties), skipping
-    exhausted children. Only when the whole tree is exhausted does it reach a terminal node,
-    whose own value the caller backs up again."""
+    children, to the child of highest UCT (unvisited first; first child on ties).
+
+    Standard UCT, as in the original code: a terminal (answer) child competes like any other,
+    so a good answer keeps being chosen and the caller backs its own value up again, which
+    pulls its ancestors' values towards it instead of diluting them with the siblings' search."""
 
     def descend(node):
         return ~t.terminal[node] & jnp.all(t.children[node] >= 0)
@@ -69,17 +68,13 @@ def _one_select(t: Tree, c_uct: jax.Array) -> jax.Array:
         kv = t.visits[safe].astype(jnp.float32)
         q = t.value_sum[safe] / jnp.maximum(kv, 1.0)
         score = jnp.where(kv == 0, jnp.inf, q + c_uct * jnp.sqrt(jnp.log(n) / jnp.maximum(kv, 1.0)))
-        skip = (kids < 0) | (t.exhausted[safe] & ~t.exhausted[node])
-        return kids[jnp.argmax(jnp.where(skip, -jnp.inf, score))]
+        return kids[jnp.argmax(score)]            # every slot is filled here
 
     return jax.lax.while_loop(descend, step, jnp.int32(ROOT))
 
 
 def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.Array]:
-    """Append a child of `parent` (if `valid` and there is room); returns its id or -1.
-
-    A terminal child may exhaust its parent, and so on up: the walk stops at the first
-    ancestor that can still grow."""
+    """Append a child of `parent` (if `valid` and there is room); returns its id or -1."""
     node = t.num_nodes
     slot = jnp.argmax(t.children[parent] < 0)
     ok = valid & (node < t.parent.shape[0]) & (t.children[parent, slot] < 0) & ~t.terminal[parent]
@@ -90,22 +85,9 @@ def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.
         kind=t.kind.at[idx].set(kind, mode="drop"),
         reward=t.reward.at[idx].set(reward, mode="drop"),
         terminal=t.terminal.at[idx].set(terminal, mode="drop"),
-        exhausted=t.exhausted.at[idx].set(terminal, mode="drop"),
         children=t.children.at[parent, slot].set(jnp.where(ok, node, t.children[parent, slot])),
         num_nodes=t.num_nodes + ok.astype(jnp.int32))
-
-    def exhausts(carry):
-        n, done = carry
-        kids = t.children[jnp.maximum(n, 0)]
-        return (n >= 0) & jnp.all((kids >= 0) & done[jnp.maximum(kids, 0)])
-
-    def up(carry):
-        n, done = carry
-        return t.parent[n], done | (jnp.arange(done.shape[0]) == n)
-
-    _, exhausted = jax.lax.while_loop(exhausts, up, (jnp.where(ok & terminal, parent, -1),
-                                                     t.exhausted))
-    return t.replace(exhausted=exhausted), jnp.where(ok, node, -1)
+    return t, jnp.where(ok, node, -1)
 
 
 def _one_backup(t: Tree, node, value, valid) -> Tree:
