@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from ci import missing
 from reasonrag_jax.data.qa import QAExample, read_qa, write_qa
 from reasonrag_jax.data.synthetic import build_knowledge_base, write_synthetic
 from reasonrag_jax.eval.metrics import normalize_answer
@@ -175,8 +176,11 @@ def test_bad_qa_files(tmp_path, payload, message):
 
 @pytest.fixture(scope="module")
 def tfds_prepare():
-    pytest.importorskip("tensorflow_datasets")
-    pytest.importorskip("array_record")
+    try:
+        import array_record  # noqa: F401
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as e:
+        missing(e.name)
     from reasonrag_jax.data.tfds import prepare
     return prepare
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ci import missing
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "launch" / "tpu.sh"
 
@@ -317,6 +319,6 @@ def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck", path=os.pathsep.join(
         [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if shellcheck is None:
-        pytest.skip("shellcheck not installed")
+        missing("shellcheck")
     r = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
