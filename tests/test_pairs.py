@@ -1,4 +1,6 @@
-"""Pair mining on a hand-built tree gives exactly the expected process and outcome pairs."""
+"""Pair mining on a hand-built tree gives exactly the expected process and outcome pairs.
+
+`layer` is RAG-ProGuide's: the depth of the pairs' common parent, 0 among the root's children."""
 from reasonrag_jax.mcts.pairs import outcome_pairs, process_pairs, summarize
 
 
@@ -36,21 +38,21 @@ def test_process_pairs():
     pairs = process_pairs(tree(), min_gap=0.01)
     got = [(p["chosen_content"], p["rejected_content"], p["layer"], p["chosen_reward"],
             p["rejected_reward"]) for p in pairs]
-    assert got == [("Ada birthplace", "Ada", 1, 0.8, 0.2),
-                   ("Ada birthplace", "Lyon", 1, 0.8, 0.0),
-                   ("Ada", "Lyon", 1, 0.2, 0.0)]
+    assert got == [("Ada birthplace", "Ada", 0, 0.8, 0.2),
+                   ("Ada birthplace", "Lyon", 0, 0.8, 0.0),
+                   ("Ada", "Lyon", 0, 0.2, 0.0)]
     # 4/5: same content; 6/7: gap 0.005 < 0.01; 9: never visited.
     first = pairs[0]
     assert first == {
         "instruction": "sys", "input": "in0", "prompt": "p0",
         "chosen": "<query>Ada birthplace</query>", "rejected": "<query>Ada</query>",
         "chosen_action_type": "Query Generation", "rejected_action_type": "Query Generation",
-        "chosen_content": "Ada birthplace", "rejected_content": "Ada", "layer": 1,
+        "chosen_content": "Ada birthplace", "rejected_content": "Ada", "layer": 0,
         "question_id": "q1", "chosen_reward": 0.8, "rejected_reward": 0.2}
     assert pairs[1]["rejected_action_type"] == "Answer Generation"
     assert [p["chosen_content"] for p in process_pairs(tree(), min_gap=0.001)][-1] == "Zyper"
     assert summarize(pairs) == {"pairs": 3, "by_action_type": {"Query Generation": 3},
-                                "by_layer": {"1": 3}, "mean_reward_gap": (0.6 + 0.8 + 0.2) / 3}
+                                "by_layer": {"0": 3}, "mean_reward_gap": (0.6 + 0.8 + 0.2) / 3}
 
 
 def test_outcome_pairs():
@@ -60,13 +62,13 @@ def test_outcome_pairs():
     pairs = outcome_pairs(tree(), min_gap=0.01)
     got = [(p["chosen_content"], p["rejected_content"], p["layer"], p["chosen_reward"],
             p["rejected_reward"]) for p in pairs]
-    assert got == [("Ada birthplace", "Ada", 1, 1.0, 0.0),
-                   ("Ada birthplace", "Lyon", 1, 1.0, 0.0),
-                   ("Ada", "Lyon", 1, 1.0, 0.0),
-                   ("Zyper", "Zyperia", 2, 1.0, 0.0)]
+    assert got == [("Ada birthplace", "Ada", 0, 1.0, 0.0),
+                   ("Ada birthplace", "Lyon", 0, 1.0, 0.0),
+                   ("Ada", "Lyon", 0, 1.0, 0.0),
+                   ("Zyper", "Zyperia", 1, 1.0, 0.0)]
     assert pairs[-1]["input"] == "in2" and pairs[-1]["chosen_action_type"] == "Answer Generation"
     summary = summarize(pairs)
-    assert summary["by_layer"] == {"1": 3, "2": 1}
+    assert summary["by_layer"] == {"0": 3, "1": 1}
     assert summary["by_action_type"] == {"Query Generation": 3, "Answer Generation": 1}
 
 

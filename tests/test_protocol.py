@@ -199,10 +199,13 @@ def test_gold_sft_records():
          "output": "<evidence>Ana Reyes was born in Velmora.</evidence>"},
         {"instruction": P.INSTRUCTION, "input": q + h1 + h2 + "\n\n" + P.REASONING_TASK,
          "output": "So the answer is <answer>Velmora</answer>"},
+        # the chain as if capped at its 2 retrievals: the forced-answer prompt is trained too
+        {"instruction": P.INSTRUCTION, "input": q + h1 + h2 + "\n\n" + P.FORCED_TASK,
+         "output": "So the answer is <answer>Velmora</answer>"},
     ]
-    # at the cap the last prompt is the forced one, as at inference
+    # at the cap the forced prompt is the only one the runner shows, as at inference
     capped = P.gold_sft_records(EXAMPLE, retriever, AgentConfig(num_passages=2, max_retrievals=2))
-    assert capped[-1]["input"] == q + h1 + h2 + "\n\n" + P.FORCED_TASK
+    assert capped == records[:4] + records[5:]
 
 
 def test_gold_sft_records_skips_chains_the_runner_cannot_follow():

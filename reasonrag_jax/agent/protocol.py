@@ -232,6 +232,10 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
     chain the runner could not have followed — longer than `cfg.max_retrievals`, or whose gold passage
     is not among the passages retrieved for its query — yields no records rather than teaching
     steps the policy will never be in.
+
+    The final answer is recorded twice when the chain ends below the cap: after the normal
+    reasoning prompt and after the forced-answer prompt (the chain as if capped at its length),
+    so a policy that searches up to the cap has been taught to answer there too.
     """
     chain = example.metadata.get("gold_chain") or []
     if not chain or len(chain) > cfg.max_retrievals or not example.golden_answers:
@@ -249,7 +253,7 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
         add(grounding_input(question, done, link["query"], [p.contents for p in passages]),
             evidence_response(link["evidence"]))
         done.append((link["query"], link["evidence"]))
-    add(reasoning_input(question, done, forced=len(done) >= cfg.max_retrievals),
-        answer_response(example.golden_answers[0]))
+    for forced in (True,) if len(done) >= cfg.max_retrievals else (False, True):
+        add(reasoning_input(question, done, forced), answer_response(example.golden_answers[0]))
     return records
 

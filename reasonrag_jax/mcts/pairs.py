@@ -43,7 +43,7 @@ def _pair(dump: dict[str, Any], good: int, bad: int, good_reward: float,
         "chosen_action_type": ACTION_TYPES[g["kind"]],
         "rejected_action_type": ACTION_TYPES[b["kind"]],
         "chosen_content": g["content"], "rejected_content": b["content"],
-        "layer": g["depth"], "question_id": dump["question_id"],
+        "layer": g["depth"] - 1, "question_id": dump["question_id"],   # the parent's depth
         "chosen_reward": round(float(good_reward), 6),
         "rejected_reward": round(float(bad_reward), 6),
     }
