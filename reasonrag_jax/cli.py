@@ -1,7 +1,8 @@
 """`reasonrag-jax` command line: parse, load the config, call one function.
 
-Every subcommand takes `--config FILE` and `--set key=value`. User errors (`InputError`) print
-one line and exit 2; everything heavy is imported lazily so `--help` is instant.
+Every subcommand takes `--config FILE|NAME` and `--set key=value`. User errors (`InputError`)
+print one line and exit 2; everything heavy is imported lazily so `--help` is instant. Results go
+to stdout, status lines through `logging` to stderr.
 """
 from __future__ import annotations
 
@@ -9,29 +10,38 @@ import argparse
 import sys
 from pathlib import Path
 
-from reasonrag_jax.config import Config, load_config
-from reasonrag_jax.io import InputError
+import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2_cpu.yaml"
+from reasonrag_jax import __version__, logs
+from reasonrag_jax.config import DEFAULT_CONFIG, Config, load_config, to_dict
+from reasonrag_jax.io import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reasonrag-jax", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
-        sp.add_argument("--config", type=Path, default=None,
-                        help="YAML config (default: configs/smollm2_cpu.yaml when present)")
+        sp.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML file, or the name of a shipped config "
+                             f"(default: {DEFAULT_CONFIG})")
         sp.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, e.g. train.beta=0.1")
         return sp
 
+    add("config", "print the resolved config (YAML): the file, then every --set")
     sp = add("synth", "write the embedded synthetic knowledge base and questions")
     sp.add_argument("--out", type=Path, required=True)
     sp = add("index", "embed a FlashRAG corpus and build a ScaNN (or exact) index")
     sp.add_argument("--corpus", type=Path, required=True)
     sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--from-faiss", type=Path, default=None, metavar="FILE.index",
+                    help="take the vectors from a FAISS Flat index instead of embedding "
+                         "(needs the `faiss` extra)")
+    sp.add_argument("--encoder", default=None,
+                    help="the encoder that made those vectors (default: retrieval.encoder)")
     sp = add("eval", "run agentic RAG episodes and score EM / F1 / acc")
     sp.add_argument("--dataset", type=Path, required=True)
     sp.add_argument("--index", type=Path, required=True)
@@ -56,10 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "encoder", None):
+        cfg.retrieval.encoder = args.encoder
+    return cfg
 
 
 def _persistent_compilation_cache() -> None:
@@ -76,13 +86,17 @@ def _persistent_compilation_cache() -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = _config(args)
+    if args.command == "config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    import jax
+
     from reasonrag_jax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    logs.setup(lead=jax.process_index() == 0)
     _persistent_compilation_cache()
     if args.command in ("train", "generate", "eval"):
-        import jax
-
         from reasonrag_jax.sharding import mesh_shape
 
         mesh_shape(cfg.mesh, jax.device_count())  # an impossible mesh fails before any loading
@@ -92,9 +106,12 @@ def run(args: argparse.Namespace) -> None:
         for name, path in write_synthetic(args.out, seed=cfg.seed).items():
             print(f"{name}: {path}")
     elif args.command == "index":
-        from reasonrag_jax.retrieval.index import build_index
+        from reasonrag_jax.retrieval.index import build_index, build_index_from_faiss
 
-        print(build_index(args.corpus, args.out, cfg.retrieval))
+        if args.from_faiss is not None:
+            print(build_index_from_faiss(args.from_faiss, args.corpus, args.out, cfg.retrieval))
+        else:
+            print(build_index(args.corpus, args.out, cfg.retrieval))
     elif args.command == "eval":
         from reasonrag_jax.eval.evaluate import run_eval
 
@@ -109,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         train = run_sft if cfg.train.objective == "sft" else run_train
         train(cfg, args.pairs, args.out, args.init)
     elif args.command == "export":
-        from reasonrag_jax.models.weights import export_hf, load_policy
+        from reasonrag_jax.models.policy import export_hf, load_policy
 
         model, tokenizer = load_policy(args.checkpoint)
         export_hf(model, tokenizer, args.out)

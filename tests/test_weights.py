@@ -1,4 +1,5 @@
 """Weights: HF dirs (single, sharded, bfloat16), GGUF, export; checked against transformers."""
+import dataclasses
 import json
 
 import jax
@@ -12,8 +13,10 @@ from flax import nnx
 
 from reasonrag_jax.io import InputError
 from reasonrag_jax.models.decoder import PRESETS
+from reasonrag_jax.models.decoder import DecoderConfig
+from reasonrag_jax.models.policy import load_policy, resolve_policy
 from reasonrag_jax.models.weights import (
-    _unpermute_rope, export_hf, load_hf_dir, load_policy, read_safetensors, write_safetensors)
+    _unpermute_rope, export_hf, load_hf_dir, read_safetensors, write_safetensors)
 
 
 @nnx.jit
@@ -77,15 +80,24 @@ def test_safetensors_writer_roundtrips_and_torch_reads_it(tmp_path):
     assert theirs["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def family_cfg(family: str, llama: DecoderConfig, qwen2: DecoderConfig) -> DecoderConfig:
+    """Mistral is Llama-shaped: the tiny Llama under Mistral's model_type (untied head)."""
+    if family == "mistral":
+        return dataclasses.replace(llama, model_type="mistral", tie_word_embeddings=False)
+    return llama if family == "llama" else qwen2
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_export_then_transformers_load_gives_identical_logits(
         family, make_hf_dir, tiny_llama_cfg, tiny_qwen2_cfg, tmp_path):
-    cfg = tiny_llama_cfg if family == "llama" else tiny_qwen2_cfg
-    path, _ = make_hf_dir(cfg, seed=5)
+    cfg = family_cfg(family, tiny_llama_cfg, tiny_qwen2_cfg)
+    path, reference = make_hf_dir(cfg, seed=5)
     model = load_hf_dir(path)
+    np.testing.assert_allclose(forward(model, TOKENS), torch_logits(reference, TOKENS),
+                               atol=1e-4, rtol=0)
     export_hf(model, None, tmp_path / "out")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM",
+    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                      "qwen2": "Qwen2ForCausalLM"}[family]
     np.testing.assert_allclose(torch_logits(theirs, TOKENS), forward(model, TOKENS),
                                atol=1e-5, rtol=0)
@@ -149,3 +161,48 @@ def test_embedded_gguf_matches_transformers_reading_of_it(smollm2, smollm2_torch
     np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=0)
     assert np.abs(logits - ref).max() < 1e-3 * np.abs(ref).max()
     assert jax.numpy.argmax(logits[0, -1]) == ref[0, -1].argmax()
+
+
+def test_export_shards_with_an_index_and_lists_every_eos(make_hf_dir, tiny_qwen2_cfg, tmp_path):
+    """A 7B export is ~15 GB: shards of at most `max_shard_bytes` and an index, as transformers
+    writes them; generation_config.json carries config.json's EOS list and the tokenizer's."""
+    path, reference = make_hf_dir(dataclasses.replace(tiny_qwen2_cfg, eos_token_id=5,
+                                                      extra_eos_token_ids=(7,)), seed=8)
+    model = load_hf_dir(path)
+    assert model.cfg.eos_token_id == 5 and model.cfg.extra_eos_token_ids == (7,)
+    tokenizer = type("Tok", (), {"eos_token_id": 9, "pad_token_id": 9, "save_pretrained":
+                                 lambda self, d: None})()
+    export_hf(model, tokenizer, tmp_path / "out", max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert all((tmp_path / "out" / f).stat().st_size < 40_000 + 4096 for f in files)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [5, 7, 9] and generation["pad_token_id"] == 9
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [5, 7, 9]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(torch_logits(theirs, TOKENS), torch_logits(reference, TOKENS),
+                               atol=1e-5, rtol=0)
+
+
+def test_hub_id_in_the_local_cache_resolves_offline(make_hf_dir, tiny_llama_cfg, tmp_path,
+                                                    monkeypatch):
+    """`model.policy: org/name` finds the snapshot `hf download` left in the cache; an id not
+    there is one line saying so (nothing is downloaded)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    path, _ = make_hf_dir(tiny_llama_cfg, seed=9)
+    repo = tmp_path / "hub" / "models--org--tiny-llama"
+    shutil.copytree(path, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_policy("org/tiny-llama") == repo / "snapshots" / ("a" * 40)
+    model = load_hf_dir(resolve_policy("org/tiny-llama"))   # (the tiny dir has no tokenizer)
+    assert model.cfg.num_layers == tiny_llama_cfg.num_layers
+    with pytest.raises(InputError, match="org/other: no such path, and not in the local Hugging "
+                                         "Face cache"):
+        resolve_policy("org/other")

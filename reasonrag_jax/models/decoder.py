@@ -31,9 +31,10 @@ class DecoderConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     max_position_embeddings: int
-    model_type: str = "llama"          # 'llama' | 'qwen2'
+    model_type: str = "llama"          # 'llama' | 'mistral' (Llama-shaped) | 'qwen2'
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    extra_eos_token_ids: tuple[int, ...] = ()   # the rest of config.json's eos_token_id list
     dtype: str = "float32"             # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
@@ -42,16 +43,19 @@ class DecoderConfig:
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         """Build from a Hugging Face `config.json` dict (LlamaConfig / Qwen2Config fields)."""
         model_type = hf.get("model_type", "llama")
-        if model_type not in ("llama", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r} (llama and qwen2 are)")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral and qwen2 are)")
         # transformers ≥ 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"rope scaling {rope} is not supported (plain RoPE is)")
-        if hf.get("use_sliding_window"):
-            raise ValueError("sliding-window attention is not supported")
+        window = hf.get("sliding_window")
+        if hf.get("use_sliding_window", model_type == "mistral") and window is not None and (
+                window < hf.get("max_position_embeddings", 32768)):
+            raise ValueError(f"sliding-window attention ({window} tokens) is not supported")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         fields = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
@@ -63,13 +67,14 @@ class DecoderConfig:
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             model_type=model_type, bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            eos_token_id=eos[0], extra_eos_token_ids=tuple(eos[1:]),
         )
         fields.update(overrides)
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}[self.model_type]
         out = {
             "architectures": [arch], "model_type": self.model_type,
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -78,8 +83,9 @@ class DecoderConfig:
             "head_dim": self.head_dim, "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            "torch_dtype": self.param_dtype,
+            "bos_token_id": self.bos_token_id, "torch_dtype": self.param_dtype,
+            "eos_token_id": ([self.eos_token_id, *self.extra_eos_token_ids]
+                             if self.extra_eos_token_ids else self.eos_token_id),
         }
         if self.model_type == "llama":
             out.update(attention_bias=self.qkv_bias, mlp_bias=False)

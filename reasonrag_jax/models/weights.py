@@ -1,5 +1,8 @@
 """Policy weights in and out: Hugging Face safetensors directories, GGUF files, the embedded model.
 
+Which of these a `model.policy` names is decided in `models/policy.py`; this module only moves
+tensors.
+
 One table (`_tensor_map`) says how each Hugging Face tensor becomes a (stacked) decoder parameter;
 loading and export both walk it, so they cannot drift apart. Safetensors are memory-mapped with a
 small reader of our own (the `safetensors` numpy reader refuses bfloat16, which is how Qwen2.5
@@ -19,9 +22,9 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from reasonrag_jax.config import EMBEDDED
 from reasonrag_jax.io import InputError, atomic_dir, cache_root
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
+from reasonrag_jax.models.tokenizer import load_tokenizer
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 2   # bump when GGUF conversion changes, so stale caches are rebuilt
@@ -257,41 +260,31 @@ def gguf_as_hf_dir(path: Path) -> Path:
     return out
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """`AutoTokenizer` from a local HF dir or GGUF file; never remote, never remote code."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    kwargs = dict(local_files_only=True, trust_remote_code=False)
-    if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-    return AutoTokenizer.from_pretrained(str(path), **kwargs)
+SHARD_BYTES = 5 * 10**9   # transformers' default `max_shard_size` ("5GB")
 
 
-def resolve_policy(spec: str) -> Path:
-    return embedded_policy_path() if spec == EMBEDDED else Path(spec)
+def _shards(tensors: dict[str, Array], max_bytes: int) -> list[dict[str, Array]]:
+    """Consecutive groups of tensors of at most `max_bytes` each (a bigger tensor goes alone)."""
+    groups: list[dict[str, Array]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += t.nbytes
+    return groups
 
 
-def load_policy(spec: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                remat: bool = False) -> tuple[Decoder, Any]:
-    """`embedded` | HF dir | .gguf file | training output dir → (Decoder, tokenizer)."""
-    path = resolve_policy(spec)
-    if path.suffix == ".gguf" and path.is_file():
-        path = gguf_as_hf_dir(path)
-    if (path / "config.json").is_file():
-        model = load_hf_dir(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
-        return model, load_tokenizer(path)
-    if path.is_dir():
-        from reasonrag_jax.train.checkpoint import load_trained_policy
-
-        return load_trained_policy(path)
-    raise InputError(f"{spec}: not a GGUF file, a Hugging Face directory or a training directory")
-
-
-def export_hf(model: Decoder, tokenizer: Any, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) that `transformers` loads.
+def export_hf(model: Decoder, tokenizer: Any, out_dir: str | Path,
+              max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write config.json, generation_config.json, safetensors (+ tokenizer) that `transformers`
+    loads: one `model.safetensors`, or shards of at most `max_shard_bytes` with
+    `model.safetensors.index.json` as transformers writes them for 7B models.
 
     Tensors keep the parameter dtype (float32 or bfloat16), which config.json records.
+    generation_config.json lists every EOS id (config.json's and the tokenizer's), so
+    `generate` stops at `<|im_end|>` as well as at `<|endoftext|>`.
     """
     cfg = model.cfg
     params = {name: np.asarray(var[...]) for name, var in nnx.state(model, nnx.Param).items()}
@@ -299,10 +292,37 @@ def export_hf(model: Decoder, tokenizer: Any, out_dir: str | Path) -> Path:
     for hf_name, ours, kind, layer in _tensor_map(cfg):
         value = params[ours] if layer is None else params[ours][layer]
         tensors[hf_name] = _KINDS[kind][1](value, cfg)
+    eos = [cfg.eos_token_id, *cfg.extra_eos_token_ids, getattr(tokenizer, "eos_token_id", None)]
+    generation = {"bos_token_id": cfg.bos_token_id,
+                  "eos_token_id": list(dict.fromkeys(i for i in eos if i is not None)),
+                  "pad_token_id": getattr(tokenizer, "pad_token_id", None)}
+    shards = _shards(tensors, max_shard_bytes)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        write_safetensors(tensors, tmp / "model.safetensors")
+        if len(shards) == 1:
+            write_safetensors(tensors, tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(shard, tmp / name)
+                weight_map.update(dict.fromkeys(shard, name))
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {k: v for k, v in generation.items() if v is not None}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+def __getattr__(name: str) -> Any:
+    """`load_policy` / `resolve_policy` moved to `models/policy.py` (which imports this module);
+    the old import path keeps working without an import cycle."""
+    if name in ("load_policy", "resolve_policy"):
+        from reasonrag_jax.models import policy
+
+        return getattr(policy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,7 @@ from flax import nnx
 
 from reasonrag_jax.io import InputError, write_json_atomic
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
+from reasonrag_jax.models.tokenizer import load_tokenizer
 
 
 def manager(out_dir: Path, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -70,8 +71,6 @@ def load_trained_policy(out_dir: str | Path, step: int | None = None, *, dtype: 
 
     Params come back in the dtype they were trained in; `dtype` overrides the compute dtype.
     """
-    from reasonrag_jax.models.weights import load_tokenizer
-
     out_dir = Path(out_dir)
     card_file = out_dir / "policy.json"
     if not card_file.is_file():

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from reasonrag_jax.config import Config, TrainConfig, to_dict
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_bytes_atomic
-from reasonrag_jax.models.weights import load_policy
+from reasonrag_jax.models.policy import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
 from reasonrag_jax.train import checkpoint as ckpt
