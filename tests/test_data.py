@@ -10,7 +10,7 @@ import pytest
 
 from ci import missing
 from reasonrag_jax.data.qa import QAExample, read_qa, write_qa
-from reasonrag_jax.data.synthetic import build_knowledge_base, write_synthetic
+from reasonrag_jax.data.synthetic import build_knowledge_base, write_splits, write_synthetic
 from reasonrag_jax.eval.metrics import normalize_answer
 from reasonrag_jax.io import InputError, read_jsonl
 
@@ -245,3 +245,19 @@ def test_tfds_rag_proguide_bad_input(tfds_prepare, tmp_path, pairs, message):
     (manual / "RAG_ProGuide.json").write_text(json.dumps(pairs))
     with pytest.raises(InputError, match=re.escape(message)):
         tfds_prepare("rag_proguide", manual, tmp_path / "data")
+
+
+def test_experiment_splits_are_disjoint(synth, questions, tmp_path):
+    """The demo's SFT / MCTS / dev / test splits share no question (by id or by text), each
+    has its size balanced over hop counts, and test is the same file as `write_synthetic`'s."""
+    sizes = {"test": 100, "dev": 30, "mcts": 150, "sft": 60}
+    paths = write_splits(tmp_path, sizes)
+    assert paths["test"].read_bytes() == synth["test"].read_bytes()
+    got = {s: read_qa(paths[s]) for s in sizes}
+    for split, n in sizes.items():
+        assert len(got[split]) == n
+        assert Counter(ex.metadata["hops"] for ex in got[split]) == {
+            h: n // 3 + (h <= n % 3) for h in (1, 2, 3)}
+    for a, b in itertools.combinations(sizes, 2):
+        assert not {ex.question for ex in got[a]} & {ex.question for ex in got[b]}, (a, b)
+        assert not {ex.id for ex in got[a]} & {ex.id for ex in got[b]}, (a, b)

@@ -528,17 +528,28 @@ def write_synthetic(out_dir: str | Path, seed: int = 0, num_entities: int = 300,
     """Write `corpus.jsonl` and `train/dev/test.jsonl` (FlashRAG format) under `out_dir`.
 
     Test and dev are dealt first, so (when the knowledge base has questions enough for every
-    split, as at the default 300 entities) they do not change with `num_train`. Every file
-    is written atomically and `test.jsonl` last: when it exists, the set is complete.
+    split, as at the default 300 entities) they do not change with `num_train`.
     Returns {"corpus", "train", "dev", "test"} → path.
     """
+    return write_splits(out_dir, {"test": num_test, "dev": num_dev, "train": num_train}, seed,
+                        num_entities)
+
+
+def write_splits(out_dir: str | Path, sizes: dict[str, int], seed: int = 0,
+                 num_entities: int = 300) -> dict[str, Path]:
+    """Write `corpus.jsonl` and one `<split>.jsonl` per entry of `sizes` under `out_dir`.
+
+    Splits are dealt in `sizes` order from disjoint ranges of the question pools (no question
+    is in two splits), so a split never changes with the sizes of the splits after it. Every
+    file is written atomically and the first split's last: when it exists, the set is complete.
+    Returns {"corpus", *sizes} → path.
+    """
     kb = build_knowledge_base(seed, num_entities)
-    splits = split_questions(build_questions(kb, seed),
-                             {"test": num_test, "dev": num_dev, "train": num_train})
+    splits = split_questions(build_questions(kb, seed), sizes)
     out = Path(out_dir)
-    paths = {name: out / f"{name}.jsonl" for name in ("corpus", "train", "dev", "test")}
+    paths = {name: out / f"{name}.jsonl" for name in ("corpus", *sizes)}
     write_jsonl_atomic(paths["corpus"], [{"id": d.id, "contents": d.contents} for d in kb.docs])
-    for split in ("train", "dev", "test"):
+    for split in [*list(sizes)[1:], next(iter(sizes))]:
         write_jsonl_atomic(paths[split], [q.to_json(f"{split}-{i:04d}")
                                           for i, q in enumerate(splits[split])])
     return paths
