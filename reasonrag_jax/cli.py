@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("demo", "the whole method on the embedded default (Base / SFT / ORL / PRL table)")
     sp.add_argument("--out", type=Path, default=Path("runs/demo"))
     sp.add_argument("--quick", action="store_true", help="small budget (about 8 minutes)")
+    sp.add_argument("--preset", help="a `demo.presets` entry of the config (e.g. ablation)")
     return p
 
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from reasonrag_jax.demo import run_demo
 
-        run_demo(cfg, args.out, quick=args.quick)
+        run_demo(cfg, args.out, quick=args.quick, preset=args.preset)
 
 
 def main(argv: list[str] | None = None) -> int:

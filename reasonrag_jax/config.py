@@ -142,16 +142,19 @@ class MeshConfig:
 
 @dataclass
 class DemoConfig:
-    """Budget of `reasonrag-jax demo`; `quick` holds dotted overrides applied by `--quick`."""
+    """Budget of `reasonrag-jax demo`; `presets` hold dotted overrides (`--preset NAME`;
+    `--quick` is `--preset quick`). The SFT, MCTS, dev and test questions are disjoint."""
     entities: int = 300
-    sft_questions: int = 300        # train questions whose gold chains make the SFT set
+    sft_questions: int = 300        # gold chains of these questions make the SFT set
     sft_epochs: int = 1
     sft_learning_rate: float = 5e-5
-    mcts_questions: int = 48        # train questions searched for PRL / ORL pairs
+    mcts_questions: int = 48        # searched for PRL / ORL pairs
     dpo_epochs: int = 2
-    dpo_learning_rate: float = 5e-6
+    dpo_learning_rates: tuple[float, ...] = (5e-6,)   # candidates; several: chosen on dev
+    dev_questions: int = 0          # dev split for the learning-rate choice (0: no dev split)
     test_questions: int = 100
-    quick: dict[str, Any] = field(default_factory=dict)
+    resamples: int = 2000           # bootstrap resamples per confidence interval
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,28 +1,37 @@
 """`reasonrag-jax demo`: the paper's ablation (Base / SFT / ORL / PRL) on the embedded default.
 
-synthetic KB → index → eval Base → SFT warm-up on gold chains → MCTS + SPRE pairs with the SFT
-policy → DPO on process pairs (PRL) and on outcome pairs (ORL, same number of pairs) → eval every
-policy on held-out test questions → table (markdown + PNG). Each stage writes its own resumable
-output under `out/`, so re-running the command continues where it stopped.
+synthetic KB with disjoint SFT / MCTS / dev / test questions → index → eval Base → SFT warm-up on
+gold chains → MCTS + SPRE pairs with the SFT policy → DPO on process pairs (PRL) and on outcome
+pairs (ORL), the same number of pairs and the same settings, at each candidate learning rate
+(several: the one with the best mean dev EM of ORL and PRL is kept; nothing is tuned on test)
+→ eval every policy on the test questions → table with 95 % bootstrap intervals and paired
+differences (`results.md`, `results.json`, `results.png`). Each stage writes its own resumable
+output under `out/`, so re-running the command continues where it stopped. One seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from reasonrag_jax.config import Config, load_config, to_dict
-from reasonrag_jax.io import append_jsonl, read_jsonl, save_figure, write_json_atomic
+from reasonrag_jax.config import Config, DemoConfig, load_config, to_dict
+from reasonrag_jax.eval.stats import Interval, bootstrap_ci, paired_ci
+from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_json_atomic
 
 ROWS = ("Base", "SFT", "ORL", "PRL")
+DIFFERENCES = (("PRL", "ORL"), ("PRL", "SFT"), ("ORL", "SFT"))
+METRICS = ("em", "f1", "acc")
 
 
-def apply_quick(cfg: Config) -> Config:
-    """Apply `demo.quick` dotted overrides (kept in the config so `--quick` is documented there)."""
-    overrides = [f"{k}={json.dumps(v)}" for k, v in cfg.demo.quick.items()]
-    return _reload(cfg, overrides)
+def apply_preset(cfg: Config, name: str) -> Config:
+    """Apply `demo.presets[name]` dotted overrides (kept in the config so presets are
+    documented there)."""
+    if name not in cfg.demo.presets:
+        raise ValueError(f"unknown demo preset {name!r} (known: {', '.join(cfg.demo.presets)})")
+    return _reload(cfg, [f"{k}={json.dumps(v)}" for k, v in cfg.demo.presets[name].items()])
 
 
 def _reload(cfg: Config, overrides: list[str]) -> Config:
@@ -38,15 +47,16 @@ def _reload(cfg: Config, overrides: list[str]) -> Config:
         Path(f.name).unlink()
 
 
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    """First `n` questions of a split, written once (so every stage sees the same questions)."""
-    if not dst.exists():
-        records = [obj for _, obj in read_jsonl(src)][:n]
-        tmp = dst.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        append_jsonl(tmp, records)
-        tmp.replace(dst)
-    return dst
+def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Path]:
+    """corpus + the four disjoint question splits (written once; test is written last)."""
+    from reasonrag_jax.data.synthetic import write_splits
+
+    sizes = {"test": demo.test_questions, "dev": demo.dev_questions,
+             "mcts": demo.mcts_questions, "sft": demo.sft_questions}
+    paths = {name: data_dir / f"{name}.jsonl" for name in ("corpus", *sizes)}
+    if not paths["test"].exists():
+        write_splits(data_dir, sizes, seed, demo.entities)
+    return paths
 
 
 def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path) -> int:
@@ -72,43 +82,44 @@ def _stage(name: str, timings: dict[str, float]):
     print(f"[demo] {name}: {timings[name]:.0f} s")
 
 
-def run_demo(cfg: Config, out: Path, quick: bool = False) -> dict[str, Any]:
+def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = None
+             ) -> dict[str, Any]:
     from reasonrag_jax.agent.protocol import gold_sft_records
     from reasonrag_jax.data.qa import read_qa
-    from reasonrag_jax.data.synthetic import write_synthetic
     from reasonrag_jax.eval.evaluate import run_eval
+    from reasonrag_jax.mcts import pairs as P
     from reasonrag_jax.mcts.search import run_generate
     from reasonrag_jax.retrieval.index import Retriever, build_index
     from reasonrag_jax.train.trainer import run_sft, run_train
 
-    if quick:
-        cfg = apply_quick(cfg)
+    if quick or preset:
+        cfg = apply_preset(cfg, preset or "quick")
     demo = cfg.demo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    marker, settings = out / "demo_config.json", to_dict(cfg)
+    if marker.exists() and json.loads(marker.read_text()) != settings:
+        raise InputError(f"{out}: holds a demo run with other settings (see {marker}); "
+                         "use another --out")
+    write_json_atomic(marker, settings)
     print(f"[demo] writing everything under {out}")
 
     timings: dict[str, float] = {}
-    data_dir = out / "data"
     with _stage("data + index", timings):
-        if not (data_dir / "test.jsonl").exists():
-            write_synthetic(data_dir, seed=cfg.seed, num_entities=demo.entities)
-        test = _subset(data_dir / "test.jsonl", out / "test_subset.jsonl", demo.test_questions)
-        mcts_qs = _subset(data_dir / "train.jsonl", out / "mcts_questions.jsonl",
-                          demo.mcts_questions)
+        data = write_demo_data(demo, cfg.seed, out / "data")
         index = out / "index"
         if not (index / "metadata.json").exists():
-            build_index(data_dir / "corpus.jsonl", index, cfg.retrieval)
+            build_index(data["corpus"], index, cfg.retrieval)
 
     with _stage("eval Base", timings):
-        evals = {"Base": run_eval(cfg, test, index, None, out / "eval" / "base")}
+        run_eval(cfg, data["test"], index, None, out / "eval" / "base")
 
     sft_data = out / "sft.jsonl"
     with _stage("SFT", timings):
         if not sft_data.exists():
             retriever = Retriever.load(index, cfg.retrieval)
-            examples = read_qa(data_dir / "train.jsonl")[: demo.sft_questions]
-            records = [r for ex in examples for r in gold_sft_records(ex, retriever, cfg.agent)]
+            records = [r for ex in read_qa(data["sft"])
+                       for r in gold_sft_records(ex, retriever, cfg.agent)]
             tmp = sft_data.with_suffix(".tmp")
             tmp.unlink(missing_ok=True)
             append_jsonl(tmp, records)
@@ -117,70 +128,152 @@ def run_demo(cfg: Config, out: Path, quick: bool = False) -> dict[str, Any]:
                                 f"train.learning_rate={demo.sft_learning_rate}"])
         sft_ckpt = run_sft(sft_cfg, sft_data, out / "ckpt" / "sft", None)
     with _stage("eval SFT", timings):
-        evals["SFT"] = run_eval(cfg, test, index, str(sft_ckpt), out / "eval" / "sft")
+        run_eval(cfg, data["test"], index, str(sft_ckpt), out / "eval" / "sft")
+    ckpts = {"Base": None, "SFT": str(sft_ckpt)}
 
     pairs = out / "pairs.jsonl"
     with _stage("MCTS + SPRE pairs", timings):
-        run_generate(cfg, mcts_qs, index, pairs, str(sft_ckpt))
-        prl_pairs, orl_pairs = out / "pairs_prl.jsonl", out / "pairs_orl.jsonl"
-        budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), prl_pairs, orl_pairs)
-    dpo_cfg = _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
-                            f"train.learning_rate={demo.dpo_learning_rate}"])
-    if budget == 0:   # every rollout scored the same: nothing to prefer, say so in the table
-        print("[demo] MCTS found no sibling steps with different values: no ORL/PRL rows")
-    for row, pairs_file in (("ORL", orl_pairs), ("PRL", prl_pairs)) if budget else ():
-        with _stage(f"DPO {row}", timings):
-            ckpt = run_train(dpo_cfg, pairs_file, out / "ckpt" / row.lower(), str(sft_ckpt))
+        run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))
+        files = {"PRL": out / "pairs_prl.jsonl", "ORL": out / "pairs_orl.jsonl"}
+        budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), files["PRL"],
+                               files["ORL"])
+    mix = {row: P.summarize([o for _, o in read_jsonl(f, allow_empty=True)])["by_action_type"]
+           for row, f in files.items()}
+    lrs = demo.dpo_learning_rates if budget else ()
+    if not budget:   # every rollout scored the same: nothing to prefer, say so in the table
+        print("[demo] MCTS found no sibling steps with different values: ORL/PRL not trained")
+    dev_em: dict[float, float] = {}
+    for lr in lrs:
+        dpo_cfg = _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
+                                f"train.learning_rate={lr}"])
+        tag = f"lr{lr:g}" if len(lrs) > 1 else ""
+        for row in ("ORL", "PRL"):
+            with _stage(f"DPO {row} {tag}".strip(), timings):
+                ckpts[f"{row}{tag}"] = str(run_train(dpo_cfg, files[row],
+                                                     out / "ckpt" / f"{row.lower()}{tag}",
+                                                     str(sft_ckpt)))
+            if len(lrs) > 1 and demo.dev_questions:
+                with _stage(f"dev {row} {tag}", timings):
+                    s = run_eval(cfg, data["dev"], index, ckpts[f"{row}{tag}"],
+                                 out / "eval" / f"dev_{row.lower()}{tag}")
+                dev_em[lr] = dev_em.get(lr, 0.0) + s["em"] / 2
+    lr = max(dev_em, key=lambda k: (dev_em[k], -lrs.index(k))) if dev_em else \
+        (lrs[0] if lrs else None)
+    for row in ("ORL", "PRL") if lrs else ():
+        tag = f"lr{lr:g}" if len(lrs) > 1 else ""
+        ckpts[row] = ckpts[f"{row}{tag}"]
         with _stage(f"eval {row}", timings):
-            evals[row] = run_eval(cfg, test, index, str(ckpt), out / "eval" / row.lower())
+            run_eval(cfg, data["test"], index, ckpts[row], out / "eval" / row.lower())
 
-    table = results_table(evals) + f"ORL and PRL each trained on {budget} preference pairs.\n"
+    scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
+              for row in ROWS if row in ckpts}
+    results = summarize(scores, demo.resamples)
+    results.update(pairs=budget, pair_mix=mix, learning_rate=lr, dev_mean_em=dev_em,
+                   timings=timings, seeds=1)
+    table = results_table(results)
     (out / "results.md").write_text(table)
+    write_json_atomic(out / "results.json", results)
     write_json_atomic(out / "timings.json", timings)
-    plot_results(evals, out / "results.png")
+    plot_results(results, out / "results.png")
     print(table)
-    return evals
+    return results
 
 
-def _hop_keys(evals: dict[str, dict[str, Any]]) -> list[str]:
-    return sorted({h for s in evals.values() for h in s.get("by_hops", {})}, key=str)
+def per_question(examples: list[Any], eval_dir: Path) -> dict[str, Any]:
+    """Per-question scores of one eval run, in `examples` order: metric → list, and hop
+    counts and retrievals alongside."""
+    rows = {o["id"]: o for _, o in read_jsonl(eval_dir / "traces.jsonl")}
+    ordered = [rows[ex.id] for ex in examples]
+    out: dict[str, Any] = {m: [r["metrics"][m] for r in ordered] for m in METRICS}
+    out["retrievals"] = [r["retrievals"] for r in ordered]
+    out["hops"] = [r.get("hops") for r in ordered]
+    return out
 
 
-def results_table(evals: dict[str, dict[str, Any]]) -> str:
-    """Markdown table in the paper's shape: rows Base/SFT/ORL/PRL; overall and per hop count."""
-    hops = _hop_keys(evals)
-    head = ["Method", "EM", "F1", "Acc", "Retrievals"] + [f"F1 {h}-hop" for h in hops]
+def _ci(values: list[float], resamples: int) -> dict[str, float]:
+    return dataclasses.asdict(bootstrap_ci(values, resamples=resamples))
+
+
+def summarize(scores: dict[str, dict[str, Any]], resamples: int) -> dict[str, Any]:
+    """Means with 95 % bootstrap intervals per method (overall and per hop count) and paired
+    95 % intervals of the differences, as plain JSON."""
+    methods: dict[str, Any] = {}
+    for row, s in scores.items():
+        entry = {m: _ci(s[m], resamples) for m in (*METRICS, "retrievals")}
+        hops = sorted({h for h in s["hops"] if h is not None}, key=str)
+        entry["by_hops"] = {str(h): {m: _ci([v for v, k in zip(s[m], s["hops"]) if k == h],
+                                            resamples) for m in ("em", "retrievals")}
+                            for h in hops}
+        methods[row] = entry
+    diffs = {f"{a}-{b}": {m: dataclasses.asdict(paired_ci(scores[a][m], scores[b][m],
+                                                          resamples=resamples))
+                          for m in (*METRICS, "retrievals")}
+             for a, b in DIFFERENCES if a in scores and b in scores}
+    n = len(next(iter(scores.values()))["em"]) if scores else 0
+    return {"questions": n, "methods": methods, "differences": diffs}
+
+
+def _cell(c: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
+    i = Interval(**c)
+    return f"{scale * i.mean:.{digits}f} [{scale * i.low:.{digits}f}, {scale * i.high:.{digits}f}]"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown: per method EM / F1 / Acc / retrievals with 95 % intervals, per hop count EM and
+    retrievals; then the paired differences; then what the numbers rest on."""
+    methods = results["methods"]
+    hops = sorted({h for m in methods.values() for h in m["by_hops"]}, key=str)
+    head = ["Method", "EM", "F1", "Acc", "Retrievals"]
+    head += [f"{name} {h}-hop" for h in hops for name in ("EM", "Retr.")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ROWS:
-        s = evals.get(row)
-        if s is None:
+        m = methods.get(row)
+        if m is None:
+            lines.append("| " + " | ".join([row] + ["-"] * (len(head) - 1)) + " |")
             continue
-        cells = [row] + [f"{100 * s[m]:.1f}" for m in ("em", "f1", "acc")]
-        cells.append(f"{s['avg_retrievals']:.2f}")
-        cells += [f"{100 * s['by_hops'][h]['f1']:.1f}" if h in s.get("by_hops", {}) else "-"
-                  for h in hops]
+        cells = [row] + [_cell(m[k]) for k in METRICS] + [_cell(m["retrievals"], 1.0, 2)]
+        for h in hops:
+            by = m["by_hops"].get(h)
+            cells += [_cell(by["em"]), _cell(by["retrievals"], 1.0, 2)] if by else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    n = next(iter(evals.values())).get("count", "?")
-    return "\n".join(lines) + f"\n\n{n} held-out synthetic test questions, greedy decoding.\n"
+    lines += ["", "| Paired difference | EM | F1 | Acc | Retrievals |", "|---|---|---|---|---|"]
+    for name, d in results["differences"].items():
+        lines.append(f"| {name.replace('-', ' − ')} | " + " | ".join(
+            [_cell(d[k]) for k in METRICS] + [_cell(d["retrievals"], 1.0, 2)]) + " |")
+    mix = results.get("pair_mix", {})
+    lr = results.get("learning_rate")
+    lines += ["", f"{results['questions']} held-out synthetic test questions, greedy decoding; "
+              "mean [95 % bootstrap interval over questions]; differences are paired bootstrap "
+              "intervals on the same questions. One seed.",
+              f"ORL and PRL each trained on {results.get('pairs', 0)} preference pairs "
+              f"(PRL {mix.get('PRL', {})}, ORL {mix.get('ORL', {})})"
+              + (f", DPO learning rate {lr:g}" if lr is not None else "")
+              + (f" chosen on the dev split (mean dev EM of ORL and PRL: "
+                 f"{ {f'{k:g}': round(100 * v, 1) for k, v in results['dev_mean_em'].items()} })"
+                 if results.get("dev_mean_em") else "") + "."]
+    return "\n".join(lines) + "\n"
 
 
-def plot_results(evals: dict[str, dict[str, Any]], path: Path) -> None:
-
+def plot_results(results: dict[str, Any], path: Path) -> None:
+    """Bars of EM / F1 / Acc per method with their 95 % intervals; the axis starts at 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in ROWS if r in evals]
-    metrics = ("em", "f1", "acc")
+    methods = results["methods"]
+    rows = [r for r in ROWS if r in methods]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
-    width = 0.8 / len(metrics)
-    for i, m in enumerate(metrics):
-        ax.bar([x + i * width for x in range(len(rows))], [100 * evals[r][m] for r in rows],
-               width, label=m.upper())
+    width = 0.8 / len(METRICS)
+    for i, m in enumerate(METRICS):
+        mean = [100 * methods[r][m]["mean"] for r in rows]
+        err = [[100 * (methods[r][m]["mean"] - methods[r][m]["low"]) for r in rows],
+               [100 * (methods[r][m]["high"] - methods[r][m]["mean"]) for r in rows]]
+        ax.bar([x + i * width for x in range(len(rows))], mean, width, yerr=err, capsize=3,
+               label=m.upper())
     ax.set_xticks([x + width for x in range(len(rows))], rows)
-    ax.set_ylabel("score (%)")
-    ax.set_title("ReasonRAG ablation on the synthetic KB (SmolLM2-135M)")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("score (%), 95 % CI")
+    ax.set_title(f"ReasonRAG ablation, {results['questions']} synthetic test questions")
     ax.legend()
     save_figure(fig, path)
-

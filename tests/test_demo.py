@@ -1,0 +1,56 @@
+"""The demo's experiment plumbing without models: disjoint splits, the table with intervals
+and paired differences, the plot, and presets."""
+import json
+
+import pytest
+
+from reasonrag_jax.config import DemoConfig, load_config
+from reasonrag_jax.data.qa import read_qa
+from reasonrag_jax.demo import apply_preset, plot_results, results_table, summarize, \
+    write_demo_data
+
+
+def test_demo_splits_are_disjoint(tmp_path):
+    demo = DemoConfig(entities=120, sft_questions=12, mcts_questions=6, dev_questions=3,
+                      test_questions=9)
+    paths = write_demo_data(demo, 0, tmp_path)
+    qs = {s: read_qa(paths[s]) for s in ("sft", "mcts", "dev", "test")}
+    assert {s: len(q) for s, q in qs.items()} == {"sft": 12, "mcts": 6, "dev": 3, "test": 9}
+    texts = [ex.question for q in qs.values() for ex in q]
+    assert len(set(texts)) == len(texts)
+
+
+def test_table_has_intervals_and_paired_differences(tmp_path):
+    # 4 questions (hops 1, 1, 2, 2). EM: Base 0 0 0 0, SFT 1 0 0 0, ORL 1 0 1 0, PRL 1 1 1 0.
+    em = {"Base": [0, 0, 0, 0], "SFT": [1, 0, 0, 0], "ORL": [1, 0, 1, 0], "PRL": [1, 1, 1, 0]}
+    scores = {row: {"em": v, "f1": v, "acc": v, "retrievals": [1, 1, 2, 2], "hops": [1, 1, 2, 2]}
+              for row, v in em.items()}
+    results = summarize(scores, resamples=500)
+    assert results["questions"] == 4
+    prl = results["methods"]["PRL"]
+    assert prl["em"]["mean"] == 0.75 and prl["by_hops"]["1"]["em"]["mean"] == 1.0
+    assert prl["by_hops"]["2"]["retrievals"]["mean"] == 2.0
+    # PRL − SFT per question: 0 1 1 0 → mean 0.5; a resample's mean lies in [0, 1]
+    d = results["differences"]["PRL-SFT"]["em"]
+    assert d["mean"] == 0.5 and 0.0 <= d["low"] <= 0.5 <= d["high"] <= 1.0
+    assert set(results["differences"]) == {"PRL-ORL", "PRL-SFT", "ORL-SFT"}
+    table = results_table(results)
+    assert "| PRL | 75.0 [" in table and "| PRL − ORL | 25.0 [" in table
+    assert table.count("\n| ") >= 8                    # 4 rows + 3 differences + headers
+    json.dumps(results)                                # results.json is plain JSON
+    plot_results(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    del scores["ORL"], scores["PRL"]                   # no pairs: the rows still show
+    assert "| ORL | - |" in results_table(summarize(scores, resamples=100))
+
+
+def test_presets_keep_the_experiment_disjoint_and_powered():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml")
+    ablation = apply_preset(cfg, "ablation").demo
+    assert ablation.mcts_questions >= 150 and ablation.test_questions >= 300
+    assert ablation.dev_questions > 0 and len(ablation.dpo_learning_rates) > 1
+    assert apply_preset(cfg, "quick").demo.test_questions < cfg.demo.test_questions
+    with pytest.raises(ValueError, match="unknown demo preset"):
+        apply_preset(cfg, "nope")
