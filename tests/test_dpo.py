@@ -54,3 +54,63 @@ def test_sequence_logps_match_transformers(tiny_qwen2_cfg, make_hf_dir):
     want = (per * mask[:, 1:]).sum(-1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert nnx.split(model)  # the model stays a plain NNX module
+
+
+def test_training_favours_the_chosen_side(tiny_llama_cfg, tmp_path):
+    """A few real DPO steps (encode_pairs → batch_rows / batch_arrays → the trainer's step) on
+    pairs whose chosen and rejected completions differ in one word raise log π(chosen text) −
+    log π(rejected text), scored apart from the pair pipeline, and make `rewards/margins` > 0.
+    Swapping chosen and rejected anywhere on that path makes the scored gap fall."""
+    import dataclasses
+
+    import jax
+
+    from reasonrag_jax.config import load_config
+    from reasonrag_jax.models.decoder import Decoder
+    from reasonrag_jax.models.tokenizer import load_tokenizer
+    from reasonrag_jax.models.weights import embedded_policy_path
+    from reasonrag_jax.sharding import global_array, make_mesh
+    from reasonrag_jax.train import data, trainer
+
+    tokenizer = load_tokenizer(embedded_policy_path())
+    cfg = load_config(None, ["train.learning_rate=3e-3", "train.batch_size=4",
+                             "train.length_buckets=[32]", "train.warmup_ratio=0"])
+    pairs = [{"instruction": "", "input": f"Is stone {i} heavy?", "chosen": "yes",
+              "rejected": "no"} for i in range(8)]
+    steps = 6
+    model = Decoder(dataclasses.replace(tiny_llama_cfg, vocab_size=len(tokenizer)),
+                    rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    optimizer = trainer.make_optimizer(cfg.train, steps)
+    place = trainer.placement(make_mesh(cfg.mesh), cfg.mesh.rules, state, optimizer)
+    params, opt_state = trainer.place_state(jax.tree.map(np.asarray, state.to_pure_dict()),
+                                            optimizer, place)
+    encoded = data.encode_pairs(tokenizer, pairs, 32)
+    ref = trainer.reference_logps(graphdef, params, encoded, 8, (32,), place, tmp_path, "float32")
+
+    # Scored on its own: each text as the completion of the first prompt, one row per text.
+    prompt = data.prompt_ids(tokenizer, "", pairs[0]["input"])
+    rows = [prompt + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for t in ("yes", "no")]
+    width, lengths = max(map(len, rows)), np.array([len(r) for r in rows])
+    tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
+    cols = np.arange(width)
+    mask = jnp.asarray((cols >= len(prompt)) & (cols < lengths[:, None]), jnp.float32)
+
+    def gap(p):
+        lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
+        return float(lp[0] - lp[1])
+
+    before = gap(params)
+    step = trainer.make_train_step(graphdef, optimizer, cfg.train, "dpo", place)
+    margins = []
+    for s in range(steps):
+        batch = trainer.batch_rows(s, len(pairs), cfg.train.batch_size, 0, 2)
+        toks, msk = data.batch_arrays(encoded, batch, (32,))
+        params, opt_state, metrics = step(
+            params, opt_state, global_array(toks[None], place.micro),
+            global_array(msk[None], place.micro), global_array(ref[batch][None], place.micro_ref))
+        margins.append(float(metrics["rewards/margins"]))
+    after = gap(params)
+    assert after > before + 1.0, (before, after)
+    assert margins[-1] > 0 and float(metrics["rewards/accuracies"]) == 1.0, margins
