@@ -19,6 +19,15 @@ only how a step is judged:
   largest F1 gap, first found on ties), so both files are per-branch-point and of comparable
   size. Outcome comparisons may still point "the wrong way" for a step (a good query followed by
   a bad answer) — that credit noise is exactly what process supervision removes, so it is kept.
+
+Why this is the outcome counterpart: trajectory-level DPO on a better and a worse trajectory
+sums each side's step log-ratios, and the shared steps before the branch point cancel, so what
+it compares is the two continuations from the branch point on. A step-level trainer can only
+take the first of those steps (later ones have different prompts on each side), which is the
+pair kept here, labelled by final-answer F1 alone. Both pair sets therefore sit at sibling
+branch points of the same trees, and the ablation differs only in the label: PRL's discounted
+subtree mean (SPRE) against ORL's single-trajectory outcome. Preferring every later step of the
+better trajectory needs multi-step pairs in the trainer (`train/data.py`).
 """
 from __future__ import annotations
 
