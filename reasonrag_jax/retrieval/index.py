@@ -9,11 +9,13 @@ the directory can move. It is built under a temporary name and renamed when comp
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import mmap
 import shutil
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,12 @@ import numpy as np
 
 from reasonrag_jax.config import EMBEDDED, RetrievalConfig
 from reasonrag_jax.io import InputError, atomic_dir, file_checksum
+from reasonrag_jax.logs import get_logger
 from reasonrag_jax.retrieval.corpus import iter_corpus
 from reasonrag_jax.retrieval.embed import embed_corpus, embed_texts, gather_chunks
 from reasonrag_jax.sharding import lead_process, sync_processes
 
+log = get_logger(__name__)
 EXACT_MAX = 20_000   # up to this many passages exact search is fast and needs no training
 # ScaNN parameters that are also search-time knobs: `retrieval.scann` overrides them at load
 SEARCH_KNOBS = {"num_leaves_to_search": "leaves_to_search", "reorder": "pre_reorder_num_neighbors"}
@@ -110,6 +114,39 @@ def _work_dir(out_dir: Path, checksum: str, ident: dict[str, Any], dtype: str, c
     return out_dir.parent / f".{out_dir.name}.embeddings-{key.hexdigest()[:12]}"
 
 
+def _backend(cfg: RetrievalConfig, n: int) -> str:
+    """`auto` → exact up to EXACT_MAX passages, else ScaNN; ScaNN where it is not installed
+    (its wheels are Linux-only) → exact, with a one-line notice."""
+    backend = cfg.backend if cfg.backend != "auto" else ("exact" if n <= EXACT_MAX else "scann")
+    if backend == "scann" and importlib.util.find_spec("scann") is None:
+        log.warning("ScaNN is not installed (Linux-only wheels): using exact search")
+        return "exact"
+    return backend
+
+
+def _write_index(corpus: Path, out_dir: Path, cfg: RetrievalConfig, ids: list[str],
+                 write_embeddings: Callable[[Path], np.ndarray], meta: dict[str, Any]) -> Path:
+    """The index directory (atomic): embeddings written by `write_embeddings(path)`, the corpus
+    text, ScaNN when chosen, and `meta` plus the ids and backend."""
+    backend = _backend(cfg, len(ids))
+    meta = {"doc_ids": ids, "num_passages": len(ids), "backend": backend,
+            "embed_dtype": cfg.embed_dtype, **meta}
+    with atomic_dir(out_dir) as tmp:
+        emb = write_embeddings(tmp / "embeddings.npy")
+        offsets = array("q", [0])
+        with open(tmp / "passages.jsonl", "wb") as f:
+            for doc_id, contents in iter_corpus(corpus):
+                line = json.dumps({"id": doc_id, "contents": contents}, ensure_ascii=False) + "\n"
+                offsets.append(offsets[-1] + f.write(line.encode("utf-8")))
+        np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
+        if backend == "scann":
+            meta["scann"] = scann_params(len(ids), cfg.scann)
+            save_scann(build_scann(emb, meta["scann"]), tmp / "scann")
+        del emb
+        (tmp / "metadata.json").write_text(json.dumps(meta))
+    return out_dir
+
+
 def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, encoder=None) -> Path:
     """Embed `corpus` and build the index at `out_dir` (atomic; embedding resumes by chunk)."""
     corpus, out_dir = Path(corpus), Path(out_dir)
@@ -122,28 +159,66 @@ def build_index(corpus: str | Path, out_dir: str | Path, cfg: RetrievalConfig, e
     if not lead_process():                       # the lead builds from every process's chunks
         sync_processes(f"built {out_dir}")
         return out_dir
-    backend = cfg.backend if cfg.backend != "auto" else ("exact" if len(ids) <= EXACT_MAX else "scann")
-    if backend not in ("exact", "scann"):
-        raise InputError(f"retrieval.backend: {backend!r} is not auto, exact or scann")
-    meta = {"doc_ids": ids, "num_passages": len(ids), "corpus_checksum": checksum,
-            "corpus": str(corpus), "encoder": cfg.encoder, "encoder_name": encoder.name,
-            "backend": backend, "embed_dtype": cfg.embed_dtype, **ident}
-    with atomic_dir(out_dir) as tmp:
-        emb = gather_chunks(work, len(ids), encoder.dim, cfg.embed_dtype, tmp / "embeddings.npy")
-        offsets = array("q", [0])
-        with open(tmp / "passages.jsonl", "wb") as f:
-            for doc_id, contents in iter_corpus(corpus):
-                line = json.dumps({"id": doc_id, "contents": contents}, ensure_ascii=False) + "\n"
-                offsets.append(offsets[-1] + f.write(line.encode("utf-8")))
-        np.save(tmp / "offsets.npy", np.frombuffer(offsets, np.int64))
-        if backend == "scann":
-            meta["scann"] = scann_params(len(ids), cfg.scann)
-            save_scann(build_scann(emb, meta["scann"]), tmp / "scann")
-        del emb
-        (tmp / "metadata.json").write_text(json.dumps(meta))
+    meta = {"corpus_checksum": checksum, "corpus": str(corpus), "encoder": cfg.encoder,
+            "encoder_name": encoder.name, **ident}
+    _write_index(corpus, out_dir, cfg, ids, lambda path: gather_chunks(
+        work, len(ids), encoder.dim, cfg.embed_dtype, path), meta)
     shutil.rmtree(work, ignore_errors=True)
     sync_processes(f"built {out_dir}")
     return out_dir
+
+
+def read_faiss_flat(path: Path) -> Any:
+    """A FAISS Flat index (FlashRAG's prebuilt `e5_Flat.index`, ...) opened for its vectors."""
+    try:
+        import faiss
+    except ImportError:
+        raise InputError(f"{path}: reading a FAISS index needs faiss-cpu "
+                         "(pip install 'reasonrag-jax[faiss]')") from None
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP)   # already the concrete class
+    except RuntimeError as e:
+        raise InputError(f"{path}: not a FAISS index ({str(e).splitlines()[-1]})") from None
+    if not isinstance(index, faiss.IndexFlat):
+        raise InputError(f"{path}: a FAISS {type(index).__name__} holds no exact vectors "
+                         "(only Flat indexes can be read back)")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise InputError(f"{path}: FAISS metric {index.metric_type} is not inner product, "
+                         "which is what this retriever searches")
+    return index
+
+
+def build_index_from_faiss(faiss_file: str | Path, corpus: str | Path, out_dir: str | Path,
+                           cfg: RetrievalConfig, encoder=None, block: int = 1 << 16) -> Path:
+    """An index from the vectors of a FAISS Flat index instead of embedding the corpus again
+    (wiki-18 would take days to embed on a CPU). Row i of the FAISS index is line i of the
+    corpus; counts and the encoder's dimension must agree. Lead process only."""
+    faiss_file, corpus, out_dir = Path(faiss_file), Path(corpus), Path(out_dir)
+    index = read_faiss_flat(faiss_file)
+    encoder = encoder or load_encoder(cfg)
+    ids = [doc_id for doc_id, _ in iter_corpus(corpus)]
+    if index.ntotal != len(ids):
+        raise InputError(f"{faiss_file}: holds {index.ntotal} vectors but {corpus} has "
+                         f"{len(ids)} passages")
+    if index.d != encoder.dim:
+        raise InputError(f"{faiss_file}: vectors have dimension {index.d} but encoder "
+                         f"{encoder.name} embeds into {encoder.dim}")
+
+    def write(path: Path) -> np.ndarray:
+        emb = np.lib.format.open_memmap(path, mode="w+", dtype=cfg.embed_dtype,
+                                        shape=(len(ids), index.d))
+        for lo in range(0, len(ids), block):
+            n = min(block, len(ids) - lo)
+            emb[lo:lo + n] = index.reconstruct_n(lo, n)
+        emb.flush()
+        return emb
+
+    meta = {"corpus_checksum": file_checksum(corpus), "corpus": str(corpus),
+            "encoder": cfg.encoder, "encoder_name": encoder.name, "faiss": str(faiss_file),
+            **encoder_id(cfg, encoder)}
+    return _write_index(corpus, out_dir, cfg, ids, write, meta)
 
 
 class Retriever:
@@ -188,9 +263,13 @@ class Retriever:
         if emb.shape != (meta["num_passages"], meta["dim"]):
             raise InputError(f"{index_dir / 'embeddings.npy'}: shape {emb.shape} does not match "
                              f"metadata ({meta['num_passages']}, {meta['dim']})")
-        if meta["backend"] == "exact":
+        scann = meta["backend"] == "scann" and importlib.util.find_spec("scann") is not None
+        if meta["backend"] == "scann" and not scann:
+            log.warning("ScaNN is not installed (Linux-only wheels): searching %s exactly",
+                        index_dir)
+        if not scann:
             emb = np.asarray(emb, np.float32)
-        searcher = load_scann(index_dir / "scann") if meta["backend"] == "scann" else None
+        searcher = load_scann(index_dir / "scann") if scann else None
         knobs = {kw: int(cfg.scann[key]) for key, kw in SEARCH_KNOBS.items() if key in cfg.scann}
         return cls(index_dir, meta, encoder, emb, searcher, knobs, cfg.embed_batch_size)
 

@@ -1,7 +1,14 @@
 """Training data: preference pairs and SFT records → chat-templated, prompt-masked token arrays.
 
-A pair is (prompt, chosen, rejected) where prompt = chat template of (system = instruction,
-user = input) with the generation prompt, and each completion is its text plus EOS. Rows 2i and
+Formats read as they are:
+- RAG-ProGuide / LLaMA-Factory: `instruction` (system, optional), `input` (user), then `chosen`
+  + `rejected` (pairs) or `output` (SFT); the prompt is the chat template of (system, user).
+- TRL preference: `prompt` + `chosen` + `rejected`, either plain strings (the prompt is used as
+  written) or conversational (`prompt` a message list, templated; completions a one-message
+  assistant list).
+- TRL SFT: `messages` (the last, assistant, message is the completion) or `prompt` + `completion`.
+A record becomes `{"instruction", "input", ...}` (RAG-ProGuide) or `{"prompt": str | messages,
+...}`; `prompt_tokens` turns either into ids. Each completion is its text plus EOS. Rows 2i and
 2i + 1 are pair i's chosen and rejected, so one forward pass scores both.
 
 Truncation rule (stated once, applied per example, counted, never dropped): when prompt +
@@ -25,6 +32,7 @@ from reasonrag_jax.io import InputError, read_jsonl, where
 
 PAIR_FIELDS = {"instruction": False, "input": True, "chosen": True, "rejected": True}
 SFT_FIELDS = {"instruction": False, "input": True, "output": True}
+Messages = list[dict[str, str]]
 
 
 @dataclass
@@ -53,49 +61,122 @@ def _records(path: Path) -> list[tuple[int, Any]]:
     return [(i + 1, r) for i, r in enumerate(rows)]
 
 
-def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str, ...]
-          ) -> list[dict[str, str]]:
-    """Text fields (required or defaulting to "") of every record, checked and line-numbered."""
+def _str(path: Path, line: int, name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where(path, line, name)} should be str, got {type(value).__name__}")
+    return value
+
+
+def _messages(path: Path, line: int, name: str, value: Any) -> Messages:
+    """A chat: a non-empty list of `{"role": str, "content": str}`."""
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where(path, line, name)} should be a string or a non-empty list of "
+                         f"messages, got {type(value).__name__}")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise InputError(f"{where(path, line, f'{name}[{i}]')} should be "
+                             '{"role": str, "content": str}')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt(path: Path, line: int, name: str, value: Any) -> str | Messages:
+    return value if isinstance(value, str) else _messages(path, line, name, value)
+
+
+def _completion(path: Path, line: int, name: str, value: Any) -> str:
+    """A completion: a string, or TRL's conversational `[{"role": "assistant", ...}]`."""
+    if isinstance(value, str):
+        return value
+    messages = _messages(path, line, name, value)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise InputError(f"{where(path, line, name)} should be one assistant message")
+    return messages[0]["content"]
+
+
+def _rag_proguide(path: Path, line: int, obj: dict[str, Any], fields: dict[str, bool]
+                  ) -> dict[str, str]:
+    rec = {}
+    for name, required in fields.items():
+        if name not in obj and required:
+            raise InputError(f"{where(path, line, name)} is missing")
+        rec[name] = _str(path, line, name, obj.get(name, ""))
+    return rec
+
+
+def _trl(path: Path, line: int, obj: dict[str, Any], completions: tuple[str, ...]
+         ) -> dict[str, Any]:
+    rec: dict[str, Any] = {"prompt": _prompt(path, line, "prompt", obj["prompt"])}
+    for name in completions:
+        if name not in obj:
+            raise InputError(f"{where(path, line, name)} is missing")
+        rec[name] = _completion(path, line, name, obj[name])
+    return rec
+
+
+def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str, ...],
+          trl: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every record, in RAG-ProGuide's fields (`instruction`/`input`) or TRL's (`prompt` +
+    the `trl` completion fields, or SFT `messages`), checked and line-numbered."""
     path = Path(path)
     out = []
     for line, obj in _records(path):
         if not isinstance(obj, dict):
             raise InputError(f"{where(path, line)}: expected a JSON object, "
                              f"got {type(obj).__name__}")
-        rec = {}
-        for name, required in fields.items():
-            if name not in obj and required:
-                raise InputError(f"{where(path, line, name)} is missing")
-            value = obj.get(name, "")
-            if not isinstance(value, str):
-                raise InputError(f"{where(path, line, name)} should be str, "
-                                 f"got {type(value).__name__}")
-            rec[name] = value
-        for name in distinct:
+        if "prompt" in obj and not {"instruction", "input"} & set(obj):
+            rec = _trl(path, line, obj, trl)
+        elif "messages" in obj and trl == ("completion",):
+            messages = _messages(path, line, "messages", obj["messages"])
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise InputError(f"{where(path, line, 'messages')} should end with an "
+                                 "assistant message after the prompt")
+            rec = {"prompt": messages[:-1], "completion": messages[-1]["content"]}
+        else:
+            rec = _rag_proguide(path, line, obj, fields)
+        names = distinct if "input" in rec else tuple(n for n in trl if n in rec)
+        for name in names:
             if not rec[name].strip():
                 raise InputError(f"{where(path, line, name)} is empty")
-        if len(distinct) == 2 and rec[distinct[0]] == rec[distinct[1]]:
-            raise InputError(f"{where(path, line, distinct[1])} is identical to '{distinct[0]}'")
+        if len(names) == 2 and rec[names[0]] == rec[names[1]]:
+            raise InputError(f"{where(path, line, names[1])} is identical to '{names[0]}'")
         out.append(rec)
     return out
 
 
-def read_pairs(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Preference pairs: `instruction` (optional), `input`, `chosen`, `rejected`."""
-    return _read(path, PAIR_FIELDS, ("chosen", "rejected"))
+def read_pairs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Preference pairs: RAG-ProGuide `instruction` (optional), `input`, `chosen`, `rejected`;
+    or TRL `prompt`, `chosen`, `rejected` (plain or conversational)."""
+    return _read(path, PAIR_FIELDS, ("chosen", "rejected"), ("chosen", "rejected"))
 
 
-def read_sft(path: str | os.PathLike) -> list[dict[str, str]]:
-    """SFT records `{"instruction", "input", "output"}` (LLaMA-Factory style)."""
-    return _read(path, SFT_FIELDS, ("output",))
+def read_sft(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """SFT records: `{"instruction", "input", "output"}` (LLaMA-Factory style), TRL `messages`,
+    or TRL `prompt` + `completion`."""
+    return _read(path, SFT_FIELDS, ("output",), ("completion",))
 
 
 def prompt_ids(tokenizer: Any, instruction: str, user: str) -> list[int]:
     """Token ids of chat_template([system=instruction, user=input], add_generation_prompt)."""
     messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
         {"role": "user", "content": user}]
+    return chat_ids(tokenizer, messages)
+
+
+def chat_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """Token ids of chat_template(messages, add_generation_prompt)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_tokens(tokenizer: Any, rec: dict[str, Any]) -> list[int]:
+    """The prompt of a record from `read_pairs` / `read_sft`: templated for RAG-ProGuide fields
+    and message lists, as written for a plain TRL prompt string."""
+    if "input" in rec:
+        return prompt_ids(tokenizer, rec.get("instruction", ""), rec["input"])
+    if isinstance(rec["prompt"], str):
+        return tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+    return chat_ids(tokenizer, rec["prompt"])
 
 
 def truncate(prompt: list[int], completions: list[list[int]], max_length: int
@@ -109,15 +190,15 @@ def truncate(prompt: list[int], completions: list[list[int]], max_length: int
     return prompt, [c[: max_length - keep] for c in completions], True
 
 
-def encode(tokenizer: Any, groups: Sequence[tuple[str, str, Sequence[str]]], max_length: int
+def encode(tokenizer: Any, groups: Sequence[tuple[dict[str, Any], Sequence[str]]], max_length: int
            ) -> Encoded:
-    """(instruction, input, completions sharing that prompt) → one padded row per completion."""
+    """(record, completions sharing its prompt) → one padded row per completion."""
     if max_length < 2:
         raise InputError(f"train.max_length must be at least 2, got {max_length}")
     eos = tokenizer.eos_token_id
     rows, prompt_lens, truncated = [], [], 0
-    for instruction, user, completions in groups:
-        p = prompt_ids(tokenizer, instruction, user)
+    for rec, completions in groups:
+        p = prompt_tokens(tokenizer, rec)
         cs = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
         p, cs, cut = truncate(p, cs, max_length)
         truncated += cut
@@ -133,13 +214,12 @@ def encode(tokenizer: Any, groups: Sequence[tuple[str, str, Sequence[str]]], max
     return Encoded(tokens, loss_mask.astype(np.float32), lengths, truncated)
 
 
-def encode_pairs(tokenizer: Any, pairs: list[dict[str, str]], max_length: int) -> Encoded:
-    return encode(tokenizer, [(p["instruction"], p["input"], (p["chosen"], p["rejected"]))
-                              for p in pairs], max_length)
+def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int) -> Encoded:
+    return encode(tokenizer, [(p, (p["chosen"], p["rejected"])) for p in pairs], max_length)
 
 
-def encode_sft(tokenizer: Any, records: list[dict[str, str]], max_length: int) -> Encoded:
-    return encode(tokenizer, [(r["instruction"], r["input"], (r["output"],)) for r in records],
+def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> Encoded:
+    return encode(tokenizer, [(r, (r.get("output", r.get("completion")),)) for r in records],
                   max_length)
 
 
