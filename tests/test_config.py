@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from reasonrag_jax.config import Config, load_config, to_dict
+from reasonrag_jax.config import Config, load_config, shipped_configs, to_dict
 from reasonrag_jax.io import InputError
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -58,3 +58,34 @@ def test_bad_overrides():
         load_config(None, ["train.beta"])
     with pytest.raises(InputError, match="missing.yaml: config file not found"):
         load_config("missing.yaml")
+
+
+def test_every_repository_config_ships_and_loads_by_name():
+    """`--config qwen2_5_7b_8xh100` reads the packaged copy, which is the repository's file."""
+    assert shipped_configs() == [p.stem for p in CONFIGS]
+    for path in CONFIGS:
+        assert load_config(path.stem) == load_config(path) == load_config(path.name)
+    with pytest.raises(InputError, match="nope: config file not found \\(shipped configs: "):
+        load_config("nope")
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    import yaml
+
+    from reasonrag_jax.cli import main
+
+    assert main(["config", "--config", "qwen2_5_7b_8xh100", "--set", "train.beta=0.25"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config("qwen2_5_7b_8xh100", ["train.beta=0.25"]))
+    assert printed["train"]["beta"] == 0.25
+
+
+def test_version_through_python_dash_m():
+    import subprocess
+    import sys
+
+    import reasonrag_jax
+
+    r = subprocess.run([sys.executable, "-m", "reasonrag_jax", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == f"reasonrag-jax {reasonrag_jax.__version__}\n"
