@@ -97,31 +97,68 @@ def test_cache_prefill_and_ragged_decode_match_full_forward(tiny):
         np.testing.assert_allclose(logits[:, 0], full[np.arange(3), pos], atol=1e-4, rtol=0)
 
 
-def test_remat_is_exact_and_bfloat16_is_close(tiny_llama_cfg):
-    model = Decoder(tiny_llama_cfg, rngs=nnx.Rngs(0))
+def equations(jaxpr):
+    """Every equation of a traced program, inside scans, jits and remat blocks too."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)           # ClosedJaxpr → Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from equations(sub)
+
+
+def variants(cfg):
+    """(functional forward of a random Decoder(cfg), its params, `with_cfg(**changes)`: the same
+    forward and params for the changed config), on fixed tokens."""
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 9), dtype=np.int32))
     positions = arange_positions(2, 9)
 
-    def variant(**changes):
-        other = Decoder(dataclasses.replace(model.cfg, **changes), rngs=nnx.Rngs(0))
-        nnx.update(other, nnx.state(model))
-        return other
+    def with_cfg(**changes):
+        graphdef = nnx.graphdef(Decoder(dataclasses.replace(cfg, **changes), rngs=nnx.Rngs(0)))
+        return lambda s: nnx.merge(graphdef, s)(tokens, positions)[0]
 
-    @nnx.jit
-    def loss_and_grad(m):
-        return nnx.value_and_grad(lambda m: jnp.mean(jax.nn.log_softmax(
-            m(tokens, positions)[0])[..., 0]))(m)
+    return with_cfg, state
 
-    base_loss, base_grad = loss_and_grad(model)
-    remat_loss, remat_grad = loss_and_grad(variant(remat=True))
+
+def test_remat_is_exact_and_in_the_traced_program(tiny_llama_cfg):
+    with_cfg, state = variants(tiny_llama_cfg)
+
+    def loss(forward):
+        return lambda s: jnp.mean(jax.nn.log_softmax(forward(s))[..., 0])
+
+    def remat_in(program):
+        return any("remat" in e.primitive.name or e.primitive.name == "checkpoint"
+                   for e in equations(program.jaxpr))
+
+    base, remat = loss(with_cfg()), loss(with_cfg(remat=True))
+    assert remat_in(jax.make_jaxpr(jax.grad(remat))(state))
+    assert not remat_in(jax.make_jaxpr(jax.grad(base))(state))
+    base_loss, base_grad = jax.jit(jax.value_and_grad(base))(state)
+    remat_loss, remat_grad = jax.jit(jax.value_and_grad(remat))(state)
     np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                 nnx.state(remat_grad), nnx.state(base_grad))
+                 remat_grad, base_grad)
 
-    full32 = forward(model, tokens, positions)
-    bf16 = forward(variant(dtype="bfloat16"), tokens, positions)
-    assert bf16.dtype == jnp.float32
-    assert np.abs(np.asarray(bf16) - np.asarray(full32)).max() < 0.05 * np.abs(full32).max()
+
+def test_bfloat16_runs_in_bfloat16_within_its_precision(tiny_llama_cfg):
+    """Every matmul takes bfloat16 operands (float32 accumulation), and the logits' error is of
+    bfloat16's order: each matmul's inputs are rounded to 8 significant bits (unit roundoff
+    u = 2^-8, so ≤ 2u relative per matmul); the logits carry that from each of the 2L residual
+    sub-blocks and the head, ≤ (2L + 1) · 2u of the largest logit. Above float32's roundoff by
+    far (> u / 16), so a model that silently ran in float32 fails too."""
+    with_cfg, state = variants(tiny_llama_cfg)
+    bf16 = with_cfg(dtype="bfloat16")
+    dots = [e for e in equations(jax.make_jaxpr(bf16)(state).jaxpr)
+            if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    full32, low = jax.jit(with_cfg())(state), jax.jit(bf16)(state)
+    assert low.dtype == jnp.float32
+    u, scale = 2.0 ** -8, float(np.abs(full32).max())
+    err = float(np.abs(np.asarray(low) - np.asarray(full32)).max())
+    assert u / 16 * scale < err <= (2 * tiny_llama_cfg.num_layers + 1) * 2 * u * scale, err / scale
 
 
 def test_every_param_has_logical_axis_names(tiny_qwen2_cfg):
