@@ -1,15 +1,22 @@
 """DPO training throughput and peak memory: our jitted step vs TRL `DPOTrainer` on torch CPU.
 
-Same model (SmolLM2-135M-Instruct, float32), same pairs, batch and sequence length, reference
-log-probs precomputed on both sides (not timed), sigmoid loss at β 0.3, AdamW + clipping,
-activations recomputed in the backward pass on both sides (our `model.remat`, TRL's default
-gradient checkpointing). Every row is exactly `--seq` tokens (prompts are short, completions
-long and cut at the end, which is both our truncation rule and TRL's `keep_start`), so tokens/s
-counts the same tokens on both sides. Each side runs in its own process so its peak RSS is its own.
+Same model (SmolLM2-135M-Instruct, float32), the same pairs in the same order (file order, no
+shuffling on either side), batch and sequence length, reference log-probs precomputed on both
+sides (not timed), sigmoid loss at β 0.3, AdamW + clipping, the same warm-up + cosine schedule,
+activations recomputed in the backward pass on both sides (our `model.remat`, TRL's gradient
+checkpointing). Every TRL setting that decides what is computed is set explicitly, not left to
+TRL's defaults. Every row is exactly `--seq` tokens (prompts are short, completions long and
+cut at the end, which is both our truncation rule and TRL's `keep_start`), so tokens/s counts
+the same tokens on both sides. Each side runs in its own process so its peak RSS is its own.
+
+`first_loss_abs_diff` compares the first step's loss; the policy equals the reference there, so
+both sides should sit at ln 2 (a check that they score the same tokens alike);
+`loss_abs_diff_max` compares every step's loss, after the updates too.
 
     .venv/bin/python bench/dpo.py [--batch 4 --seq 256 --steps 5 --warmup 1]
 
-Prints progress, then one JSON line: jax_tok_s, trl_tok_s, ratio, jax_peak_rss_mb, trl_peak_rss_mb.
+Prints progress, then one JSON line: jax_tok_s, trl_tok_s, ratio, jax_peak_rss_mb, trl_peak_rss_mb,
+first_loss_abs_diff, loss_abs_diff_max, … , isa.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import print_result
 
 WORDS = ("river stone archive lantern harbor meadow signal copper garden violet engine summit "
          "quarry pilot orchard canyon beacon ledger marble falcon").split()
@@ -77,7 +86,7 @@ def run_jax(args) -> dict:
     step = trainer.make_train_step(graphdef, optimizer, cfg.train, "dpo", place)
     elapsed, losses = 0.0, []
     for s in range(total):
-        rows = trainer.batch_rows(s, len(pairs), args.batch, 0, 2)
+        rows = np.arange(2 * s * args.batch, 2 * (s + 1) * args.batch)   # file order, as TRL
         tokens, mask = batch_arrays(data, rows, (args.seq,))
         t0 = time.perf_counter()
         batch = (global_array(tokens[None], place.micro), global_array(mask[None], place.micro),
@@ -127,12 +136,17 @@ def run_trl(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch, max_length=args.seq, beta=0.3,
-            learning_rate=1e-6, lr_scheduler_type="cosine", warmup_steps=max(1, total // 5),
-            max_grad_norm=1.0,
-            weight_decay=0.0, max_steps=total, precompute_ref_log_probs=True, logging_steps=1,
-            report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
-            bf16=False, fp16=False)
+            output_dir=tmp, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+            max_length=args.seq, truncation_mode="keep_start", padding_free=False,
+            pad_to_multiple_of=None, loss_type=["sigmoid"], beta=0.3, label_smoothing=0.0,
+            precompute_ref_log_probs=True, gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=True,
+            train_sampling_strategy="sequential", dataloader_drop_last=False,
+            optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+            learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine",
+            warmup_steps=max(int(0.2 * total), 1),       # trainer.make_optimizer's warm-up rule
+            max_steps=total, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
+            dataloader_num_workers=0, seed=0, bf16=False, fp16=False)
         dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[Timer()])
         lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in dpo.train_dataset]
@@ -177,11 +191,14 @@ def main() -> None:
                   f"{results[side]['peak_rss_mb']:.0f} MB, losses {results[side]['losses']}",
                   flush=True)
     jax_r, trl_r = results["jax"], results["trl"]
-    print(json.dumps({"jax_tok_s": round(jax_r["tok_s"], 1), "trl_tok_s": round(trl_r["tok_s"], 1),
-                      "ratio": round(jax_r["tok_s"] / trl_r["tok_s"], 2),
-                      "jax_peak_rss_mb": round(jax_r["peak_rss_mb"]),
-                      "trl_peak_rss_mb": round(trl_r["peak_rss_mb"]),
-                      "batch_pairs": args.batch, "seq_len": args.seq, "timed_steps": args.steps}))
+    diffs = [abs(a - b) for a, b in zip(jax_r["losses"], trl_r["losses"], strict=True)]
+    print_result({"jax_tok_s": round(jax_r["tok_s"], 1), "trl_tok_s": round(trl_r["tok_s"], 1),
+                  "ratio": round(jax_r["tok_s"] / trl_r["tok_s"], 2),
+                  "jax_peak_rss_mb": round(jax_r["peak_rss_mb"]),
+                  "trl_peak_rss_mb": round(trl_r["peak_rss_mb"]),
+                  "first_loss_abs_diff": float(f"{diffs[0]:.3g}"),
+                  "loss_abs_diff_max": float(f"{max(diffs):.3g}"),
+                  "batch_pairs": args.batch, "seq_len": args.seq, "timed_steps": args.steps})
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 """MCTS bookkeeping: the batched array tree against one Python object per node.
 
-One iteration is what the search loop does between sampler calls in every tree: select a node
-by UCT, add a child with its value, back the value up. The reference is the original's
-structure: a `Node` object with a list of children, and a Python loop over the B trees. Both get
-the same values and terminal flags; trees grow to 64 simulations (65 nodes, 2 children).
+One iteration is what `search` does between sampler calls in every tree: `select` a node by
+UCT, bring the leaves to the host, `add_child` with its value, bring the children to the host,
+`backup` the value — three jitted calls with their host round trips, timed exactly as `search`
+makes them. The peer is the original's structure: a `Node` object with a list of children, and
+a Python loop over the B trees. Both get the same values and terminal flags; trees grow to 64
+simulations (65 nodes, 2 children). The peer is pure Python and runs in this process (no thread
+pool or cache for the two sides to share).
 
-`bookkeeping_fraction` is measured on a real small `generate` run (SmolLM2, guided, synthetic
-questions) as the share of wall time spent outside the sampler and retriever calls; `--no-real`
-skips it (reported as null). Prints the curve over B, then one JSON line:
-`{"jax_iter_ms_b256", "object_tree_iter_ms_b256", "ratio_b256", "bookkeeping_fraction", ...}`.
+`bookkeeping_fraction` is the share of a real small `generate` run's wall time (SmolLM2, guided,
+synthetic questions) spent in those tree calls, timed by wrapping them during the run;
+`--no-real` skips it (null). Prints the curve over B, then one JSON line:
+`{"jax_iter_ms_b256", "object_tree_iter_ms_b256", "ratio_b256", "bookkeeping_fraction",
+"outside_model_fraction", "real_run_s", "curve", "isa"}`.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/mcts.py [--no-real]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import print_result
 
 from reasonrag_jax.mcts import tree as T
 
@@ -76,17 +80,38 @@ def schedule(b: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.random((SIMULATIONS, b)) < 0.2)
 
 
+def search_iteration(tree: T.Tree, c_uct: jax.Array, rows: np.ndarray, at_node: np.ndarray,
+                     values: np.ndarray, terminal: np.ndarray) -> T.Tree:
+    """One iteration of `reasonrag_jax.mcts.search.search` without the sampler: the same three
+    tree calls with the same host round trips between them (the selected leaves come back to
+    the host to look up their episodes; the new children come back to be filed in the table).
+    `at_node[b, node]` stands in for that table's `done` flags."""
+    n = tree.parent.shape[1]
+    room = np.asarray(tree.num_nodes) < n
+    leaf = np.asarray(T.select(tree, c_uct))
+    at_end = at_node[rows, leaf]
+    valid = room & ~at_end
+    kind = np.where(terminal, T.KINDS.index("answer"), T.KINDS.index("query")).astype(np.int32)
+    tree, child = T.add_child(tree, jnp.asarray(leaf), jnp.asarray(kind), jnp.asarray(values),
+                              jnp.asarray(terminal), jnp.asarray(valid))
+    child = np.asarray(child)
+    at_node[rows[valid], child[valid]] = terminal[valid]
+    node = np.where(valid, child, leaf)
+    return T.backup(tree, jnp.asarray(node), tree.reward[rows, node],
+                    jnp.asarray(valid | (room & at_end)))
+
+
 def time_jax(b: int, repeats: int) -> float:
     values, terminal = schedule(b)
-    values, terminal = list(jnp.asarray(values)), list(jnp.asarray(terminal))
-    kind, c = jnp.ones((b,), jnp.int32), jnp.full((b,), C_UCT, jnp.float32)
+    c, rows = jnp.full((b,), C_UCT, jnp.float32), np.arange(b)
     best = math.inf
     for _ in range(repeats + 1):       # the first pass compiles
         tree = T.init(b, SIMULATIONS + 1, CHILDREN)
+        at_node = np.zeros((b, SIMULATIONS + 1), bool)
         jax.block_until_ready(tree)
         start = time.perf_counter()
         for i in range(SIMULATIONS):
-            tree, _, _ = T.iteration(tree, c, kind, values[i], terminal[i])
+            tree = search_iteration(tree, c, rows, at_node, values[i], terminal[i])
         jax.block_until_ready(tree)
         best = min(best, time.perf_counter() - start)
     return 1e3 * best / SIMULATIONS
@@ -104,8 +129,11 @@ def time_objects(b: int, repeats: int) -> float:
     return 1e3 * best / SIMULATIONS
 
 
-def bookkeeping_fraction(questions: int = 4, rollouts: int = 8) -> float:
-    """Share of a real small `generate` run's wall time spent outside sampler and retriever."""
+def real_run_fractions(questions: int = 4, rollouts: int = 8) -> dict[str, float]:
+    """Shares of a real small `generate` run's wall time (SmolLM2, guided, synthetic questions):
+    `bookkeeping_fraction` in the tree calls `search` makes (select, add_child, backup, each
+    waited for, so its device time counts where it is spent) and `outside_model_fraction`
+    outside the sampler and retriever (tree calls, SPRE arithmetic, pairs, files)."""
     from reasonrag_jax.agent.episodes import EpisodeRunner
     from reasonrag_jax.config import load_config
     from reasonrag_jax.data.qa import read_qa
@@ -124,33 +152,36 @@ def bookkeeping_fraction(questions: int = 4, rollouts: int = 8) -> float:
     model, tokenizer = load_policy("embedded")
     sampler = Sampler(model, tokenizer, cfg.sampler)
     retriever = Retriever.load(index, cfg.retrieval)
-    inside = [0.0]
+    spent = {"tree": 0.0, "model": 0.0}
 
-    def timed(fn):
+    def timed(fn, key):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return jax.block_until_ready(fn(*args, **kwargs))
             finally:
-                inside[0] += time.perf_counter() - start
+                spent[key] += time.perf_counter() - start
         return wrapper
 
-    for obj, names in ((sampler, ("generate", "score")), (retriever, ("search",))):
+    for obj, names, key in ((sampler, ("generate", "score"), "model"),
+                            (retriever, ("search",), "model"),
+                            (T, ("select", "add_child", "backup"), "tree")):
         for name in names:
-            setattr(obj, name, timed(getattr(obj, name)))
+            setattr(obj, name, timed(getattr(obj, name), key))
     runner = EpisodeRunner(sampler, retriever, cfg.agent)
     examples = read_qa(files["train"])
     # Warm-up on other questions of the same batch size: compiles the sampler buckets and the
     # tree ops for these shapes, and imports matplotlib, so the timed run measures steady state.
     generate(runner, examples[questions:2 * questions], output_paths(work / "warm.jsonl"),
              cfg.mcts, 0)
-    examples = examples[:questions]
-    inside[0] = 0.0
+    spent.update(tree=0.0, model=0.0)
     start = time.perf_counter()
-    generate(runner, examples, output_paths(work / "pairs.jsonl"), cfg.mcts, 0)
+    generate(runner, examples[:questions], output_paths(work / "pairs.jsonl"), cfg.mcts, 0)
     wall = time.perf_counter() - start
-    print(f"real run: {wall:.1f} s wall, {inside[0]:.1f} s in sampler + retriever", flush=True)
-    return (wall - inside[0]) / wall
+    print(f"real run: {wall:.1f} s wall, {spent['model']:.1f} s in sampler + retriever, "
+          f"{spent['tree']:.3f} s in tree calls", flush=True)
+    return {"bookkeeping_fraction": spent["tree"] / wall,
+            "outside_model_fraction": (wall - spent["model"]) / wall, "real_run_s": wall}
 
 
 def main() -> None:
@@ -166,12 +197,15 @@ def main() -> None:
         print(f"B={b:5d}  jax {jax_ms:8.3f} ms/iter  objects {obj_ms:8.3f} ms/iter  "
               f"ratio {obj_ms / jax_ms:7.1f}", flush=True)
     jax_256, obj_256 = curve.get(256, (math.nan, math.nan))
-    result = {"jax_iter_ms_b256": round(jax_256, 4), "object_tree_iter_ms_b256": round(obj_256, 4),
-              "ratio_b256": round(obj_256 / jax_256, 2),
-              "bookkeeping_fraction": None if args.no_real else round(bookkeeping_fraction(), 4),
-              "curve": {str(b): {"jax_ms": round(j, 4), "object_ms": round(o, 4)}
-                        for b, (j, o) in curve.items()}}
-    print(json.dumps(result))
+    real = dict.fromkeys(("bookkeeping_fraction", "outside_model_fraction", "real_run_s"))
+    if not args.no_real:
+        real = real_run_fractions()
+    print_result({"jax_iter_ms_b256": round(jax_256, 4),
+                  "object_tree_iter_ms_b256": round(obj_256, 4),
+                  "ratio_b256": round(obj_256 / jax_256, 2),
+                  **{k: None if v is None else round(v, 4) for k, v in real.items()},
+                  "curve": {str(b): {"jax_ms": round(j, 4), "object_ms": round(o, 4)}
+                            for b, (j, o) in curve.items()}})
 
 
 if __name__ == "__main__":

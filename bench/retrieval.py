@@ -11,8 +11,12 @@ Build time, resident-memory growth and on-disk size of each index are reported p
 Encoder: passages/s of the Flax all-MiniLM-L6-v2 (`embed_texts`, the indexing path) against
 sentence-transformers on torch for the same model, same passages, batch 64, both warmed up.
 
+The peers run in this process, not a separate one: FAISS, numpy and ScaNN search in turn (each
+index freed before the next is built, memory measured as resident-set growth), and
+sentence-transformers after the Flax encoder, each side warmed up and timed on its own.
+
 Prints progress lines, then one JSON line:
-`{"scann_qps_1m", "faiss_flat_qps_1m", "ratio_1m", "recall_1m", "encoder_ratio"}`.
+`{"scann_qps_1m", "faiss_flat_qps_1m", "ratio_1m", "recall_1m", "encoder_ratio", "isa"}`.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/retrieval.py [--sizes 10000,100000,1000000]
 """
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from common import print_result
 
 DIM, K, QUERIES, TUNE_QUERIES, CLUSTERS = 384, 10, 10_000, 1_000, 1_000
 
@@ -185,10 +190,10 @@ def main() -> None:
     log(json.dumps({"sizes": rows}))
     enc = {} if args.skip_encoder else bench_encoder()
     big = rows[-1]
-    print(json.dumps({"scann_qps_1m": round(big["scann_qps"], 1),
-                      "faiss_flat_qps_1m": round(big["faiss_qps"], 1),
-                      "ratio_1m": round(big["ratio"], 2), "recall_1m": round(big["scann_recall"], 4),
-                      "encoder_ratio": round(enc["encoder_ratio"], 3) if enc else None}))
+    print_result({"scann_qps_1m": round(big["scann_qps"], 1),
+                  "faiss_flat_qps_1m": round(big["faiss_qps"], 1),
+                  "ratio_1m": round(big["ratio"], 2), "recall_1m": round(big["scann_recall"], 4),
+                  "encoder_ratio": round(enc["encoder_ratio"], 3) if enc else None})
 
 
 if __name__ == "__main__":

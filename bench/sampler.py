@@ -1,8 +1,11 @@
 """Sampler throughput: the jitted JAX sampler against `transformers.generate`, SmolLM2-135M.
 
 256-token prompts, 128 new tokens, greedy, float32, batch 1 and 16. transformers (torch CPU)
-runs in a child process with the same thread count, so neither warms the other's caches or
-thread pools. EOS is ignored on both sides so every row decodes exactly 128 tokens.
+runs in a child process, so neither warms the other's caches or thread pools. Both sides get the
+same threads: the process is pinned to `--threads` CPUs before JAX starts (XLA:CPU sizes its
+thread pool by the CPUs it may run on) and the child inherits the pinning and sets torch to as
+many threads; both counts are reported. Both sides take the best of the same `--repeats` runs
+for every timing. EOS is ignored on both sides so every row decodes exactly 128 tokens.
 
 The decode floor is measured in the same run: the policy's weight bytes over the machine's copy
 bandwidth (STREAM convention: bytes read + bytes written per second). A decode step must read
@@ -12,9 +15,10 @@ stream the weights at — the floor this engine can reach, against the copy-band
 
 Prints progress lines, then one JSON line:
 `{"jax_tok_s_b1", "hf_tok_s_b1", "ratio_b1", "jax_tok_s_b16", "hf_tok_s_b16", "ratio_b16",
-"decode_step_ms_b16", "decode_floor_ms_b16", "greedy_match"}` (+ breakdown fields).
+"decode_step_ms_b16", "decode_floor_ms_b16", "greedy_match", "jax_threads", "torch_threads",
+"repeats", "isa"}` (+ breakdown fields).
 
-    JAX_PLATFORMS=cpu .venv/bin/python bench/sampler.py [--threads N] [--jax-only]
+    JAX_PLATFORMS=cpu .venv/bin/python bench/sampler.py [--threads N] [--repeats R] [--jax-only]
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import print_result
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 256, 128, (1, 16)
 PASSAGE = ("The river town of {i} grew around a stone bridge built in {y}. Its market sold wool, "
@@ -91,7 +96,7 @@ def matmul_step_ms(params: dict, cfg, rows: int = 16, repeats: int = 7) -> float
     return 1e3 * best_of(repeats, lambda: jax.block_until_ready(matmuls(params, x)))[0]
 
 
-def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
+def hf_child(prompts_file: str, threads: int, repeats: int, model_dir: str) -> None:
     """Runs in the child process: transformers greedy generate, timings + tokens as JSON."""
     import torch
     import transformers
@@ -107,12 +112,12 @@ def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
             return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=new, min_new_tokens=new)
 
-    out = {}
+    out = {"threads": torch.get_num_threads()}
     for b in BATCHES:
         ids = torch.tensor(prompts[:b])
         run(ids, 2)
-        out[f"prefill_s_b{b}"] = best_of(1 if b > 1 else 2, run, ids, 1)[0]
-        out[f"total_s_b{b}"], tokens = best_of(1, run, ids, NEW_TOKENS)
+        out[f"prefill_s_b{b}"] = best_of(repeats, run, ids, 1)[0]
+        out[f"total_s_b{b}"], tokens = best_of(repeats, run, ids, NEW_TOKENS)
         out[f"tokens_b{b}"] = tokens[:, PROMPT_LEN:].tolist()
         log(f"hf  batch {b}: {b * NEW_TOKENS / out[f'total_s_b{b}']:.1f} tok/s "
             f"(prefill {out[f'prefill_s_b{b}']:.2f} s)")
@@ -121,16 +126,19 @@ def hf_child(prompts_file: str, threads: int, model_dir: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeats", type=int, default=2, help="runs per timing, best taken")
     ap.add_argument("--jax-only", action="store_true",
                     help="skip transformers (its fields are null): a quick decode-floor check")
     ap.add_argument("--hf-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # Before JAX or torch start their thread pools; the transformers child inherits it.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
 
     from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir
     model_dir = gguf_as_hf_dir(embedded_policy_path())
     if args.hf_child:
-        hf_child(args.hf_child[0], args.threads, args.hf_child[1])
+        hf_child(args.hf_child[0], args.threads, args.repeats, args.hf_child[1])
         return
 
     import jax
@@ -148,7 +156,8 @@ def main() -> None:
         if not args.jax_only:
             log(f"transformers in a child process, {args.threads} threads ...")
             child = subprocess.run(
-                [sys.executable, __file__, "--threads", str(args.threads), "--hf-child",
+                [sys.executable, __file__, "--threads", str(args.threads), "--repeats",
+                 str(args.repeats), "--hf-child",
                  str(prompts_file), str(model_dir)], check=True, stdout=subprocess.PIPE, text=True)
             hf = json.loads(child.stdout.strip().splitlines()[-1])
 
@@ -159,9 +168,10 @@ def main() -> None:
     for b in BATCHES:
         rows, seeds = prompts[:b], list(range(b))
         sampler.generate_ids(rows, params, seeds)                         # compile
-        res[f"prefill_s_b{b}"] = best_of(2, sampler.generate_ids, rows, first, seeds)[0]
-        res[f"total_s_b{b}"], out = best_of(2 if b == 1 else 1, sampler.generate_ids, rows,
-                                            params, seeds)
+        res[f"prefill_s_b{b}"] = best_of(args.repeats, sampler.generate_ids, rows, first,
+                                         seeds)[0]
+        res[f"total_s_b{b}"], out = best_of(args.repeats, sampler.generate_ids, rows, params,
+                                            seeds)
         tokens = [c[0].token_ids for c in out]
         same = [a == h for a, h in zip(tokens, hf.get(f"tokens_b{b}", []))]
         match &= all(same)
@@ -204,9 +214,11 @@ def main() -> None:
         "jax_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, res, "prefill_s_b16"),
         "hf_prefill_tok_s_b16": per_s(16 * PROMPT_LEN, hf, "prefill_s_b16"),
         "copy_gb_s": bandwidth / 1e9,
-        "threads": args.threads,
+        "jax_threads": len(os.sched_getaffinity(0)),
+        "torch_threads": hf.get("threads"),
+        "repeats": args.repeats,
     }
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+    print_result({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
 
 
 if __name__ == "__main__":
