@@ -1,31 +1,51 @@
-"""Batched, jit-compiled sampling from the decoder: prefill once, decode in device-side chunks.
+"""Batched, jit-compiled sampling from the decoder, each prompt prefix computed once.
 
-Evaluation, MCTS expansion and SPRE rollouts all call `Sampler.generate`. Shapes are bucketed
-(batch, prompt length, cache length) so a new prompt length inside a bucket reuses the compiled
-program; params are jit arguments, so swapping trained weights never recompiles. Decoding runs
-`chunk` tokens per device call inside a `lax.while_loop` that exits when every row is done;
-stop strings are then matched on the decoded text on the host, which is exact whatever the
-tokenisation of the stop string in context. `n` samples of a prompt share its prefill (cache rows
-are gathered). The sampler keeps the weights in the decoder's serving layout (per-layer arrays,
-see `decoder.forward`), so a decode step reads each weight and cache buffer once, in place.
+Evaluation, MCTS expansion and SPRE rollouts all call `Sampler.generate` and `Sampler.score`,
+and their prompts share long prefixes: the system prompt of every step, the prompt that a guided
+step scores two scaffolds after and then continues, the node prompt that every MCTS child and
+SPRE rollout starts from. A call runs in two parts:
+
+- **Prefill from the prefix cache.** Identical prompts are computed once. Each prompt starts
+  from its longest cached prefix of full pages (`prefix_cache`) and only the rest is prefilled,
+  rows of similar length together, at most `prefill_tokens` token slots per device call; the new
+  full pages are stored for later prompts. `score` first prefills the prompts, then scores every
+  continuation from the prompt's pages, so a guided choice reads its prompt once and the
+  generation after the chosen scaffold starts from the same pages.
+- **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `chunk` tokens per
+  device call inside a `lax.while_loop`; stop strings are matched on the host on the decoded
+  text, exact whatever the tokenisation. A row that stops frees its slot at once and waiting
+  requests are prefilled into free slots, so short rows never wait for long ones. `n` samples
+  of a prompt share its prefill (cache rows are gathered).
+
+Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
+recompile; the weights live in the decoder's serving layout (per-layer arrays, see
+`decoder.forward`).
+
+Determinism: a row's output depends only on (its prompt, its seed, the sampling parameters) —
+never on the other rows, the cache length of the call, or what was cached. Measured on XLA:CPU,
+a matmul gives a row the same bits for every row count between 64 and 2048 (and for none
+outside it), so every prefill call holds 64..`prefill_tokens` token slots, every decode step and
+every logits head runs on exactly `max_batch` rows, and attention runs over fixed blocks of the
+cache (`decoder._cached_attention`). Prompt KV is then the same bits whichever call computed it,
+so a cached page equals a recomputed one. Row i, sample j, token t draws with key(seed_i, j)
+folded with t. Reported log-probs are of the chosen token under the model's unmodified
+distribution (temperature 1, no top-k/top-p), as DPO and scoring use it.
 
 On a mesh (several devices, or several processes of a pod) the weights are sharded by their
 logical axis names exactly as in training, the KV cache by rows over the batch axes and by KV
-heads over the tensor axis, and rows are padded to a multiple of the batch shards. What the host
-reads back (tokens, log-probs, done flags) is replicated, so every process of a pod takes the
-same decisions and runs the same loop: all of them call `generate` with the same prompts.
-
-Randomness: row i, sample j, token t draws with key(seed_i, j) folded with t, so a row's output
-never depends on what else is in the batch. Reported log-probs are of the chosen token under the
-model's unmodified distribution (temperature 1, no top-k/top-p), as DPO and scoring use it.
+heads over the tensor axis, the page pool by KV heads, and rows are padded to a multiple of the
+batch shards. What the host reads back is replicated, so every process of a pod takes the same
+decisions and runs the same loop: all of them call `generate` with the same prompts.
 """
 from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +54,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.config import MeshConfig, SamplerConfig
-from reasonrag_jax.models.decoder import Decoder, KVCache, forward, logits, unstack_layers
+from reasonrag_jax.models.decoder import (ATTENTION_BLOCK, Decoder, KVCache, forward, logits,
+                                          unstack_layers)
+from reasonrag_jax.prefix_cache import PagePool, PrefixIndex, page_bytes
 from reasonrag_jax.sharding import (batch_spec, batch_ways, fitted_spec, global_array, make_mesh,
                                     state_shardings)
 
@@ -114,22 +136,80 @@ def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: ja
     return jax.lax.cond(temperature > 0.0, sample, greedy, logits).astype(jnp.int32)
 
 
+# Rows × length of a call whose matmuls give each row the same bits (see the module docstring).
+MIN_CALL_TOKENS = 64
+
+
+class DecodeState(NamedTuple):
+    """What a decode call carries per row (all [rows] unless noted)."""
+    cache: KVCache
+    logits: jax.Array         # [rows, vocab] next-token logits
+    pos: jax.Array            # int32 position the next token is written at
+    done: jax.Array           # bool: finished, or an empty slot
+    n_done: jax.Array         # int32 tokens generated so far
+
+
+@dataclass
+class SamplerStats:
+    """Token and time counters since the sampler was made (`reset` starts them again): what
+    the benchmarks report and where an episode's compute goes."""
+    prompt_tokens: int = 0      # prompt tokens of prefilled rows (scored rows included)
+    cached_tokens: int = 0      # of those, read from the prefix cache
+    computed_tokens: int = 0    # prompt tokens computed
+    padded_tokens: int = 0      # prefill slots that held padding
+    decode_tokens: int = 0      # row-steps of decode that produced a token
+    decode_idle: int = 0        # row-steps of decode spent on an empty or finished slot
+    prefill_s: float = 0.0      # wall time in prefill (and page copies), host to host
+    decode_s: float = 0.0
+    score_rows: int = 0
+
+    def reset(self) -> None:
+        for name, f in self.__dataclass_fields__.items():
+            setattr(self, name, f.default)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / max(self.prompt_tokens, 1)
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padded_tokens / max(self.computed_tokens + self.padded_tokens, 1)
+
+
+@dataclass
+class _Group:
+    """Rows prefilled together: their tokens, the positions whose hidden states are wanted
+    (`first`, `width`), and the cached pages each starts from."""
+    rows: list[int]            # indices into the caller's rows
+    tokens: list[list[int]]
+    first: list[int]
+    width: list[int]
+    pages: list[list[int]]
+
+
 class Sampler:
     """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
 
     def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
                  chunk: int = 16, mesh: Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None):
-        self.config = config or SamplerConfig()
+        self.config = cfg = config or SamplerConfig()
+        if cfg.cache_size % ATTENTION_BLOCK:
+            raise ValueError(f"sampler.cache_size {cfg.cache_size} must be a multiple of "
+                             f"{ATTENTION_BLOCK}")
+        if not MIN_CALL_TOKENS <= cfg.prefill_tokens:
+            raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
         self.tokenizer = tokenizer
         self.graphdef = nnx.graphdef(model)
         self.model_cfg = model.cfg
         self.mesh = mesh or make_mesh(MeshConfig(shape={"data": 1}), jax.devices()[:1])
         self.rules = MeshConfig().rules if rules is None else rules
         self.row_multiple = batch_ways(self.mesh, self.rules)   # rows are padded to a multiple
+        self.slots = -(-cfg.max_batch // self.row_multiple) * self.row_multiple
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.rows = NamedSharding(self.mesh, batch_spec(self.rules, 1))
         self.rows_2d = NamedSharding(self.mesh, batch_spec(self.rules, 2))
+        self.rows_3d = NamedSharding(self.mesh, batch_spec(self.rules, 3))
         self.cache_sharding = self._cache_sharding()
         self.params = self._place_params(model)
         self.chunk = chunk
@@ -137,17 +217,29 @@ class Sampler:
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        rows, rows_2d, cache, replicated = (
-            self.rows, self.rows_2d, self.cache_sharding, self.replicated)
+        self.stats = SamplerStats()
+        num_pages = cfg.prefix_cache_mb * 2**20 // page_bytes(model.cfg, cfg.page_size)
+        self.index = PrefixIndex(num_pages, cfg.page_size) if num_pages else None
+        rows, rows_2d, rows_3d, cache, replicated = (
+            self.rows, self.rows_2d, self.rows_3d, self.cache_sharding, self.replicated)
+        pool = self._pool_sharding()
+        self.pool = (jax.jit(functools.partial(PagePool.init, model.cfg, num_pages, cfg.page_size),
+                             out_shardings=pool)() if num_pages else None)
         self._new_cache = jax.jit(functools.partial(KVCache.init, self.model_cfg),
                                   static_argnums=(0, 1), out_shardings=cache)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,),
-                                out_shardings=(rows_2d, cache))
-        self._fan_out = jax.jit(lambda cache, last, parent: (cache.take(parent), last[parent]),
-                                out_shardings=(cache, rows_2d))
+        self._load = jax.jit(lambda pool, cache, pages: pool.load(cache, pages),
+                             donate_argnums=(1,), out_shardings=cache)
+        self._store = jax.jit(lambda pool, cache, rows, starts, pages:
+                              pool.store(cache, rows, starts, pages),
+                              donate_argnums=(0,), out_shardings=pool)
+        self._extend = jax.jit(self._extend_fn, donate_argnums=(1, 2),
+                               out_shardings=(cache, rows_3d))
+        self._admit = jax.jit(self._admit_fn, donate_argnums=(1, 2),
+                              out_shardings=(cache, rows_2d))
         self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
-                               out_shardings=(cache, rows_2d, rows) + (replicated,) * 4)
-        self._score = jax.jit(self._score_fn, static_argnums=(0,), out_shardings=replicated)
+                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
+                                                          replicated), replicated, replicated))
+        self._logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
 
     def _cache_sharding(self) -> KVCache:
         """Rows over the batch axes, KV heads over the tensor axis where they divide it; the
@@ -158,6 +250,16 @@ class Sampler:
         k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
                 for n in names)
         return KVCache(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
+
+    def _pool_sharding(self) -> PagePool:
+        """Pages replicated over the batch axes (any row may read any page), KV heads over the
+        tensor axis as in the cache."""
+        cfg = self.model_cfg
+        shape = (1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
+                for n in ((None, "kv_heads", "head_dim", None), (None, "kv_heads", None,
+                                                                 "head_dim")))
+        return PagePool(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
 
     def _place_rows(self, x: np.ndarray) -> jax.Array:
         """A host array whose leading axis is rows, split over the batch shards."""
@@ -175,55 +277,154 @@ class Sampler:
         return jax.tree.map(global_array, params, shardings)
 
     def update_params(self, state: nnx.State) -> None:
-        """Swap in new weights of the same shapes (no recompilation)."""
+        """Swap in new weights of the same shapes (no recompilation); cached KV is dropped."""
         self.params = self._place_params(nnx.merge(self.graphdef, state))
+        if self.index is not None:
+            self.index.clear()
 
     # ------------------------------------------------------------------ device programs
-    def _prefill_fn(self, params, tokens, lengths, cache):
-        """Right-padded prompts from position 0 into a fresh cache."""
+    def _extend_fn(self, params, cache, out, tokens, positions, take, keep):
+        """Rows' next tokens at `positions` into `cache`; where `keep`, `out` gets the hidden
+        states at call indices `take` [B, W] (the positions whose logits the caller wants)."""
         self.compilations += 1
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         hidden, cache = forward(self.model_cfg, params, tokens, positions, cache)
-        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-        return logits(self.model_cfg, params, last)[:, 0], cache
+        got = jnp.take_along_axis(hidden, take[:, :, None], axis=1)
+        return cache, jnp.where(keep[:, None, None], got, out)
 
-    def _decode_fn(self, chunk, params, cache, last_logits, pos, words, done, n_done, knobs):
+    def _admit_fn(self, params, cache, last, new, hidden, slots, parent):
+        """Prefilled rows into decode slots: slot `slots[i]` ← row `parent[i]` of `new`, its
+        next-token logits from `hidden` [B, 1, H]. The head runs on all slots, a fixed row count
+        (see the module docstring); `slots` past the cache are padding and dropped."""
+        self.compilations += 1
+        cache = jax.tree.map(lambda dst, src: dst.at[slots].set(src[parent], mode="drop"),
+                             cache, new)
+        rows = jnp.zeros((last.shape[0], hidden.shape[-1]), hidden.dtype)
+        rows = rows.at[slots].set(hidden[parent, 0], mode="drop")
+        fresh = jnp.zeros(last.shape[0], bool).at[slots].set(True, mode="drop")
+        head = logits(self.model_cfg, params, rows[:, None])[:, 0]
+        return cache, jnp.where(fresh[:, None], head, last)
+
+    def _decode_fn(self, chunk, params, state: DecodeState, words, knobs):
         """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
         self.compilations += 1
         temperature, top_p, top_k, budget, eos = knobs
         keys = row_keys(words)
-        b = last_logits.shape[0]
-        tokens = jnp.full((b, chunk), self.pad_id, jnp.int32)
-        logps = jnp.zeros((b, chunk), jnp.float32)
+        b = state.logits.shape[0]
 
         def body(carry):
-            i, cache, last, pos, done, n_done, tokens, logps = carry
-            tok = _choose(last, keys, n_done, temperature, top_p, top_k)
-            lp = jnp.take_along_axis(jax.nn.log_softmax(last), tok[:, None], axis=-1)[:, 0]
-            tok = jnp.where(done, self.pad_id, tok)
+            i, s, tokens, logps = carry
+            tok = _choose(s.logits, keys, s.n_done, temperature, top_p, top_k)
+            lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits), tok[:, None], axis=-1)[:, 0]
+            tok = jnp.where(s.done, self.pad_id, tok)
             tokens = tokens.at[:, i].set(tok)
-            logps = logps.at[:, i].set(jnp.where(done, 0.0, lp))
-            n_done = n_done + (~done).astype(jnp.int32)
-            done = done | jnp.isin(tok, eos) | (n_done >= budget)
-            hidden, cache = forward(self.model_cfg, params, tok[:, None], pos[:, None], cache)
-            pos = pos + (~done).astype(jnp.int32)
-            return (i + 1, cache, logits(self.model_cfg, params, hidden)[:, 0], pos, done, n_done,
-                    tokens, logps)
+            logps = logps.at[:, i].set(jnp.where(s.done, 0.0, lp))
+            n_done = s.n_done + (~s.done).astype(jnp.int32)
+            done = s.done | jnp.isin(tok, eos) | (n_done >= budget)
+            hidden, cache = forward(self.model_cfg, params, tok[:, None], s.pos[:, None], s.cache)
+            s = DecodeState(cache, logits(self.model_cfg, params, hidden)[:, 0],
+                            s.pos + (~done).astype(jnp.int32), done, n_done)
+            return i + 1, s, tokens, logps
 
-        carry = (0, cache, last_logits, pos, done, n_done, tokens, logps)
-        carry = jax.lax.while_loop(lambda c: (c[0] < chunk) & ~jnp.all(c[4]), body, carry)
-        _, cache, last_logits, pos, done, n_done, tokens, logps = carry
-        return cache, last_logits, pos, done, n_done, tokens, logps
+        carry = (0, state, jnp.full((b, chunk), self.pad_id, jnp.int32),
+                 jnp.zeros((b, chunk), jnp.float32))
+        _, state, tokens, logps = jax.lax.while_loop(
+            lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), body, carry)
+        return state, tokens, logps
 
-    def _score_fn(self, width, params, tokens, starts, targets, mask):
-        """Summed log-prob of `targets` [B, width] predicted from positions starts + arange."""
+    def _logprobs_fn(self, params, hidden, targets, mask):
+        """[B] summed log-prob of `targets` [B, W] from the hidden states before them."""
         self.compilations += 1
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        hidden, _ = forward(self.model_cfg, params, tokens, positions)
-        idx = jnp.minimum(starts[:, None] + jnp.arange(width), tokens.shape[1] - 1)
-        out = logits(self.model_cfg, params, jnp.take_along_axis(hidden, idx[:, :, None], axis=1))
-        lp = jnp.take_along_axis(jax.nn.log_softmax(out), targets[:, :, None], axis=-1)[..., 0]
-        return jnp.sum(lp * mask, axis=-1)
+        lp = jax.nn.log_softmax(logits(self.model_cfg, params, hidden))
+        return jnp.sum(jnp.take_along_axis(lp, targets[:, :, None], axis=-1)[..., 0] * mask, -1)
+
+    # ------------------------------------------------------------------ prefill
+    def _rows_bucket(self, rows: int) -> int:
+        """Rows of a prefill call: the batch bucket, padded to a multiple of the batch shards."""
+        return -(-_bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
+
+    def _cache_length(self, longest: int) -> int:
+        """Cache slots for rows of up to `longest` tokens: whole attention blocks."""
+        return min(-(-longest // ATTENTION_BLOCK) * ATTENTION_BLOCK, self.config.cache_size)
+
+    def _groups(self, tokens: list[list[int]], first: list[int], width: list[int]
+                ) -> Iterator[_Group]:
+        """Rows in groups of similar length to prefill together, each row starting from its
+        cached pages. Pages are looked up one group at a time, just before the group runs, so
+        a group finds the pages the groups before it stored."""
+        cfg, p = self.config, self.config.page_size
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+        while order:
+            longest = _bucket(min(len(tokens[order[0]]), cfg.prefill_tokens), cfg.prefill_buckets)
+            size = max(1, min(cfg.prefill_tokens // longest, cfg.batch_buckets[-1]))
+            # Rows in a call are a batch bucket: take a full bucket's worth where there is one.
+            take = [b for b in cfg.batch_buckets if b <= size][-1] if size >= 1 else 1
+            rows, order = order[:take], order[take:]
+            pages = [self.index.match(tokens[i], first[i] // p) if self.index else []
+                     for i in rows]
+            yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
+                         [width[i] for i in rows], pages)
+
+    def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
+        """The group's rows into a fresh cache of `size` slots, from their cached pages, in
+        calls of at most `prefill_tokens` token slots → (cache, hidden [rows, W, H] at
+        positions first..first+width-1 of each row). Stores the rows' new full pages."""
+        cfg, p = self.config, self.config.page_size
+        started = time.perf_counter()
+        b = self._rows_bucket(len(group.rows))
+        cache = self._new_cache(b, size)
+        if any(group.pages):
+            table = np.zeros((b, max(map(len, group.pages))), np.int32)
+            for r, pages in enumerate(group.pages):
+                table[r, :len(pages)] = pages
+            cache = self._load(self.pool, cache, self._place_rows(table))
+            self.index.release([x for pages in group.pages for x in pages])
+        start = [len(pages) * p for pages in group.pages] + [0] * (b - len(group.rows))
+        ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
+        first = group.first + [0] * (b - len(group.rows))
+        w = _bucket(max(group.width), (1, 8, 16, 32, 64))
+        out = jnp.zeros((b, w, self.model_cfg.hidden_size), self.model_cfg.dtype,
+                        device=self.rows_3d)
+        self.stats.prompt_tokens += sum(ends)
+        self.stats.cached_tokens += sum(start)
+        while any(s < e for s, e in zip(start, ends)):
+            need = max(e - s for s, e in zip(start, ends))
+            t = _bucket(need, cfg.prefill_buckets)
+            t = max(min(t, cfg.prefill_tokens // b), -(-MIN_CALL_TOKENS // b),
+                    max(e - f for e, f, s in zip(ends, first, start) if s < e))
+            tokens = np.full((b, t), self.pad_id, np.int32)
+            positions = np.zeros((b, t), np.int32)
+            take = np.zeros((b, w), np.int32)
+            keep = np.zeros(b, bool)
+            for r in range(b):
+                n = min(ends[r] - start[r], t)
+                if start[r] + n < ends[r] and start[r] + n > first[r]:
+                    n = first[r] - start[r]      # the wanted positions go in one later call
+                if r < len(group.rows):
+                    tokens[r, :n] = group.tokens[r][start[r]:start[r] + n]
+                positions[r] = start[r] + np.arange(t)
+                if n and start[r] + n == ends[r]:
+                    keep[r] = True
+                    take[r] = np.minimum(first[r] - start[r] + np.arange(w), t - 1)
+                self.stats.computed_tokens += n
+                self.stats.padded_tokens += t - n
+                start[r] += n
+            cache, out = self._extend(self.params, cache, out, *map(
+                self._place_rows, (tokens, positions, take, keep)))
+        if self.index is not None:
+            stores = self.index.allocate([(t, len(pg), len(t) // p)
+                                          for t, pg in zip(group.tokens, group.pages)])
+            entries = [(r, i * p, page) for r, row in enumerate(stores) for i, page in row]
+            if entries:
+                n = _bucket(len(entries), (8, 32, 128, 512, 2048))
+                rows, starts, pages = np.zeros((3, n), np.int32)
+                pages[:] = self.index.num_pages          # padding: past the pool, dropped
+                rows[:len(entries)], starts[:len(entries)], pages[:len(entries)] = \
+                    np.asarray(entries, np.int32).T
+                self.pool = self._store(self.pool, cache, *map(self._replicate,
+                                                               (rows, starts, pages)))
+        jax.block_until_ready(out)
+        self.stats.prefill_s += time.perf_counter() - started
+        return cache, out
 
     # ------------------------------------------------------------------ host API
     def encode(self, text: str) -> list[int]:
@@ -231,7 +432,7 @@ class Sampler:
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
                  n: int = 1) -> list[list[Completion]]:
-        """`n` completions per prompt; row i sample j depends only on (seeds[i], j)."""
+        """`n` completions per prompt; row i sample j depends only on (prompt i, seeds[i], j)."""
         return self.generate_ids([self.encode(p) for p in prompts], params, seeds, n)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -246,79 +447,104 @@ class Sampler:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens "
                              f"{params.max_new_tokens} exceeds sampler.cache_size "
                              f"{self.config.cache_size}")
-        out: list[list[Completion]] = []
-        per_call = max(1, self.config.max_batch // n)
-        for start in range(0, len(prompts), per_call):
-            out += self._generate_ids([list(p) for p in prompts[start:start + per_call]], params,
-                                      list(seeds[start:start + per_call]), n)
-        return out
-
-    def _generate_ids(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                      n: int) -> list[list[Completion]]:
-        cfg = self.config
-        p = len(prompts)
-        pb = self._rows_bucket(p)
-        t = _bucket(max(len(x) for x in prompts), cfg.prompt_buckets)
-        # Attention reads every cache slot each step, so the cache is only as long as this call
-        # needs (rounded to limit recompiles): at batch 16 it is as many bytes as the weights.
-        size = min(-(-(t + params.max_new_tokens) // 128) * 128, cfg.cache_size)
-        tokens = np.full((pb, t), self.pad_id, np.int32)
-        lengths = np.ones(pb, np.int32)
+        if not prompts:
+            return []
+        # Requests (prompt, sample) queue per distinct prompt: identical prompts prefill once.
+        distinct: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         for i, ids in enumerate(prompts):
-            tokens[i, :len(ids)] = ids
-            lengths[i] = len(ids)
-        place, replicate = self._place_rows, self._replicate
-        logits, cache = self._prefill(self.params, place(tokens), place(lengths),
-                                      self._new_cache(pb, size))
+            distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
+        queue = deque(distinct.items())
+        results: list[list[Any]] = [[None] * n for _ in prompts]
+        self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,
+                    self._cache_length(longest + params.max_new_tokens))
+        return results
 
-        # n samples per prompt: the prefilled cache rows are gathered, not recomputed.
-        rows = p * n
-        rb = self._rows_bucket(rows)
-        parent = np.zeros(rb, np.int32)
-        parent[:rows] = np.repeat(np.arange(p), n)
-        if n > 1 or rb != pb:
-            cache, logits = self._fan_out(cache, logits, replicate(parent))
-        row_seed = np.zeros(rb, np.uint64)
-        row_seed[:rows] = np.repeat(np.asarray([int(s) % 2**64 for s in seeds], np.uint64), n)
-        sample = np.zeros(rb, np.int32)
-        sample[:rows] = np.tile(np.arange(n), p)
-        words = global_array(seed_words(row_seed, sample),
-                             NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
-        pos = place(lengths[parent])
-        done = replicate(np.arange(rb) >= rows)
-        n_done = replicate(np.zeros(rb, np.int32))
+    def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
+               results: list[list[Any]], size: int) -> None:
+        """Decode every queued request on `self.slots` rows, admitting waiting requests into
+        slots as rows finish; fills `results[i][j]`."""
+        d = self.slots
+        place, replicate = self._place_rows, self._replicate
+        state = DecodeState(self._new_cache(d, size),
+                            place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
+                            None, None, None)
+        owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
+        tokens: list[list[int]] = [[] for _ in range(d)]
+        logps: list[list[float]] = [[] for _ in range(d)]
+        pos, n_done = np.zeros(d, np.int32), np.zeros(d, np.int32)
+        seed_of, sample_of = np.zeros(d, np.uint64), np.zeros(d, np.int32)
         eos = sorted(self.eos_ids) if not params.ignore_eos else []
         eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
         knobs = tuple(replicate(x) for x in (
             np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
             np.int32(params.max_new_tokens), eos))
-
-        new_tokens: list[list[int]] = [[] for _ in range(rows)]
-        new_logps: list[list[float]] = [[] for _ in range(rows)]
-        results: list[Completion | None] = [None] * rows
-        while True:
-            cache, logits, pos, done, n_done, tok, lp = self._decode(
-                self.chunk, self.params, cache, logits, pos, words, done, n_done, knobs)
-            tok, lp, done_host = np.asarray(tok), np.asarray(lp), np.array(done)
-            n_host = np.asarray(n_done)
-            for r in range(rows):
-                if results[r] is not None:
+        while queue or any(o is not None for o in owner):
+            free = [s for s in range(d) if owner[s] is None]
+            # Admit when a quarter of the slots are free (a prefill call per freed row would be
+            # mostly padding), or when nothing else runs.
+            if queue and (len(free) == d or len(free) >= max(1, d // 4)):
+                state, placed = self._admit_requests(queue, free, state, size)
+                for s, (i, j), length in placed:
+                    owner[s], tokens[s], logps[s] = (i, j), [], []
+                    pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
+            done = np.asarray([o is None for o in owner])
+            words = global_array(seed_words(seed_of, sample_of),
+                                 NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
+            started = time.perf_counter()
+            state, tok, lp = self._decode(
+                self.chunk, self.params, state._replace(
+                    pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
+                words, knobs)
+            tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)
+            device_done = np.asarray(state.done)
+            self.stats.decode_s += time.perf_counter() - started
+            made = new_n - n_done
+            self.stats.decode_tokens += int(made.sum())
+            self.stats.decode_idle += d * int(made.max(initial=0)) - int(made.sum())
+            for s in range(d):
+                if owner[s] is None:
                     continue
-                k = n_host[r] - len(new_tokens[r])
-                new_tokens[r] += tok[r, :k].tolist()
-                new_logps[r] += lp[r, :k].tolist()
-                finished = self._finish(new_tokens[r], new_logps[r], params, bool(done_host[r]))
+                tokens[s] += tok[s, :made[s]].tolist()
+                logps[s] += lp[s, :made[s]].tolist()
+                pos[s] += made[s]
+                n_done[s] = new_n[s]
+                finished = self._finish(tokens[s], logps[s], params, bool(device_done[s]))
                 if finished is not None:
-                    results[r] = finished
-                    done_host[r] = True
-            if all(x is not None for x in results):
-                break
-            done = replicate(done_host)
-        return [results[i * n:(i + 1) * n] for i in range(p)]
+                    i, j = owner[s]
+                    results[i][j] = finished
+                    owner[s] = None
 
-    def _rows_bucket(self, rows: int) -> int:
-        """Rows of a device call: the batch bucket, padded to a multiple of the batch shards."""
-        return -(-_bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
+    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState, size: int
+                        ) -> tuple[DecodeState, list[tuple[int, tuple[int, int], int]]]:
+        """Take requests off `queue` for the `free` slots, prefill their prompts from the
+        prefix cache and copy each into its slots → (state, [(slot, request, prompt length)])."""
+        picked: list[tuple[list[int], list[tuple[int, int]]]] = []
+        room = len(free)
+        while queue and room:
+            ids, requests = queue[0]
+            if len(requests) > room:
+                queue[0] = (ids, requests[room:])
+            else:
+                queue.popleft()
+            picked.append((list(ids), requests[:room]))
+            room -= len(picked[-1][1])
+        prompts = [ids for ids, _ in picked]
+        placed, slots_left = [], iter(free)
+        for group in self._groups(prompts, [len(t) - 1 for t in prompts], [1] * len(prompts)):
+            cache, hidden = self._prefill(group, size)
+            slots = np.full(self.slots, self.slots, np.int32)      # past the cache: dropped
+            parent = np.zeros(self.slots, np.int32)
+            k = 0
+            for r, row in enumerate(group.rows):
+                for request in picked[row][1]:
+                    slot = next(slots_left)
+                    slots[k], parent[k] = slot, r
+                    placed.append((slot, request, len(prompts[row])))
+                    k += 1
+            new_cache, last = self._admit(self.params, state.cache, state.logits, cache, hidden,
+                                          *map(self._replicate, (slots, parent)))
+            state = state._replace(cache=new_cache, logits=last)
+        return state, placed
 
     def _replicate(self, x: Any) -> jax.Array:
         return global_array(x, self.replicated)
@@ -344,29 +570,43 @@ class Sampler:
 
     def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> np.ndarray:
         """[P, C] summed log-prob of each continuation given its prompt (guided-mode choices);
-        a prompt with fewer than C continuations has -inf in the missing places."""
-        flat = [(self.encode(p), self.encode(c)) for i, p in enumerate(prompts)
-                for c in continuations[i]]
-        where = [(i, j) for i, c in enumerate(continuations) for j in range(len(c))]
-        out = np.zeros(len(flat), np.float32)
-        width = _bucket(max(len(c) for _, c in flat), (8, 16, 32, 64))
-        for start in range(0, len(flat), self.config.max_batch):
-            part = flat[start:start + self.config.max_batch]
-            t = _bucket(max(len(p) + len(c) for p, c in part), self.config.prompt_buckets)
-            b = self._rows_bucket(len(part))
-            tokens = np.full((b, t), self.pad_id, np.int32)
-            starts = np.zeros(b, np.int32)
-            targets = np.zeros((b, width), np.int32)
-            mask = np.zeros((b, width), np.float32)
-            for r, (p, c) in enumerate(part):
-                tokens[r, :len(p) + len(c)] = p + c
-                starts[r] = len(p) - 1
+        a prompt with fewer than C continuations has -inf in the missing places.
+
+        With the prefix cache on, the prompts are prefilled first (their pages stored) and every
+        continuation is then scored from its prompt's pages: each prompt is read once, and a
+        generation after a chosen continuation starts from the same pages."""
+        heads = [self.encode(p) for p in prompts]
+        rows = [(i, j, heads[i], self.encode(c)) for i, conts in enumerate(continuations)
+                for j, c in enumerate(conts)]
+        scores = np.full((len(prompts), max(map(len, continuations), default=0)), -np.inf,
+                         np.float32)
+        if not rows:
+            return scores
+        size = self._cache_length(max(len(p) + len(c) for _, _, p, c in rows))
+        if self.index is not None:
+            distinct = list(dict.fromkeys(tuple(h) for h in heads))
+            for group in self._groups([list(h) for h in distinct], [len(h) - 1 for h in distinct],
+                                      [1] * len(distinct)):
+                self._prefill(group, size)
+        tokens = [p + c for _, _, p, c in rows]
+        firsts = [len(p) - 1 for _, _, p, _ in rows]
+        widths = [len(c) for _, _, _, c in rows]
+        for group in self._groups(tokens, firsts, widths):
+            _, hidden = self._prefill(group, size)
+            b, w = hidden.shape[:2]
+            # The head sees at least MIN_CALL_TOKENS rows × positions (row-independent bits).
+            b_head = max(b, -(-MIN_CALL_TOKENS // w))
+            targets = np.zeros((b_head, w), np.int32)
+            mask = np.zeros((b_head, w), np.float32)
+            for r, row in enumerate(group.rows):
+                c = rows[row][3]
                 targets[r, :len(c)] = c
                 mask[r, :len(c)] = 1.0
-            sums = self._score(width, self.params,
-                               *map(self._place_rows, (tokens, starts, targets, mask)))
-            out[start:start + len(part)] = np.asarray(sums)[:len(part)]
-        scores = np.full((len(prompts), max(map(len, continuations))), -np.inf, np.float32)
-        scores[tuple(np.array(where).T)] = out
+            if b_head > b:
+                hidden = jnp.pad(hidden, ((0, b_head - b), (0, 0), (0, 0)))
+            sums = np.asarray(self._logprobs(self.params, hidden,
+                                             *map(self._place_rows, (targets, mask))))
+            for r, row in enumerate(group.rows):
+                scores[rows[row][0], rows[row][1]] = sums[r]
+            self.stats.score_rows += len(group.rows)
         return scores
-

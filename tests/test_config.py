@@ -17,10 +17,10 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["train.beta=0.1", "sampler.prompt_buckets=[32, 64]",
+    cfg = load_config(None, ["train.beta=0.1", "sampler.prefill_buckets=[32, 64]",
                              "mesh.shape={data: 2, fsdp: 4, tensor: 1}", "agent.mode=free"])
     assert cfg.train.beta == 0.1
-    assert cfg.sampler.prompt_buckets == (32, 64)
+    assert cfg.sampler.prefill_buckets == (32, 64)
     assert cfg.mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
     assert cfg.agent.mode == "free"
     assert load_config(None, ["train.learning_rate=1"]).train.learning_rate == 1.0

@@ -62,7 +62,7 @@ def file_bytes(name):
     structured = (jsonl_bytes(name) if name in GOOD else
                   st.text(max_size=60).map(str.encode) | st.sampled_from(
                       [b"train:\n  beta: high\n", b"- a\n", b"mesh: {shape: {data: 0}}\n",
-                       b"train:\n  lr: 1\n", b"sampler:\n  prompt_buckets: [1, x]\n"]))
+                       b"train:\n  lr: 1\n", b"sampler:\n  prefill_buckets: [1, x]\n"]))
     return structured | st.binary(max_size=80)
 
 

@@ -45,7 +45,8 @@ class PairTokenizer(CharTokenizer):
 
 
 PROMPTS = ["Hello there, model", "Why?", "The quick brown fox jumps"]
-CONFIG = SamplerConfig(prompt_buckets=(32, 64), batch_buckets=(1, 2, 4, 8), max_batch=8)
+CONFIG = SamplerConfig(cache_size=256, batch_buckets=(1, 2, 4, 8), max_batch=8,
+                       prefill_buckets=(32, 64), page_size=4, prefix_cache_mb=1)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_
     params = SamplingParams(max_new_tokens=8, temperature=0.7)
     s.generate(PROMPTS[:3], params, [0, 1, 2])
     compiled = s.compilations
-    assert compiled == 2                                     # one prefill, one decode program
+    assert compiled == 3                               # one prefill, admit and decode program each
     s.generate(["a longer prompt, same bucket", "x", "y", "z"], params, [3, 4, 5, 6])
     s.generate(["b", "c", "d"], SamplingParams(max_new_tokens=5, temperature=0.0, top_p=0.5,
                                                top_k=3, stop=("q",)), [1, 2, 3])

@@ -251,15 +251,11 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     layers = params["layers"]
-    if cache is None:
-        # The call's tokens attend to each other causally, by position and by index (so right
-        # padding never leaks in).
-        mask = ((positions[:, None, :] <= positions[:, :, None])
-                & jnp.tri(tokens.shape[1], dtype=bool))                      # [B, T, T]
-    else:
-        # Written first, then attended: slot s holds position s, and rows write contiguous
-        # positions (prefill, then decode), so a token sees exactly the slots up to its own.
-        mask = jnp.arange(cache.v[0].shape[2]) <= positions[:, :, None]      # [B, T, S]
+    # Without a cache the call's tokens attend to each other causally, by position and by index
+    # (so right padding never leaks in). With one, K/V are written first, then attended: slot s
+    # holds position s, and a token sees the slots up to its own position (`_cached_attention`).
+    mask = None if cache is not None else (
+        (positions[:, None, :] <= positions[:, :, None]) & jnp.tri(tokens.shape[1], dtype=bool))
 
     def layer(x, p, kv=None):
         return _block(cfg, {n: w.astype(dtype) for n, w in p.items()}, x, positions, mask, kv)
@@ -281,8 +277,61 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), cache
 
 
+ATTENTION_BLOCK = 256   # cache slots per attention block (see `_cached_attention`)
+
+
+def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
+                      groups: int, scale: float) -> jax.Array:
+    """Attention over a KV cache, one block of `ATTENTION_BLOCK` slots per loop iteration,
+    merged by online softmax → [B, K, G*T, D]. Slot s is visible to the token at position p
+    when s ≤ p.
+
+    Why a loop over fixed blocks: XLA:CPU picks different dot and reduction kernels for
+    different cache lengths (measured: a row's q·K scores change in the last bits between 512
+    and 1024 slots), and even unrolled blocks get fused differently. One loop body is one
+    compiled computation whatever the cache length, and it stops after the block holding the
+    batch's last position, so a row's attention is the same bits for every cache length and
+    batch, and costs what the longest row needs, not the cache size. That makes prefix KV
+    computed in one call equal to KV computed in any other — what the prefix cache relies on.
+    A block past a row's position is fully masked: its probabilities are exactly 0 and the
+    running max does not move, so it adds exactly nothing.
+    q: [B, K, G*T, D]; keys: [B, K, D, S]; values: [B, K, S, D]; positions: [B, T].
+    """
+    b, kh, gt, d = q.shape
+    t = gt // groups
+    neg = jnp.finfo(jnp.float32).min
+    size = keys.shape[-1]
+    if size % ATTENTION_BLOCK:
+        raise ValueError(f"cache length {size} is not a multiple of {ATTENTION_BLOCK}")
+
+    def block(i, carry):
+        top, total, out = carry
+        lo = i * ATTENTION_BLOCK
+        k = jax.lax.dynamic_slice_in_dim(keys, lo, ATTENTION_BLOCK, axis=3)
+        v = jax.lax.dynamic_slice_in_dim(values, lo, ATTENTION_BLOCK, axis=2)
+        s = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
+        s = s.reshape(b, kh, groups, t, ATTENTION_BLOCK) * scale
+        visible = lo + jnp.arange(ATTENTION_BLOCK) <= positions[:, :, None]       # [B, T, blk]
+        s = jnp.where(visible[:, None, None], s, neg)
+        new_top = jnp.maximum(top, jnp.max(s, axis=-1, keepdims=True))
+        p = jnp.exp(s - new_top)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kh, gt, -1).astype(v.dtype), v,
+                        preferred_element_type=jnp.float32)
+        rescale = jnp.exp(top - new_top)
+        return (new_top, total * rescale + jnp.sum(p, axis=-1, keepdims=True),
+                out * rescale + pv.reshape(b, kh, groups, t, d))
+
+    shape = (b, kh, groups, t)
+    init = (jnp.full((*shape, 1), neg, jnp.float32), jnp.zeros((*shape, 1), jnp.float32),
+            jnp.zeros((*shape, d), jnp.float32))
+    blocks = jnp.max(positions) // ATTENTION_BLOCK + 1
+    _, total, out = jax.lax.fori_loop(0, jnp.minimum(blocks, size // ATTENTION_BLOCK), block,
+                                      init)
+    return (out / total).reshape(b, kh, gt, d).astype(values.dtype)
+
+
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
-           mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None):
+           mask: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None):
     """One pre-norm layer → (residual stream, this layer's cache buffers with the call's K/V
     written in, or None). `kv`: the buffers (keys transposed, see `KVCache`)."""
     b, t, _ = x.shape
@@ -300,19 +349,20 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, cfg.head_dim)
     k = rope(k, positions, cfg.rope_theta)
     if kv is None:
-        keys, values, spec = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), "bkqd,bksd->bkqs"
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, cfg.num_kv_heads, groups, t, -1) * cfg.head_dim ** -0.5
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        attn = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, cfg.num_kv_heads, groups * t, -1),
+                          values)
     else:
         # Advanced indices split by slices put their dims first: both updates are [B, T, K, D].
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
         keys = kv[0].at[rows, :, :, positions].set(k.astype(kv[0].dtype), mode="drop")
         values = kv[1].at[rows, :, positions, :].set(v.astype(kv[1].dtype), mode="drop")
-        kv, spec = (keys, values), "bkqd,bkds->bkqs"
-    scores = jnp.einsum(spec, q, keys, preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-    scores = scores.reshape(b, cfg.num_kv_heads, groups, t, -1)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    attn = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, cfg.num_kv_heads, groups * t, -1),
-                      values)
+        kv = (keys, values)
+        attn = _cached_attention(q, keys, values, positions, groups, cfg.head_dim ** -0.5)
     attn = attn.reshape(b, cfg.num_kv_heads, groups, t, -1).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, -1)
     x = x + attn @ p["wo"].reshape(-1, p["wo"].shape[-1])

@@ -1,0 +1,196 @@
+"""Prompt KV kept in fixed-size pages, found by token prefix, evicted least-recently-used.
+
+Evaluation, MCTS expansion and SPRE rollouts re-read the same prompt prefixes all the time: the
+system prompt of every step, the prompt a guided step scores two scaffolds after and then
+continues, the node prompt that every child and every rollout of an MCTS node starts from. The
+sampler keeps the KV of every full page of prompt tokens it computes in a page pool (device
+arrays `[pages, ...]`, the layout paged-attention kernels read) and starts a new prompt from the
+longest stored prefix, as vLLM's automatic prefix caching does.
+
+Two halves:
+- `PrefixIndex` (host): which page holds which prefix. A page of P tokens is keyed by a hash of
+  (the key of the page before it, its P tokens), so a key names a whole prefix; a lookup walks a
+  prompt's pages in order and stops at the first one not stored. Only full pages are shared: a
+  prompt's last partial page is recomputed (at most P - 1 tokens).
+- `PagePool` (device): the pages themselves, with pure functions that copy a row's pages into a
+  KV cache (`load`) and a cache row's full pages into the pool (`store`).
+
+Pages are copied into a row's own cache rather than attended in place: on XLA:CPU a gather of
+pages inside every attention layer would double the KV traffic of each decode step, while a
+copy costs one read per admitted prompt. A page is therefore only "in use" between a lookup and
+the copy that follows it in the same call, so eviction needs no reference counts: the sampler
+loads the pages it found before it stores (and so may evict) any page. On TPU/GPU a paged
+attention kernel can read the same pool through the same page table instead.
+
+Why cached KV is exact: the sampler computes prompt KV in calls whose shapes keep XLA's kernels
+row-independent (see `Sampler`), and attention over the cache is blockwise with a fixed block
+(`decoder._cached_attention`), so a page computed in any call holds the same bits as the page
+an uncached run computes. Outputs never depend on what happens to be cached.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reasonrag_jax.models.decoder import DecoderConfig, KVCache
+
+
+def page_bytes(cfg: DecoderConfig, page_size: int) -> int:
+    """Device bytes of one page: K and V of `page_size` positions in every layer."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page_size * \
+        jnp.dtype(cfg.dtype).itemsize
+
+
+class PrefixIndex:
+    """Host-side page table: prefix keys → page ids, LRU order, free list.
+
+    Fields: `page_size` (tokens per page); `num_pages`; `pages` (key → page id, least recently used first);
+    `free` (unused page ids); `refs` (page id → lookups not yet released: such a page is never
+    evicted, since a row is about to copy it); `hits` / `looked_up` (tokens found / asked for).
+    """
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"need at least one page of at least one token, got {num_pages} "
+                             f"pages of {page_size}")
+        self.page_size, self.num_pages = page_size, num_pages
+        self.pages: OrderedDict[bytes, int] = OrderedDict()
+        self.free = list(range(num_pages - 1, -1, -1))
+        self.refs: dict[int, int] = {}
+        self.hits = self.looked_up = 0
+
+    def keys(self, tokens: Sequence[int], count: int) -> list[bytes]:
+        """Chained keys of the first `count` full pages of `tokens`."""
+        out, prev, p = [], b"", self.page_size
+        for i in range(count):
+            prev = hashlib.blake2b(prev + np.asarray(tokens[i * p:(i + 1) * p], np.int64)
+                                   .tobytes(), digest_size=16).digest()
+            out.append(prev)
+        return out
+
+    def match(self, tokens: Sequence[int], max_pages: int) -> list[int]:
+        """Page ids of the longest stored prefix of `tokens`, at most `max_pages` pages, held
+        until `release`. Found pages become the most recently used, deepest first, so a
+        prefix's first pages outlive its later ones (a later page is useless without them)."""
+        found = []
+        for key in self.keys(tokens, max_pages):
+            page = self.pages.get(key)
+            if page is None:
+                break
+            found.append((key, page))
+        for key, _ in reversed(found):
+            self.pages.move_to_end(key)
+        self.hits += len(found) * self.page_size
+        self.looked_up += len(tokens)
+        pages = [page for _, page in found]
+        for page in pages:
+            self.refs[page] = self.refs.get(page, 0) + 1
+        return pages
+
+    def release(self, pages: Sequence[int]) -> None:
+        """The pages of a `match` have been copied: they may be evicted again."""
+        for page in pages:
+            self.refs[page] -= 1
+            if not self.refs[page]:
+                del self.refs[page]
+
+    def _evict(self, keep: set[int]) -> bool:
+        """Free the least recently used page that is neither held nor in `keep`."""
+        for key, page in self.pages.items():
+            if page not in self.refs and page not in keep:
+                del self.pages[key]
+                self.free.append(page)
+                return True
+        return False
+
+    def allocate(self, rows: Sequence[tuple[Sequence[int], int, int]]
+                 ) -> list[list[tuple[int, int]]]:
+        """Pages for every row's full pages `first..count-1` (`rows`: (tokens, first, count))
+        that are not stored yet, evicting least recently used pages when none is free → per
+        row `[(page index in its tokens, page id)]`, for the caller to fill (`PagePool.store`)
+        before anything else reads the pool. Pages handed out by this call are never evicted by
+        it (one store must not write a page twice); past that budget the rest is not stored."""
+        out: list[list[tuple[int, int]]] = []
+        fresh: set[int] = set()
+        for tokens, first, count in rows:
+            row = []
+            for i, key in enumerate(self.keys(tokens, count)):
+                if i < first or key in self.pages:
+                    continue
+                if not self.free and not self._evict(fresh):
+                    break
+                page = self.free.pop()
+                self.pages[key] = page
+                fresh.add(page)
+                row.append((i, page))
+            out.append(row)
+        return out
+
+    def clear(self) -> None:
+        """Forget every page (new weights make every stored KV stale)."""
+        if self.refs:
+            raise RuntimeError("pages are held by a lookup that was not released")
+        self.free += list(self.pages.values())
+        self.pages.clear()
+
+
+class PagePool(flax.struct.PyTreeNode):
+    """The pages: per layer, K as [pages, KV heads, head_dim, P] and V as [pages, KV heads, P,
+    head_dim] — the same per-position layout as `KVCache`, cut into pages."""
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def init(cls, cfg: DecoderConfig, num_pages: int, page_size: int) -> PagePool:
+        def zeros(shape):
+            return tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros((num_pages, cfg.num_kv_heads, cfg.head_dim, page_size)),
+                   v=zeros((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)))
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[-1]
+
+    def load(self, cache: KVCache, page_ids: jax.Array) -> KVCache:
+        """Copy pages into cache slots: row r's slots [i·P, (i+1)·P) get page `page_ids[r, i]`.
+        Entries past a row's prefix may name any page: those slots lie past the row's cached
+        prefix, so the row's own tokens overwrite them before anything attends to them."""
+        b, n = page_ids.shape
+        width = n * self.page_size
+
+        def put(dst, block):
+            return jax.lax.dynamic_update_slice(dst, block.astype(dst.dtype), (0,) * dst.ndim)
+
+        # K: [B, n, KVH, D, P] → [B, KVH, D, n·P];  V: [B, n, KVH, P, D] → [B, KVH, n·P, D].
+        k = tuple(put(c, jnp.transpose(pool[page_ids], (0, 2, 3, 1, 4))
+                      .reshape(b, *pool.shape[1:3], width)) for c, pool in zip(cache.k, self.k))
+        v = tuple(put(c, jnp.transpose(pool[page_ids], (0, 2, 1, 3, 4))
+                      .reshape(b, pool.shape[1], width, pool.shape[3]))
+                  for c, pool in zip(cache.v, self.v))
+        return KVCache(k=k, v=v)
+
+    def store(self, cache: KVCache, rows: jax.Array, starts: jax.Array, page_ids: jax.Array
+              ) -> PagePool:
+        """Page `page_ids[i]` ← cache row `rows[i]`, slots [starts[i], starts[i] + P). Entries
+        with a page id past the pool (padding) are dropped."""
+        p = self.page_size
+
+        def take_k(c):     # [B, KVH, D, S] → [R, KVH, D, P]
+            return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(c[r], s, p, axis=2))(
+                rows, starts)
+
+        def take_v(c):     # [B, KVH, S, D] → [R, KVH, P, D]
+            return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(c[r], s, p, axis=1))(
+                rows, starts)
+
+        k = tuple(pool.at[page_ids].set(take_k(c).astype(pool.dtype), mode="drop")
+                  for pool, c in zip(self.k, cache.k))
+        v = tuple(pool.at[page_ids].set(take_v(c).astype(pool.dtype), mode="drop")
+                  for pool, c in zip(self.v, cache.v))
+        return PagePool(k=k, v=v)
