@@ -12,7 +12,9 @@ Bad inputs: corpus / QA / pairs / config files with broken lines, run through th
 exit 2 with one line that names the file (and line or key), leaving earlier outputs intact.
 
 Prints progress lines, then one JSON line:
-{"kills", "stopped_by_kill", "resumed_identical", "bad_inputs", "clear_errors", "lost_records"}.
+{"kills", "stopped_by_kill", "compared", "resumed_identical", "bad_inputs", "clear_errors",
+"lost_records", "seconds", "isa"}; `compared` counts kills whose resumed run and reference both
+left real files to compare (a finished run that leaves none stops the campaign with an error).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import print_result
+
+from reasonrag_jax.mcts.search import output_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "reasonrag_jax.cli"]
@@ -91,29 +96,105 @@ def index_results(index: Path) -> list[list[str]]:
     return [[p.id for p in row] for row in r.search(["birthplace", "film director", "founded"], 5)]
 
 
-KILL_STATS = ("kills", "stopped", "resumed_identical", "lost_records")
+def texts(paths: list[Path], nonempty: int = 1) -> list[str] | None:
+    """The files' texts; None when one is missing or one of the first `nonempty` is empty (a
+    finished run writes them all, and those with content)."""
+    if not all(p.is_file() for p in paths) or not all(p.stat().st_size for p in paths[:nonempty]):
+        return None
+    return [p.read_text() for p in paths]
 
 
-def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dict[str, int]:
+def index_compare(out: Path):
+    return index_results(out) if (out / "metadata.json").exists() else None
+
+
+def train_compare(out: Path):
+    if not (out / "checkpoints").exists() or texts([out / "metrics.jsonl"]) is None:
+        return None
+    params = checkpoint_params(out)
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        losses[r["step"]] = round(r["loss"], 6)
+    return (sorted(losses.items()), {k: np.round(v, 6).tobytes() for k, v in params.items()})
+
+
+def generate_compare(out: Path):
+    """Trees (every node's text, kind, reward and value: one line per question), then the pairs
+    computed from them. The tiny random policy never earns a reward, so its pair files are
+    empty: the trees carry this comparison."""
+    paths = output_paths(out / "pairs.jsonl")
+    return texts([paths["trees"], paths["pairs"], paths["outcome"]])
+
+
+def eval_compare(out: Path):
+    return texts([out / "traces.jsonl", out / "summary.json"], nonempty=2)
+
+
+def finished_output(name: str, compare, out: Path):
+    """What `compare` reads from a finished run's `out`. Nothing to read is an error, never a
+    match: two runs that both wrote nothing would otherwise count as resumed identically."""
+    got = compare(out)
+    if not got:
+        raise RuntimeError(f"{name}: the finished run in {out} left nothing to compare")
+    return got
+
+
+def workload(work: Path) -> dict[str, tuple]:
+    """Each killed command: name → (arguments for an output path, compare function), on small
+    inputs written under `work` (synthetic data, a tiny random policy, SFT records)."""
     from reasonrag_jax.data.synthetic import write_synthetic
 
     data = write_synthetic(work / "data", seed=0, num_entities=80)
+    policy = tiny_policy(work)
+    sft = work / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"instruction": "Answer.", "input": f"Q{i}?",
+                                       "output": f"A{i}"}) + "\n" for i in range(96)))
+    qa = work / "qa.jsonl"
+    qa.write_text("".join(line for line in data["train"].read_text().splitlines(True)[:6]))
+    index = work / "index-ref"          # the index command's reference run
+    agent = ["--checkpoint", str(policy), "--set", "agent.max_step_tokens=24",
+             "--set", "sampler.max_batch=8"]
+    return {
+        "index": (lambda out: ["index", "--corpus", str(data["corpus"]), "--out", str(out),
+                               "--set", "retrieval.chunk_size=32"], index_compare),
+        "train": (lambda out: [
+            "train", "--pairs", str(sft), "--init", str(policy), "--out", str(out),
+            "--set", "train.objective=sft", "--set", "train.batch_size=4",
+            "--set", "train.save_every=2", "--set", "train.learning_rate=1e-3",
+            "--set", "train.length_buckets=[64]"], train_compare),
+        "generate": (lambda out: [
+            "generate", "--dataset", str(qa), "--index", str(index),
+            "--out", str(out / "pairs.jsonl"), *agent, "--set", "mcts.max_rollouts=4",
+            "--set", "mcts.spre_rollouts=1", "--set", "mcts.batch_questions=2"],
+            generate_compare),
+        "eval": (lambda out: ["eval", "--dataset", str(qa), "--index", str(index), "--out",
+                              str(out), *agent, "--set", "agent.batch_size=2"], eval_compare),
+    }
+
+
+KILL_STATS = ("kills", "stopped", "compared", "resumed_identical", "lost_records")
+
+
+def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dict[str, int]:
     stats = dict.fromkeys(KILL_STATS, 0)
-
     durations: dict[str, float] = {}
+    commands = workload(work)
 
-    def campaign(name, args, out, compare, kills=kills_per_command, sig=signal.SIGKILL,
-                 window=(0.5, 0.95)):
+    def campaign(name, kills=kills_per_command, sig=signal.SIGKILL, window=(0.5, 0.95)):
         """Kill at a seeded fraction of the uninterrupted run's wall time, so every kill lands
         while the command is working, whatever the machine's speed."""
-        ref = out.with_name(out.name + "-ref")
+        args, compare = commands[name]
+        ref = work / f"{name}-ref"
         if name not in durations:
             start = time.perf_counter()
-            run(args(ref))
+            done = run(args(ref))
             durations[name] = time.perf_counter() - start
-        reference = compare(ref, None)
+            if done.returncode:
+                raise RuntimeError(f"{name}: reference run failed: {done.stderr[-2000:]}")
+        reference = finished_output(name, compare, ref)
         for k in range(kills):
-            target = out.with_name(f"{out.name}-{sig.name}-{k}")
+            target = work / f"{name}-{sig.name}-{k}"
             delay = rng.uniform(*window) * durations[name]
             first = run(args(target), kill_after=delay, sig=sig)
             killed = first is None or first.returncode != 0
@@ -122,77 +203,23 @@ def kill_campaign(work: Path, rng: random.Random, kills_per_command: int) -> dic
                 stats["lost_records"] += 1
             result = run(args(target))
             ok = result is not None and result.returncode == 0
-            same = ok and compare(target, None) == reference
+            same = ok and finished_output(name, compare, target) == reference
             lost = len(leftovers(target))
             stats["kills"] += 1
             stats["stopped"] += int(killed)
+            stats["compared"] += int(ok)       # a finished run left outputs (or we raised)
             stats["resumed_identical"] += int(same)
             stats["lost_records"] += lost + (0 if ok else 1)
             print(f"{name}: {sig.name} at {delay:.1f}s of {durations[name]:.1f}s "
                   f"({'stopped' if killed else 'finished first'}) → "
                   f"resumed {'identical' if same else 'DIFFERENT'}, leftovers {lost}", flush=True)
 
-    def index_args(out):
-        return ["index", "--corpus", str(data["corpus"]), "--out", str(out),
-                "--set", "retrieval.chunk_size=32"]
-
-    def index_compare(out, _):
-        return index_results(out) if (out / "metadata.json").exists() else None
-
-    campaign("index", index_args, work / "index", index_compare)
-
-    policy = tiny_policy(work)
-    sft = work / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"instruction": "Answer.", "input": f"Q{i}?", "output": f"A{i}"}) + "\n"
-                           for i in range(96)))
-
-    def train_args(out):
-        return ["train", "--pairs", str(sft), "--init", str(policy), "--out", str(out), "--set",
-                "train.objective=sft", "--set", "train.batch_size=4", "--set", "train.save_every=2",
-                "--set", "train.learning_rate=1e-3", "--set", "train.length_buckets=[64]"]
-
-    def train_compare(out, _):
-        if not (out / "checkpoints").exists():
-            return None
-        params = checkpoint_params(out)
-        losses = {}
-        for line in (out / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            losses[r["step"]] = round(r["loss"], 6)
-        return (sorted(losses.items()), {k: np.round(v, 6).tobytes() for k, v in params.items()})
-
-    campaign("train", train_args, work / "train", train_compare)
+    campaign("index")
+    campaign("train")
     # Mid-run, so the signal lands inside the training loop rather than in the final save.
-    campaign("train", train_args, work / "train", train_compare, kills=1, sig=signal.SIGTERM,
-             window=(0.4, 0.6))
-
-    qa = work / "qa.jsonl"
-    qa.write_text("".join(line for line in data["train"].read_text().splitlines(True)[:6]))
-    agent = ["--set", "agent.max_step_tokens=24", "--set", "sampler.max_batch=8"]
-
-    def generate_args(out):
-        return ["generate", "--dataset", str(qa), "--index", str(work / "index-ref"),
-                "--checkpoint", str(policy), "--out", str(out / "pairs.jsonl"), *agent,
-                "--set", "mcts.max_rollouts=4", "--set", "mcts.spre_rollouts=1",
-                "--set", "mcts.batch_questions=2"]
-
-    def generate_compare(out, _):
-        files = [out / n for n in ("pairs.jsonl", "pairs.jsonl.trees.jsonl",
-                                   "pairs.jsonl.outcome.jsonl")]
-        return [f.read_text() for f in files] if files[1].exists() else None
-
-    campaign("generate", generate_args, work / "generate", generate_compare)
-
-    def eval_args(out):
-        return ["eval", "--dataset", str(qa), "--index", str(work / "index-ref"),
-                "--checkpoint", str(policy), "--out", str(out), *agent,
-                "--set", "agent.batch_size=2"]
-
-    def eval_compare(out, _):
-        files = [out / "summary.json", out / "traces.jsonl"]
-        return [f.read_text() for f in files] if files[0].exists() else None
-
-    campaign("eval", eval_args, work / "eval", eval_compare)
+    campaign("train", kills=1, sig=signal.SIGTERM, window=(0.4, 0.6))
+    campaign("generate")
+    campaign("eval")
     return stats
 
 
@@ -256,11 +283,11 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"kills": kills["kills"], "stopped_by_kill": kills["stopped"],
-              "resumed_identical": kills["resumed_identical"],
+              "compared": kills["compared"], "resumed_identical": kills["resumed_identical"],
               "bad_inputs": stats["bad_inputs"], "clear_errors": stats["clear_errors"],
               "lost_records": stats["lost_records"] + kills["lost_records"],
               "seconds": round(time.time() - start, 1)}
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":
