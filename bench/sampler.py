@@ -1,11 +1,13 @@
 """Sampler throughput: the jitted JAX sampler against `transformers.generate`, SmolLM2-135M.
 
-256-token prompts, 128 new tokens, greedy, float32, batch 1 and 16. transformers (torch CPU)
-runs in a child process, so neither warms the other's caches or thread pools. Both sides get the
-same threads: the process is pinned to `--threads` CPUs before JAX starts (XLA:CPU sizes its
-thread pool by the CPUs it may run on) and the child inherits the pinning and sets torch to as
-many threads; both counts are reported. Both sides take the best of the same `--repeats` runs
-for every timing. EOS is ignored on both sides so every row decodes exactly 128 tokens.
+256-token prompts, 128 new tokens, greedy, float32, batch 1 and 16; the JAX sampler without its
+prefix cache (transformers keeps no KV across calls), as many decode rows as the batch.
+transformers (torch CPU) runs in a child process, so neither warms the other's caches or
+thread pools. Both sides get the same threads: the process is pinned to `--threads` CPUs
+before JAX starts (XLA:CPU sizes its thread pool by the CPUs it may run on) and the child
+inherits the pinning and sets torch to as many threads; both counts are reported. Both sides
+take the best of the same `--repeats` runs for every timing. EOS is ignored on both sides so
+every row decodes exactly 128 tokens.
 
 The decode floor is measured in the same run: the policy's weight bytes over the machine's copy
 bandwidth (STREAM convention: bytes read + bytes written per second). A decode step must read
@@ -144,6 +146,7 @@ def main() -> None:
     import jax
 
     from reasonrag_jax.config import SamplerConfig
+    from reasonrag_jax.models.decoder import ATTENTION_BLOCK
     from reasonrag_jax.models.weights import load_policy
     from reasonrag_jax.sampling import Sampler, SamplingParams
 
@@ -161,11 +164,15 @@ def main() -> None:
                  str(prompts_file), str(model_dir)], check=True, stdout=subprocess.PIPE, text=True)
             hf = json.loads(child.stdout.strip().splitlines()[-1])
 
-    sampler = Sampler(model, tokenizer, SamplerConfig())
     params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     first = SamplingParams(max_new_tokens=1, ignore_eos=True)
     res, match = {}, True
     for b in BATCHES:
+        # Like transformers.generate: no prompt reuse across calls (a repeat would otherwise
+        # find its prompt's KV cached), b decode rows, a cache just long enough.
+        sampler = Sampler(model, tokenizer, SamplerConfig(
+            max_batch=b, cache_size=-(-(PROMPT_LEN + NEW_TOKENS) // ATTENTION_BLOCK) * ATTENTION_BLOCK,
+            prefix_cache_mb=0))
         rows, seeds = prompts[:b], list(range(b))
         sampler.generate_ids(rows, params, seeds)                         # compile
         res[f"prefill_s_b{b}"] = best_of(args.repeats, sampler.generate_ids, rows, first,
