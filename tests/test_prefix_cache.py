@@ -1,0 +1,136 @@
+"""Prefix cache: the page table, the page pool, and the sampler's outputs with and without it.
+
+Cached prompt KV must be the same bits as recomputed KV, so every output below is compared for
+exact equality, not closeness.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reasonrag_jax.config import SamplerConfig
+from reasonrag_jax.models.decoder import Decoder, KVCache
+from reasonrag_jax.prefix_cache import PagePool, PrefixIndex
+from reasonrag_jax.sampling import Sampler, SamplingParams
+from test_sampling import CharTokenizer
+
+P = 4
+CONFIG = SamplerConfig(cache_size=256, batch_buckets=(1, 2, 4, 8), max_batch=8,
+                       prefill_buckets=(32, 64), page_size=P, prefix_cache_mb=1)
+SYSTEM = "You answer questions. Be brief and exact, always. "
+PROMPTS = [SYSTEM + "Who wrote it?", SYSTEM + "Where is it?", SYSTEM + "Who wrote it? Why",
+           "Unrelated prompt with no shared start"]
+
+
+def test_rows_sharing_a_prefix_share_its_pages_and_diverge_after_it():
+    index = PrefixIndex(num_pages=16, page_size=P)
+    a = list(range(100, 112))                       # 3 full pages
+    b = a[:8] + [7, 7, 7, 7, 9]                     # shares 2 pages, then diverges
+    assert index.match(a, 3) == []
+    (stored_a,) = index.allocate([(a, 0, 3)])
+    assert [i for i, _ in stored_a] == [0, 1, 2]
+    found = index.match(b, 3)
+    index.release(found)
+    assert found == [page for _, page in stored_a[:2]]          # page table row b: p0 p1 …
+    (stored_b,) = index.allocate([(b, len(found), 3)])
+    assert [i for i, _ in stored_b] == [2]                      # … and one page of its own
+    assert stored_b[0][1] not in {page for _, page in stored_a}
+    table = {tuple(r): index.match(r, 3) for r in (a, b)}
+    assert table[tuple(a)][:2] == table[tuple(b)][:2] and table[tuple(a)][2] != table[tuple(b)][2]
+    # A page's key is its whole prefix: the same tokens after another prefix are another page.
+    assert index.match(b[4:8] + b[:4], 2) == []
+
+
+def test_least_recently_used_pages_go_first_and_held_pages_never():
+    index = PrefixIndex(num_pages=3, page_size=P)
+    a = [1] * 8
+    index.allocate([(a, 0, 2)])                          # a0 a1
+    index.allocate([([2] * 4, 0, 1)])                    # b0: the pool is full
+    index.release(index.match(a, 2))                     # use a: LRU order is now b0 a1 a0
+    (stored,) = index.allocate([([3] * 4, 0, 1)])        # c0 evicts b0, the least recent
+    assert len(stored) == 1 and index.match([2] * 4, 1) == []
+    held = index.match(a, 2)                             # order c0 a1 a0, a's pages held
+    index.allocate([([4] * 4, 0, 1)])                    # d0 evicts c0
+    (stored,) = index.allocate([([5] * 4, 0, 1)])        # e0: only d0 is not held
+    assert len(stored) == 1 and index.match([4] * 4, 1) == []
+    assert not index.allocate([([6] * 8, 0, 2)])[0][1:]  # one call never evicts its own page
+    index.release(held)
+    index.release(index.match(a, 2))
+    # Deepest first on use: a1 was touched before a0, so a1 goes first and a keeps its start.
+    index.allocate([([7] * 4, 0, 1)])
+    index.allocate([([8] * 4, 0, 1)])
+    assert len(index.match(a, 2)) == 1
+
+
+def test_pages_round_trip_between_pool_and_cache(tiny_llama_cfg):
+    cfg = tiny_llama_cfg
+    rng = np.random.default_rng(0)
+    cache = KVCache(k=tuple(jnp.asarray(rng.standard_normal((2, cfg.num_kv_heads, cfg.head_dim, 16)),
+                                        jnp.float32) for _ in range(cfg.num_layers)),
+                    v=tuple(jnp.asarray(rng.standard_normal((2, cfg.num_kv_heads, 16, cfg.head_dim)),
+                                        jnp.float32) for _ in range(cfg.num_layers)))
+    pool = PagePool.init(cfg, num_pages=5, page_size=P)
+    # Row 1's slots 4..11 into pages 3 and 0 (page id 5 is padding: dropped).
+    pool = pool.store(cache, jnp.array([1, 1, 0]), jnp.array([4, 8, 0]), jnp.array([3, 0, 5]))
+    out = pool.load(KVCache.init(cfg, 1, 16), jnp.array([[3, 0]]))
+    for got, want in zip(out.k, cache.k):
+        np.testing.assert_array_equal(got[0, :, :, :8], want[1, :, :, 4:12])
+    for got, want in zip(out.v, cache.v):
+        np.testing.assert_array_equal(got[0, :, :8], want[1, :, 4:12])
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_cfg):
+    return Decoder(tiny_llama_cfg, rngs=nnx.Rngs(7))
+
+
+def outputs(sampler, prompts, seeds, params, n=1):
+    rows = sampler.generate(prompts, params, seeds, n)
+    return [[(c.token_ids, c.logprobs) for c in row] for row in rows]
+
+
+GREEDY = SamplingParams(max_new_tokens=10)
+SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_cached_and_uncached_give_the_same_bits(model, params):
+    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0), chunk=4)
+    cached = Sampler(model, CharTokenizer(), CONFIG, chunk=4)
+    seeds = [11, 12, 13, 14]
+    want = outputs(plain, PROMPTS, seeds, params, n=2)
+    assert outputs(cached, PROMPTS, seeds, params, n=2) == want        # cold cache
+    assert outputs(cached, PROMPTS, seeds, params, n=2) == want        # warm cache
+    assert cached.stats.cached_tokens > 0
+    alone = outputs(cached, PROMPTS[2:3], seeds[2:3], params, n=2)      # a row alone
+    assert alone == want[2:3]
+    assert cached.stats.hit_rate > 0.5
+    scores = [["Paris", "the answer"], ["x"], ["Who wrote", "Be"], ["shared"]]
+    np.testing.assert_array_equal(cached.score(PROMPTS, scores), plain.score(PROMPTS, scores))
+
+
+def test_eviction_under_a_tiny_budget_changes_nothing(model):
+    page = 2 * 2 * 2 * 16 * P * 4                  # layers × K/V × KV heads × head_dim × P × f32
+    tiny = Sampler(model, CharTokenizer(), dataclasses.replace(
+        CONFIG, prefix_cache_mb=1), chunk=4)
+    tiny.index = PrefixIndex(num_pages=3, page_size=P)           # 3 pages: constant eviction
+    assert page * 3 < 2**20
+    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0), chunk=4)
+    seeds = [1, 2, 3, 4]
+    want = outputs(plain, PROMPTS, seeds, SAMPLED)
+    for _ in range(2):
+        assert outputs(tiny, PROMPTS, seeds, SAMPLED) == want
+    assert len(tiny.index.pages) == 3 and not tiny.index.refs
+
+
+def test_more_requests_than_slots_refill_finished_slots(model):
+    """12 requests on 8 decode slots with budgets that end rows at different times: every
+    request still equals its run alone."""
+    s = Sampler(model, CharTokenizer(), CONFIG, chunk=4)
+    prompts = [f"{SYSTEM} question number {i}" for i in range(6)]
+    together = outputs(s, prompts, list(range(6)), SAMPLED, n=2)
+    for i in (0, 5):
+        assert outputs(s, prompts[i:i + 1], [i], SAMPLED, n=2) == together[i:i + 1]
+    assert s.stats.decode_tokens > 0
