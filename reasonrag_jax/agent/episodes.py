@@ -8,9 +8,10 @@ index only, so a row's trajectory never depends on which other rows share its ba
 """
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,6 +96,22 @@ class Episode:
         return Episode(self.example, self.steps + (step,), done, step.content if done else None)
 
 
+@dataclass
+class RunnerStats:
+    """Where the runner's time goes (wall seconds per phase of `_advance`, host code being the
+    rest) and how many steps of each kind it took: with the sampler's `SamplerStats`, the
+    breakdown that says which part of an episode to make cheaper."""
+    score_s: float = 0.0          # guided scaffold choice (sampler.score)
+    generate_s: float = 0.0       # sampler.generate
+    retrieve_s: float = 0.0       # retriever.search
+    total_s: float = 0.0          # all of `_advance`
+    steps: Counter = field(default_factory=Counter)    # kind → steps taken
+
+    @property
+    def host_s(self) -> float:
+        return self.total_s - self.score_s - self.generate_s - self.retrieve_s
+
+
 def derive_seed(seed: int, *salts: int) -> int:
     """A 31-bit seed that depends on (seed, salts) only."""
     return int(np.random.SeedSequence([seed % 2**63, *salts]).generate_state(1)[0]) >> 1
@@ -125,6 +142,7 @@ class EpisodeRunner:
         if cfg.mode not in ("guided", "free"):
             raise ValueError(f"agent.mode must be 'guided' or 'free', got {cfg.mode!r}")
         self.sampler, self.retriever, self.cfg = sampler, retriever, cfg
+        self.stats = RunnerStats()
 
     def start(self, examples: Sequence[QAExample]) -> list[Episode]:
         return [Episode(ex) for ex in examples]
@@ -183,11 +201,16 @@ class EpisodeRunner:
         """One protocol step for every (unfinished) episode, `n` alternatives each."""
         if not episodes:
             return []
+        started = time.perf_counter()
         turns = [P.turn(ep.example.question, ep.steps, self.cfg.max_retrievals) for ep in episodes]
         prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
         seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
+        clock = time.perf_counter()
         scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature)
+        self.stats.score_s += time.perf_counter() - clock
+        clock = time.perf_counter()
         completions = self._generate(prompts, scaffolds, seeds, temperature)
+        self.stats.generate_s += time.perf_counter() - clock
 
         steps: list[list[Step]] = []
         for t, prompt, row_scaffolds, row_logp, row_comps in zip(
@@ -207,8 +230,12 @@ class EpisodeRunner:
 
         queries = list(dict.fromkeys(s.content for row in steps for s in row
                                      if s.kind == P.QUERY and s.content))
+        clock = time.perf_counter()
         found = dict(zip(queries, self.retriever.search(queries, self.cfg.num_passages))) \
             if queries else {}
+        self.stats.retrieve_s += time.perf_counter() - clock
+        self.stats.steps.update(s.kind for row in steps for s in row)
+        self.stats.total_s += time.perf_counter() - started
         return [[ep.advance(replace(s, retrieved=tuple(found[s.content]))
                             if s.kind == P.QUERY and s.content else s) for s in row]
                 for ep, row in zip(episodes, steps)]
