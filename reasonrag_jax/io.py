@@ -162,15 +162,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Write a matplotlib figure as a PNG atomically and release it."""
-    import io
+    """Write a matplotlib figure as a PNG atomically and release it.
 
-    import matplotlib.pyplot as plt
+    Figures made with the object API (`matplotlib.figure.Figure`) render through Agg without
+    pyplot, so a library call never selects or switches the process's backend; a pyplot figure
+    is also closed so pyplot stops holding it.
+    """
+    import io
+    import sys
 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(fig)
     write_bytes_atomic(path, buf.getvalue())
 
 

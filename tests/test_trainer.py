@@ -135,3 +135,9 @@ def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     ls = losses(out)
     assert len(ls) == 8 and ls[-1] < ls[0] - 0.5
     assert not (out / "ref_logps").exists()
+    # beside the loss: the step's learning rate (the schedule's), its time and tokens/s
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    schedule = trainer.lr_schedule(cfg.train, 8)
+    assert [r["lr"] for r in rows] == pytest.approx([float(schedule(s)) for s in range(8)])
+    assert rows[1]["lr"] > rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)
+    assert all(r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)

@@ -14,6 +14,7 @@ import hashlib
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from reasonrag_jax.config import Config, TrainConfig, to_dict
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_bytes_atomic
+from reasonrag_jax.logs import get_logger
 from reasonrag_jax.models.policy import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
@@ -36,6 +39,7 @@ from reasonrag_jax.train.data import (Encoded, batch_arrays, encode_pairs, encod
                                       read_sft)
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps, sft_loss
 
+log = get_logger(__name__)
 # Train settings a resumed run must share with the checkpoint it resumes (the rest — save
 # cadence, how many to keep — may change between runs).
 _RESUME_KEYS = ("objective", "beta", "label_smoothing", "learning_rate", "warmup_ratio", "schedule",
@@ -81,20 +85,22 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_uni
     return (units[:, None] * rows_per_unit + np.arange(rows_per_unit)).reshape(-1)
 
 
-def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """Clip → AdamW, learning rate warmed up linearly over `warmup_ratio` of the steps, then
-    cosine-decayed to 0 (or held constant)."""
+def lr_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate warmed up linearly over `warmup_ratio` of the steps, then cosine-decayed to
+    0 or held constant (`train.schedule`, validated at config load)."""
     warmup = max(int(tc.warmup_ratio * total_steps), 1)
     if tc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
-                                                max(total_steps, warmup + 1), 0.0)
-    elif tc.schedule == "constant":
-        lr = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
-                                   optax.constant_schedule(tc.learning_rate)], [warmup])
-    else:
-        raise InputError(f"train.schedule: expected 'cosine' or 'constant', got {tc.schedule!r}")
+        return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
+                                                  max(total_steps, warmup + 1), 0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
+                                 optax.constant_schedule(tc.learning_rate)], [warmup])
+
+
+def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clip → AdamW on `lr_schedule`."""
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
-                       optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=tc.weight_decay))
+                       optax.adamw(lr_schedule(tc, total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                                   weight_decay=tc.weight_decay))
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,76 @@ def _check_resume(record: dict[str, Any], cfg: Config, out: Path) -> None:
                              "to resume or a new --out")
 
 
+@dataclass
+class TrainData:
+    """The encoded training set: `rows_per_unit` rows (2 for a pair, 1 for SFT) per unit."""
+    encoded: Encoded
+    n_units: int
+    rows_per_unit: int
+    unit_lengths: np.ndarray   # [n_units] longest row of each unit (for length-sorted batches)
+
+
+def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) -> TrainData:
+    if objective == "dpo":
+        units = read_pairs(data_path)
+        encoded, rows_per_unit = encode_pairs(tokenizer, units, max_length), 2
+    else:
+        units = read_sft(data_path)
+        encoded, rows_per_unit = encode_sft(tokenizer, units, max_length), 1
+    lengths = encoded.lengths.reshape(len(units), rows_per_unit).max(axis=1)
+    return TrainData(encoded, len(units), rows_per_unit, lengths)
+
+
+def _check_batching(cfg: Config, mesh: Mesh, rows_per_unit: int) -> None:
+    tc = cfg.train
+    if tc.batch_size % tc.grad_accum:
+        raise InputError(f"train.batch_size {tc.batch_size} is not a multiple of train.grad_accum "
+                         f"{tc.grad_accum}")
+    micro_rows = tc.batch_size // tc.grad_accum * rows_per_unit
+    if micro_rows % batch_ways(mesh, cfg.mesh.rules):
+        raise InputError(f"a micro-batch of {micro_rows} rows does not split over the "
+                         f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh "
+                         f"{dict(mesh.shape)}")
+
+
+def _init_or_restore(cfg: Config, out: Path, mngr: ocp.CheckpointManager, params: Any,
+                     opt_state: Any) -> tuple[int, Any, Any]:
+    """(first step, params, optimiser state): the latest checkpoint's when `out` has one (its
+    settings must match this run's), else the given fresh ones."""
+    start = mngr.latest_step() or 0
+    if not start:
+        return 0, params, opt_state
+    restored = ckpt.restore(mngr, start, params, opt_state)
+    _check_resume(restored["record"], cfg, out)
+    log.info("resumed from step %d", start)
+    return start, restored["params"], restored["opt_state"]
+
+
+class _Logger:
+    """Per-step metrics to metrics.jsonl, TensorBoard and the progress bar (lead process only)."""
+
+    def __init__(self, out: Path, lead: bool):
+        self.path, self.lead = out / "metrics.jsonl", lead
+        self.writer = _tensorboard(out) if lead else None
+
+    def step(self, step: int, metrics: dict[str, float], bar: tqdm) -> None:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if not self.lead:
+            return
+        append_jsonl(self.path, [{"step": step, **metrics}])
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: str) -> Path:
+    """Load the policy and data, init or restore, run the loop; the training dir gets the policy
+    card, checkpoints, metrics.jsonl, TensorBoard scalars and training.png."""
     tc = cfg.train
     base = init or cfg.model.policy
     model, tokenizer = load_policy(base, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
@@ -230,31 +305,17 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     host_params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.model.param_dtype)),
                                state.to_pure_dict())
     del model
-    if objective == "dpo":
-        units = read_pairs(data_path)
-        data, rows_per_unit = encode_pairs(tokenizer, units, tc.max_length), 2
-    else:
-        units = read_sft(data_path)
-        data, rows_per_unit = encode_sft(tokenizer, units, tc.max_length), 1
-    n_units = len(units)
-    unit_lengths = data.lengths.reshape(n_units, rows_per_unit).max(axis=1)
-    total = tc.max_steps or tc.epochs * math.ceil(n_units / tc.batch_size)
-
+    data = load_data(tokenizer, data_path, objective, tc.max_length)
+    total = tc.max_steps or tc.epochs * math.ceil(data.n_units / tc.batch_size)
     mesh = make_mesh(cfg.mesh)
-    if tc.batch_size % tc.grad_accum:
-        raise InputError(f"train.batch_size {tc.batch_size} is not a multiple of train.grad_accum "
-                         f"{tc.grad_accum}")
-    micro_rows = tc.batch_size // tc.grad_accum * rows_per_unit
-    if micro_rows % batch_ways(mesh, cfg.mesh.rules):
-        raise InputError(f"a micro-batch of {micro_rows} rows does not split over the "
-                         f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh "
-                         f"{dict(mesh.shape)}")
+    _check_batching(cfg, mesh, data.rows_per_unit)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         ckpt.write_policy_card(out, decoder_cfg, tokenizer, str(base))
-        print(f"[train] {objective}: {n_units} examples ({data.truncated} truncated to "
-              f"{tc.max_length} tokens), {total} steps of {tc.batch_size}, mesh {dict(mesh.shape)}")
+    log.info("%s: %d examples (%d truncated to %d tokens), %d steps of %d, mesh %s", objective,
+             data.n_units, data.encoded.truncated, tc.max_length, total, tc.batch_size,
+             dict(mesh.shape))
 
     optimizer = make_optimizer(tc, total)
     place = placement(mesh, cfg.mesh.rules, state, optimizer)
@@ -262,19 +323,26 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     del host_params, state
     ref = None
     if objective == "dpo":
-        ref = reference_logps(graphdef, params, data, tc.batch_size * rows_per_unit,
+        ref = reference_logps(graphdef, params, data.encoded, tc.batch_size * data.rows_per_unit,
                               tc.length_buckets, place, out / "ref_logps", cfg.model.dtype)
-
     mngr = ckpt.manager(out, tc.keep_checkpoints)
-    start = mngr.latest_step() or 0
-    if start:
-        restored = ckpt.restore(mngr, start, params, opt_state)
-        _check_resume(restored["record"], cfg, out)
-        params, opt_state = restored["params"], restored["opt_state"]
-        if lead:
-            print(f"[train] resumed from step {start}")
+    start, params, opt_state = _init_or_restore(cfg, out, mngr, params, opt_state)
     step_fn = make_train_step(graphdef, optimizer, tc, objective, place)
-    writer = _tensorboard(out) if lead else None
+    _loop(cfg, out, objective, data, ref, place, step_fn, mngr, params, opt_state, start, total)
+    if lead:
+        plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
+    return out
+
+
+def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarray | None,
+          place: Placement, step_fn: Any, mngr: ocp.CheckpointManager, params: Any,
+          opt_state: Any, start: int, total: int) -> None:
+    """Steps `start`..`total`: batch, step, NaN check, log, save; a SIGTERM / Ctrl-C saves the
+    step in flight and stops (KeyboardInterrupt)."""
+    tc = cfg.train
+    lead = jax.process_index() == 0
+    lr = lr_schedule(tc, total)
+    logger = _Logger(out, lead)
     stop: dict[str, Any] = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -287,8 +355,10 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
                disable=not lead)
     try:
         for s in bar:
-            rows = batch_rows(s, n_units, tc.batch_size, tc.seed, rows_per_unit, unit_lengths)
-            tokens, mask = batch_arrays(data, rows, tc.length_buckets)
+            began = time.perf_counter()
+            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.rows_per_unit,
+                              data.unit_lengths)
+            tokens, mask = batch_arrays(data.encoded, rows, tc.length_buckets)
             ref_lp = ref[rows] if ref is not None else np.zeros(len(rows), np.float32)
             micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
             batch = (global_array(micro(tokens), place.micro),
@@ -303,19 +373,16 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
                     f"step {s + 1}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; "
                     f"training stopped. Last good checkpoint: "
                     f"{out / 'checkpoints' / str(last) if last else 'none (nothing saved yet)'}")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if lead:
-                append_jsonl(out / "metrics.jsonl", [{"step": s + 1, **metrics}])
-                if writer is not None:
-                    for k, v in metrics.items():
-                        writer.add_scalar(k, v, s + 1)
+            seconds = time.perf_counter() - began
+            metrics.update(lr=float(lr(s)), step_time_s=seconds,
+                           tokens_per_s=float(data.encoded.lengths[rows].sum()) / seconds)
+            logger.step(s + 1, metrics, bar)
             done = s + 1 == total or stop["signal"] is not None
             if (s + 1) % tc.save_every == 0 or done:
                 ckpt.save(mngr, s + 1, params, opt_state,
                           {"step": s + 1, "data_position": s + 1, "config": to_dict(cfg)})
             if stop["signal"] is not None:
-                if lead:
-                    print(f"[train] signal {stop['signal']}: saved step {s + 1}; re-run to resume")
+                log.warning("signal %s: saved step %d; re-run to resume", stop["signal"], s + 1)
                 break
     finally:
         bar.close()
@@ -323,13 +390,9 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
         mngr.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if writer is not None:
-            writer.close()
+        logger.close()
     if stop["signal"] is not None:
         raise KeyboardInterrupt
-    if lead:
-        plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
-    return out
 
 
 def _tensorboard(out: Path) -> Any:
@@ -345,17 +408,15 @@ def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
     if not metrics.exists():
         return
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = {}
     for _, r in read_jsonl(metrics, allow_empty=True):
         rows[r["step"]] = r  # a resumed run rewrites steps after its checkpoint: keep the last
     steps = sorted(rows)
     keys = ["loss"] + (["rewards/margins", "rewards/accuracies"] if objective == "dpo" else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), dpi=110)
+    fig = Figure(figsize=(4 * len(keys), 3), dpi=110)
+    axes = fig.subplots(1, len(keys))
     for ax, k in zip(np.atleast_1d(axes), keys):
         ax.plot(steps, [rows[s].get(k, np.nan) for s in steps])
         ax.set_title(k)
