@@ -5,6 +5,7 @@ and the picture read only dumps, so they work on a finished run's `*.trees.jsonl
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -62,29 +63,69 @@ def _layout(nodes: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:
     return pos
 
 
-def render_tree(dump: dict[str, Any], path: str | Path) -> None:
-    """PNG of one tree: node colour = MCTS value, black ring = answer node, edge label = kind."""
-    import matplotlib
+def _label(node: dict[str, Any], width: int = 28) -> str:
+    """`kind #id`, the step's content shortened to two lines, and `Q=value N=visits`."""
+    content = " ".join((node["content"] or node["prediction"] or "").split())
+    lines = textwrap.wrap(content, width, max_lines=2, placeholder="…") if node["id"] else []
+    head = "question" if node["id"] == T.ROOT else f"{node['kind']} #{node['id']}"
+    return "\n".join([head, *lines, f"Q={node['q_value']:.2f}  N={node['visits']}"])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _pair_marks(dump: dict[str, Any], pairs: list[dict[str, Any]]) -> dict[int, str]:
+    """node id → 'chosen' / 'rejected' for the sibling steps of `pairs` (matched by prompt and
+    response, which identify a step within one tree)."""
+    by_step = {(n["input"], n["response"]): n["id"] for n in dump["nodes"][1:]}
+    marks: dict[int, str] = {}
+    for p in pairs:
+        for side in ("rejected", "chosen"):         # a node chosen in one pair stays chosen
+            node = by_step.get((p["input"], p[side]))
+            if node is not None:
+                marks[node] = side
+    return marks
+
+
+def render_tree(dump: dict[str, Any], path: str | Path,
+                pairs: list[dict[str, Any]] | None = None) -> Any:
+    """PNG of one tree: each node's step (shortened), value Q and visits N, colour = value,
+    black ring = answer node, green / red ring = the chosen / rejected step of a process pair
+    (`pairs`, default: the tree's own process pairs), the question wrapped to fit.
+    Returns the (already saved) matplotlib Figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from reasonrag_jax.mcts.pairs import process_pairs
 
     nodes = dump["nodes"]
+    marks = _pair_marks(dump, process_pairs(dump) if pairs is None else pairs)
     pos = _layout(nodes)
-    width = min(24.0, max(5.0, 0.7 * max(x for x, _ in pos.values()) + 3))
-    height = 1.2 * (1 + max(n["depth"] for n in nodes)) + 1.5
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
+    leaves = 1 + max(x for x, _ in pos.values())
+    depth = 1 + max(n["depth"] for n in nodes)
+    width = min(48.0, max(7.0, 2.3 * leaves + 2))
+    fig = Figure(figsize=(width, 1.9 * depth + 1.8), dpi=100)
+    ax = fig.subplots()
     for n in nodes[1:]:
         (x0, y0), (x1, y1) = pos[n["parent"]], pos[n["id"]]
-        ax.plot([x0, x1], [y0, y1], color="0.65", lw=1, zorder=1)
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, n["kind"], fontsize=6, color="0.25",
-                ha="center", va="center", bbox={"fc": "white", "ec": "none", "pad": 0.5})
+        ax.plot([x0, x1], [y0, y1], color="0.7", lw=1, zorder=1)
+    ring = {"chosen": "tab:green", "rejected": "tab:red"}
     xs, ys = zip(*(pos[n["id"]] for n in nodes))
     dots = ax.scatter(xs, ys, c=[n["q_value"] for n in nodes], cmap="RdYlGn", vmin=0, vmax=1,
-                      s=140, linewidths=1.5, zorder=2,
-                      edgecolors=["black" if n["terminal"] else "none" for n in nodes])
-    fig.colorbar(dots, ax=ax, label="MCTS value (mean SPRE)")
-    gold = dump["golden_answers"][0] if dump["golden_answers"] else ""
-    ax.set_title(f"{dump['question'][:90]}  (gold: {gold})", fontsize=9)
+                      s=160, zorder=2, linewidths=[3 if n["id"] in marks else 1.5 for n in nodes],
+                      edgecolors=[ring.get(marks.get(n["id"]), "black" if n["terminal"] else "none")
+                                  for n in nodes])
+    for n in nodes:
+        x, y = pos[n["id"]]
+        ax.text(x, y - 0.12, _label(n), fontsize=6.5, ha="center", va="top", zorder=3,
+                bbox={"fc": "white", "ec": ring.get(marks.get(n["id"]), "0.85"), "pad": 1.5})
+    ax.set_xlim(-0.7, leaves - 0.3)
+    ax.set_ylim(-depth + 0.25, 0.35)
     ax.set_axis_off()
+    fig.colorbar(dots, ax=ax, label="MCTS value Q (mean SPRE)", fraction=0.02, pad=0.01)
+    ax.legend(handles=[Line2D([], [], ls="", marker="o", mfc="white", mec=c, mew=2, label=k)
+                       for k, c in [("chosen", ring["chosen"]), ("rejected", ring["rejected"]),
+                                    ("answer", "black")]], loc="upper left", fontsize=7,
+              frameon=False)
+    gold = ", ".join(dump["golden_answers"])
+    chars = max(40, int(width * 12))                 # ~12 title characters per inch at 9 pt
+    fig.suptitle(textwrap.fill(f"{dump['question']}  (gold: {gold})", chars), fontsize=9)
     save_figure(fig, path)
+    return fig
