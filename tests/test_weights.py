@@ -81,13 +81,17 @@ def test_safetensors_writer_roundtrips_and_torch_reads_it(tmp_path):
 
 
 def family_cfg(family: str, llama: DecoderConfig, qwen2: DecoderConfig) -> DecoderConfig:
-    """Mistral is Llama-shaped: the tiny Llama under Mistral's model_type (untied head)."""
+    """Mistral is Llama-shaped: the tiny Llama under Mistral's model_type (untied head).
+    llama3: Llama 3.x RoPE scaling with an original context of 32 positions, so the tiny head's
+    8 frequencies fall in all three bands (divided, interpolated, kept)."""
     if family == "mistral":
         return dataclasses.replace(llama, model_type="mistral", tie_word_embeddings=False)
+    if family == "llama3":
+        return dataclasses.replace(llama, rope_theta=500000.0, rope_llama3=(8.0, 1.0, 4.0, 32))
     return llama if family == "llama" else qwen2
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2"])
 def test_export_then_transformers_load_gives_identical_logits(
         family, make_hf_dir, tiny_llama_cfg, tiny_qwen2_cfg, tmp_path):
     cfg = family_cfg(family, tiny_llama_cfg, tiny_qwen2_cfg)
@@ -97,8 +101,11 @@ def test_export_then_transformers_load_gives_identical_logits(
                                atol=1e-4, rtol=0)
     export_hf(model, None, tmp_path / "out")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+    assert type(theirs).__name__ == {"llama": "LlamaForCausalLM", "llama3": "LlamaForCausalLM",
+                                     "mistral": "MistralForCausalLM",
                                      "qwen2": "Qwen2ForCausalLM"}[family]
+    assert theirs.config.rope_parameters["rope_type"] == ("llama3" if family == "llama3"
+                                                          else "default")
     np.testing.assert_allclose(torch_logits(theirs, TOKENS), forward(model, TOKENS),
                                atol=1e-5, rtol=0)
     again = flat_params(load_hf_dir(tmp_path / "out"))

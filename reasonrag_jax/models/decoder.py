@@ -35,6 +35,8 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     extra_eos_token_ids: tuple[int, ...] = ()   # the rest of config.json's eos_token_id list
+    # Llama 3.x RoPE scaling: (factor, low_freq_factor, high_freq_factor, original context)
+    rope_llama3: tuple[float, float, float, int] | None = None
     dtype: str = "float32"             # compute dtype
     param_dtype: str = "float32"
     remat: bool = False
@@ -47,8 +49,12 @@ class DecoderConfig:
             raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral and qwen2 are)")
         # transformers ≥ 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"rope scaling {rope} is not supported (plain RoPE is)")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope scaling {rope} is not supported (plain RoPE and llama3 are)")
+        llama3 = None if rope_type == "default" else (
+            float(rope["factor"]), float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
         window = hf.get("sliding_window")
         if hf.get("use_sliding_window", model_type == "mistral") and window is not None and (
                 window < hf.get("max_position_embeddings", 32768)):
@@ -67,7 +73,7 @@ class DecoderConfig:
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 32768),
             model_type=model_type, bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=eos[0], extra_eos_token_ids=tuple(eos[1:]),
+            eos_token_id=eos[0], extra_eos_token_ids=tuple(eos[1:]), rope_llama3=llama3,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -89,6 +95,12 @@ class DecoderConfig:
         }
         if self.model_type == "llama":
             out.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        if self.rope_llama3 is not None:
+            factor, low, high, original = self.rope_llama3
+            out["rope_parameters"] = {
+                "rope_type": "llama3", "rope_theta": self.rope_theta, "factor": factor,
+                "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": original}
         return out
 
 
@@ -164,10 +176,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(d: int, theta: float,
+                     llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
+    """[D/2] inverse frequencies; Llama 3.x divides the low frequencies (wavelengths beyond the
+    original context / low_freq_factor) by `factor`, keeps the high ones (below original /
+    high_freq_factor) and interpolates linearly in between."""
+    inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if llama3 is None:
+        return inv
+    factor, low, high, original = llama3
+    wavelength = 2 * jnp.pi / inv
+    smooth = jnp.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * inv / factor + smooth * inv
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         llama3: tuple[float, float, float, int] | None = None) -> jax.Array:
     """Rotary embedding in Hugging Face's rotate-half layout. x: [B, T, H, D]."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv = rope_frequencies(d, theta, llama3)
     angle = positions.astype(jnp.float32)[..., None] * inv                 # [B, T, D/2]
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -345,9 +372,10 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
     if "bq" in p:
         q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
     # Heads-major layout [B, K, T, D]: attention is a plain batched matmul over (B, K).
-    q = rope(q, positions, cfg.rope_theta).reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+    q = rope(q, positions, cfg.rope_theta, cfg.rope_llama3).reshape(
+        b, t, cfg.num_kv_heads, groups, cfg.head_dim)
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, cfg.head_dim)
-    k = rope(k, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta, cfg.rope_llama3)
     if kv is None:
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32)
