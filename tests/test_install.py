@@ -100,3 +100,28 @@ def test_quick_demo_from_the_wheel_runs_to_the_end(user):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| Base |" in r.stdout and "| SFT |" in r.stdout
 
+
+
+def test_without_scann_the_index_falls_back_to_exact_search(tmp_path, monkeypatch, caplog):
+    """ScaNN ships Linux wheels only: elsewhere `retrieval.backend: scann` (or `auto` on a big
+    corpus) builds and searches exactly, saying so in one line."""
+    import importlib.util
+    import logging
+
+    from test_retrieval import FakeEncoder, write_corpus
+
+    from reasonrag_jax.config import RetrievalConfig
+    from reasonrag_jax.retrieval.index import Retriever, build_index
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scann" else find_spec(name, *a))
+    docs = write_corpus(tmp_path / "corpus.jsonl", 30)
+    cfg = RetrievalConfig(backend="scann")
+    with caplog.at_level(logging.WARNING, logger="reasonrag_jax"):
+        out = build_index(tmp_path / "corpus.jsonl", tmp_path / "idx", cfg, encoder=FakeEncoder())
+    assert [r.getMessage() for r in caplog.records] == [
+        "ScaNN is not installed (Linux-only wheels): using exact search"]
+    retriever = Retriever.load(out, cfg, encoder=FakeEncoder())
+    assert retriever.meta["backend"] == "exact" and retriever.scann is None
+    assert [p.id for p in retriever.search([docs[7][1]], 1)[0]] == ["doc-7"]   # exact: itself
