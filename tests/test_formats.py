@@ -151,3 +151,22 @@ def tokenizer():
     from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir, load_tokenizer
 
     return load_tokenizer(gguf_as_hf_dir(embedded_policy_path()))
+
+
+def test_index_command_from_faiss(tmp_path, capsys):
+    """`reasonrag-jax index --from-faiss FILE --corpus FILE --encoder DIR --out DIR`."""
+    from reasonrag_jax.cli import main
+    from reasonrag_jax.models.encoder import embedded_encoder_dir
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": i, "title": f"T{i}", "text": "x"}
+                                                     for i in range(6)])
+    vectors = np.random.default_rng(1).normal(size=(6, 384)).astype(np.float32)
+    path = faiss_flat(tmp_path, vectors)
+    args = ["index", "--from-faiss", str(path), "--corpus", str(corpus), "--out",
+            str(tmp_path / "idx"), "--encoder", str(embedded_encoder_dir())]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "idx")
+    assert (tmp_path / "idx" / "metadata.json").is_file()
+    write_jsonl(corpus, [{"id": i, "contents": "T\nx"} for i in range(5)])
+    assert main(args) == 2
+    assert "holds 6 vectors but" in capsys.readouterr().err
