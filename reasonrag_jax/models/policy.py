@@ -41,8 +41,8 @@ def resolve_policy(spec: str) -> Path:
     snapshot = _hub_snapshot(spec)
     if snapshot is None:
         raise InputError(f"{spec}: no such path, and not in the local Hugging Face cache "
-                         "(download it first, e.g. `hf download {spec}`; this tool never "
-                         "downloads)".replace("{spec}", spec))
+                         f"(download it first, e.g. `hf download {spec}`; this tool never "
+                         "downloads)")
     return snapshot
 
 
