@@ -134,7 +134,7 @@ def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str,
             rec = {"prompt": messages[:-1], "completion": messages[-1]["content"]}
         else:
             rec = _rag_proguide(path, line, obj, fields)
-        names = distinct if "input" in rec else tuple(n for n in trl if n in rec)
+        names = distinct if "input" in rec else trl
         for name in names:
             if not rec[name].strip():
                 raise InputError(f"{where(path, line, name)} is empty")
