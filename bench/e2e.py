@@ -1,12 +1,24 @@
-"""End-to-end agentic RAG throughput: the batched JAX episode runner against the original's
-structure, on 64 synthetic questions with SmolLM2-135M, greedy, guided mode.
+"""End-to-end agentic RAG throughput: the JAX episode runner against the original's structure,
+on synthetic questions with a SmolLM2-135M policy that searches, greedy, guided mode.
 
-The reference is how ReasonRAG's code runs a policy: one `transformers` generate call per step
-per question, questions one after another, with the same prompts, the same protocol and the same
-retriever (so only the policy side differs). Its guided scaffold choice is one forward pass
-over the two continuations. JAX is timed on a second pass (the first compiles). Prints progress
-lines, then one JSON line:
-`{"jax_q_per_s", "reference_q_per_s", "ratio", "same_answers", ...}`.
+The policy is a short SFT warm-up on gold chains (the demo's recipe), made once and cached under
+`--out`, so episodes have the demo's several query / evidence steps (`steps_per_question`).
+Peers, both `transformers` on torch CPU with the same threads, the same prompts, protocol,
+retriever and exported weights, run in this process after the JAX side:
+- `ratio` — the original's structure (`run_batch` in its pipeline): every round, ONE batched,
+  left-padded `generate` call over all active questions (same stop strings and max tokens) and
+  ONE batched forward pass scoring the guided scaffolds.
+- `ratio_sequential` — one question at a time, one `generate` call per step (on the first
+  `--sequential-questions` questions: it is slow; rates are questions per second).
+Both peers and JAX are warmed up on two questions first (JAX: compilation), excluded from timing.
+`same_answers` compares predictions with each peer (`same_answers` with the batched one).
+
+`generate_speedup`: MCTS + SPRE (the demo's search settings) on `--mcts-questions` training
+questions, questions per minute with the prefix cache against the same runner with it off
+(`sampler.prefix_cache_mb=0`), in this run; `generate_same_trees` checks both wrote the same trees.
+Token counts come from the sampler's own counters: `prefill_tokens_per_question` is prompt tokens
+computed (not padding, not cached), `padding_fraction` the share of prefill slots that held
+padding, `prefix_hit_rate` the share of prompt tokens read from the cache.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/e2e.py [--questions 64] [--out runs/bench/e2e]
 """
@@ -15,10 +27,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
+from common import print_result
 
 from reasonrag_jax.agent.episodes import EpisodeRunner
 from reasonrag_jax.config import load_config
@@ -26,10 +40,11 @@ from reasonrag_jax.data.qa import read_qa
 from reasonrag_jax.sampling import Completion
 
 ROOT = Path(__file__).resolve().parent.parent
+THREADS = 2
 
 
 class TransformersPolicy:
-    """The original's inference structure: every prompt is its own `generate` call."""
+    """A `transformers` model behind the runner's sampler interface (greedy only)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -38,41 +53,48 @@ class TransformersPolicy:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def score(self, prompts, continuations):
+        """One forward pass over every (prompt, continuation) row, right-padded."""
         import torch
 
-        out = []
-        for prompt, conts in zip(prompts, continuations):
-            p = self._ids(prompt)
-            rows = [p + self._ids(c) for c in conts]
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            with torch.no_grad():
-                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits
-                                         .float(), -1)
-            out.append([float(sum(logp[i, t - 1, r[t]] for t in range(len(p), len(r))))
-                        for i, r in enumerate(rows)])
-        return np.array(out)
+        rows = [(i, j, self._ids(p), self._ids(c)) for i, (p, conts) in
+                enumerate(zip(prompts, continuations)) for j, c in enumerate(conts)]
+        width = max(len(p) + len(c) for *_, p, c in rows)
+        ids = torch.tensor([p + c + [0] * (width - len(p) - len(c)) for *_, p, c in rows])
+        mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c))
+                             for *_, p, c in rows])
+        with torch.no_grad():
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits
+                                     .float(), -1)
+        out = np.full((len(prompts), max(map(len, continuations))), -np.inf)
+        for r, (i, j, p, c) in enumerate(rows):
+            out[i, j] = float(sum(logp[r, len(p) + t - 1, tok] for t, tok in enumerate(c)))
+        return out
 
     def generate(self, prompts, params, seeds, n=1):
+        """One batched, left-padded `generate` call over every prompt."""
         import torch
 
-        assert n == 1 and params.temperature == 0, "the reference runs greedy only"
-        tok, out = self.tokenizer, []
-        for prompt in prompts:
-            ids = torch.tensor([self._ids(prompt)])
-            with torch.no_grad():
-                gen = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                    max_new_tokens=params.max_new_tokens, stop_strings=list(params.stop),
-                    tokenizer=tok, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                    output_scores=True, return_dict_in_generate=True)
-            new = gen.sequences[0, ids.shape[1]:].tolist()
-            logprobs = [float(torch.log_softmax(s[0].float(), -1)[t])
+        assert n == 1 and params.temperature == 0, "the peer runs greedy only"
+        tok = self.tokenizer
+        ids = [self._ids(p) for p in prompts]
+        width = max(map(len, ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            gen = self.model.generate(
+                batch, attention_mask=mask, do_sample=False, max_new_tokens=params.max_new_tokens,
+                stop_strings=list(params.stop), tokenizer=tok, eos_token_id=tok.eos_token_id,
+                pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
+        out = []
+        for r in range(len(prompts)):
+            new = gen.sequences[r, width:].tolist()
+            logprobs = [float(torch.log_softmax(s[r].float(), -1)[t])
                         for s, t in zip(gen.scores, new)]
             finish = "length"
-            if new and new[-1] == tok.eos_token_id:
-                new, logprobs, finish = new[:-1], logprobs[:-1], "eos"
+            if tok.eos_token_id in new:
+                cut = new.index(tok.eos_token_id)
+                new, logprobs, finish = new[:cut], logprobs[:cut], "eos"
             text, stop = tok.decode(new, skip_special_tokens=True), None
             hits = [(text.find(s), s) for s in params.stop if s in text]
             if hits:
@@ -82,27 +104,60 @@ class TransformersPolicy:
         return out
 
 
-def load_reference():
-    import torch
-    from transformers import AutoModelForCausalLM
+def searching_policy(cfg, data: Path, index: Path, out: Path, questions: int) -> tuple[Path, Path]:
+    """The demo's SFT warm-up on gold chains of `questions` training questions (made once) →
+    (training dir for JAX, exported Hugging Face dir for transformers)."""
+    from reasonrag_jax.agent.protocol import gold_sft_records
+    from reasonrag_jax.io import append_jsonl
+    from reasonrag_jax.models.policy import load_policy
+    from reasonrag_jax.models.weights import export_hf
+    from reasonrag_jax.retrieval.index import Retriever
+    from reasonrag_jax.train.trainer import run_sft
 
-    from reasonrag_jax.models.weights import embedded_policy_path, load_tokenizer
+    records, ckpt, hf = out / "sft.jsonl", out / "sft", out / "sft_hf"
+    if not records.exists():
+        retriever = Retriever.load(index, cfg.retrieval)
+        rows = [r for ex in read_qa(data / "train.jsonl")[:questions]
+                for r in gold_sft_records(ex, retriever, cfg.agent)]
+        append_jsonl(records, rows)
+    sft = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, objective="sft", epochs=cfg.demo.sft_epochs,
+        learning_rate=cfg.demo.sft_learning_rate))
+    ckpt = run_sft(sft, records, ckpt, None)
+    if not hf.is_dir():
+        export_hf(*load_policy(str(ckpt)), hf)
+    return ckpt, hf
 
-    path = embedded_policy_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
-    return TransformersPolicy(model.eval(), load_tokenizer(path))
+
+def run_jax(runner: EpisodeRunner, examples, seeds) -> tuple[list, float]:
+    t0 = time.perf_counter()
+    out = [r[0] for r in runner.finish(runner.start(examples), 0.0, seeds)]
+    return out, time.perf_counter() - t0
+
+
+def search_rate(cfg, runner: EpisodeRunner, examples) -> tuple[float, list]:
+    """Questions per minute of MCTS + SPRE (warm: two questions searched first)."""
+    from reasonrag_jax.mcts.search import search
+
+    search(runner, examples[:2], cfg.mcts, cfg.seed)
+    t0 = time.perf_counter()
+    trees = search(runner, examples, cfg.mcts, cfg.seed)
+    return len(examples) / (time.perf_counter() - t0) * 60, trees
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--questions", type=int, default=64)
+    ap.add_argument("--sequential-questions", type=int, default=16)
+    ap.add_argument("--mcts-questions", type=int, default=24)
+    ap.add_argument("--sft-questions", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "e2e")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2_cpu.yaml")
+    ap.add_argument("--config", default="smollm2_cpu")
     args = ap.parse_args()
 
     from reasonrag_jax.data.synthetic import write_synthetic
-    from reasonrag_jax.models.weights import load_policy
+    from reasonrag_jax.mcts.search import search_config
+    from reasonrag_jax.models.policy import load_policy
     from reasonrag_jax.retrieval.index import Retriever, build_index
     from reasonrag_jax.sampling import Sampler
 
@@ -112,46 +167,91 @@ def main() -> None:
         write_synthetic(data, seed=0)
     if not index.is_dir():
         build_index(data / "corpus.jsonl", index, cfg.retrieval)
+    ckpt, hf_dir = searching_policy(cfg, data, index, args.out, args.sft_questions)
     examples = read_qa(data / "test.jsonl")[: args.questions]
     retriever = Retriever.load(index, cfg.retrieval)
     seeds = list(range(len(examples)))
+    model, tokenizer = load_policy(str(ckpt), dtype=cfg.model.dtype)
 
-    model, tokenizer = load_policy("embedded", dtype=cfg.model.dtype,
-                                   param_dtype=cfg.model.param_dtype)
-    runner = EpisodeRunner(Sampler(model, tokenizer, cfg.sampler), retriever, cfg.agent)
-    # A first pass compiles every shape the run needs (once per process); the second is timed.
-    t0 = time.perf_counter()
-    runner.finish(runner.start(examples), 0.0, seeds)
-    warm_s = time.perf_counter() - t0
-    print(f"jax first pass (with compilation): {warm_s:.1f}s", flush=True)
-    t0 = time.perf_counter()
-    ours = [r[0] for r in runner.finish(runner.start(examples), 0.0, seeds)]
-    jax_s = time.perf_counter() - t0
+    def runner(agent=cfg.agent, **sampler):
+        return EpisodeRunner(Sampler(model, tokenizer, dataclasses.replace(cfg.sampler, **sampler)),
+                             retriever, agent)
+
+    jax_runner = runner()
+    run_jax(jax_runner, examples[:2], seeds[:2])                      # compiles
+    jax_runner.sampler.stats.reset()
+    jax_runner.stats = type(jax_runner.stats)()
+    ours, jax_s = run_jax(jax_runner, examples, seeds)
+    s, r = jax_runner.sampler.stats, jax_runner.stats
     steps = sum(len(ep.steps) for ep in ours)
-    print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s "
-          f"({len(ours) / jax_s:.3f} q/s)", flush=True)
+    jax_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    breakdown = {"score_s": r.score_s, "generate_s": r.generate_s, "retrieve_s": r.retrieve_s,
+                 "host_s": r.host_s, "sampler_prefill_s": s.prefill_s,
+                 "sampler_decode_s": s.decode_s, "steps": dict(r.steps),
+                 "decode_idle_fraction": s.decode_idle / max(s.decode_idle + s.decode_tokens, 1)}
+    print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s; "
+          f"{json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()})}",
+          flush=True)
 
-    reference = EpisodeRunner(load_reference(), retriever,
-                              dataclasses.replace(cfg.agent, batch_size=1))
-    theirs, t0 = [], time.perf_counter()
-    for i, ex in enumerate(examples):
-        theirs += reference.finish(reference.start([ex]), 0.0, [seeds[i]])[0]
-        if (i + 1) % 8 == 0:
-            print(f"reference: {i + 1}/{len(examples)} questions, "
-                  f"{time.perf_counter() - t0:.1f}s", flush=True)
-    ref_s = time.perf_counter() - t0
+    # MCTS + SPRE with and without prefix reuse (the demo's search settings).
+    mcts_cfg = search_config(cfg)
+    mcts_examples = read_qa(data / "train.jsonl")[-args.mcts_questions:]
+    rates, trees = {}, {}
+    for name, mb in (("reuse", cfg.sampler.prefix_cache_mb), ("no_reuse", 0)):
+        rates[name], trees[name] = search_rate(
+            mcts_cfg, runner(mcts_cfg.agent, prefix_cache_mb=mb), mcts_examples)
+        print(f"generate ({name}): {rates[name]:.2f} questions/min", flush=True)
 
-    same = [a.prediction == b.prediction for a, b in zip(ours, theirs)]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reasonrag_jax.models.tokenizer import load_tokenizer
+
+    torch.set_num_threads(THREADS)
+    peer_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    peer = TransformersPolicy(peer_model, load_tokenizer(hf_dir))
+    batched = EpisodeRunner(peer, retriever, dataclasses.replace(cfg.agent,
+                                                                 batch_size=len(examples)))
+    batched.finish(batched.start(examples[:2]), 0.0, seeds[:2])      # warm-up
+    t0 = time.perf_counter()
+    theirs = [x[0] for x in batched.finish(batched.start(examples), 0.0, seeds)]
+    batched_s = time.perf_counter() - t0
+    print(f"batched transformers: {batched_s:.1f}s", flush=True)
+    sequential = EpisodeRunner(peer, retriever, dataclasses.replace(cfg.agent, batch_size=1))
+    k = min(args.sequential_questions, len(examples))
+    t0 = time.perf_counter()
+    one_by_one = [sequential.finish(sequential.start([ex]), 0.0, [seeds[i]])[0][0]
+                  for i, ex in enumerate(examples[:k])]
+    sequential_s = time.perf_counter() - t0
+    print(f"sequential transformers ({k} questions): {sequential_s:.1f}s", flush=True)
+
+    def same(a, b):
+        return round(float(np.mean([x.prediction == y.prediction for x, y in zip(a, b)])), 4)
+
     for a, b in zip(ours, theirs):
         if a.prediction != b.prediction:
-            print(f"differs on {a.example.id}: jax {a.prediction!r} vs reference "
+            print(f"differs on {a.example.id}: jax {a.prediction!r} vs transformers "
                   f"{b.prediction!r}", flush=True)
-    jax_qps, ref_qps = len(ours) / jax_s, len(theirs) / ref_s
-    print(json.dumps({"jax_q_per_s": round(jax_qps, 4), "reference_q_per_s": round(ref_qps, 4),
-                      "ratio": round(jax_qps / ref_qps, 2),
-                      "same_answers": round(sum(same) / len(same), 4),
-                      "questions": len(examples), "jax_s": round(jax_s, 1),
-                      "reference_s": round(ref_s, 1), "jax_first_pass_s": round(warm_s, 1)}))
+    jax_qps = len(ours) / jax_s
+    print_result({
+        "jax_q_per_s": round(jax_qps, 4),
+        "batched_q_per_s": round(len(theirs) / batched_s, 4),
+        "sequential_q_per_s": round(k / sequential_s, 4),
+        "ratio": round(jax_qps / (len(theirs) / batched_s), 2),
+        "ratio_sequential": round(jax_qps / (k / sequential_s), 2),
+        "same_answers": same(ours, theirs),
+        "same_answers_sequential": same(ours[:k], one_by_one),
+        "steps_per_question": round(steps / len(ours), 2),
+        "prefill_tokens_per_question": round(s.computed_tokens / len(ours), 1),
+        "padding_fraction": round(s.padding_fraction, 4),
+        "prefix_hit_rate": round(s.hit_rate, 4),
+        "generate_q_per_min": round(rates["reuse"], 3),
+        "generate_q_per_min_no_reuse": round(rates["no_reuse"], 3),
+        "generate_speedup": round(rates["reuse"] / rates["no_reuse"], 2),
+        "generate_same_trees": trees["reuse"] == trees["no_reuse"],
+        "jax_peak_rss_mb": round(jax_rss_mb), "questions": len(examples),
+        "jax_s": round(jax_s, 1), "batched_s": round(batched_s, 1),
+        "sequential_s": round(sequential_s, 1), "threads": THREADS})
 
 
 if __name__ == "__main__":

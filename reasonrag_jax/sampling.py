@@ -218,6 +218,8 @@ class Sampler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
         self.stats = SamplerStats()
+        self._scratch: dict[int, KVCache] = {}     # prefill caches by row count, reused
+        self._decode_cache: KVCache | None = None   # the decode slots' cache, reused
         num_pages = cfg.prefix_cache_mb * 2**20 // page_bytes(model.cfg, cfg.page_size)
         self.index = PrefixIndex(num_pages, cfg.page_size) if num_pages else None
         rows, rows_2d, rows_3d, cache, replicated = (
@@ -338,42 +340,53 @@ class Sampler:
         return jnp.sum(jnp.take_along_axis(lp, targets[:, :, None], axis=-1)[..., 0] * mask, -1)
 
     # ------------------------------------------------------------------ prefill
+    def _recycle(self, cache: KVCache) -> None:
+        """Keep a prefill cache for the next group of its row count. Every cache is
+        `cache_size` long (attention costs what the rows need, not the length: see
+        `decoder._cached_attention`), so programs compile per row count and call length only.
+        What a reused cache holds past a row's tokens is never attended: a row writes each slot
+        before any token reads it."""
+        self._scratch[cache.k[0].shape[0]] = cache
+
     def _rows_bucket(self, rows: int) -> int:
         """Rows of a prefill call: the batch bucket, padded to a multiple of the batch shards."""
         return -(-_bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
 
-    def _cache_length(self, longest: int) -> int:
-        """Cache slots for rows of up to `longest` tokens: whole attention blocks."""
-        return min(-(-longest // ATTENTION_BLOCK) * ATTENTION_BLOCK, self.config.cache_size)
-
     def _groups(self, tokens: list[list[int]], first: list[int], width: list[int]
                 ) -> Iterator[_Group]:
-        """Rows in groups of similar length to prefill together, each row starting from its
-        cached pages. Pages are looked up one group at a time, just before the group runs, so
-        a group finds the pages the groups before it stored."""
+        """Rows in groups to prefill together. Every row first takes its cached pages (held
+        until its group has copied them); rows are then grouped by the length left to compute,
+        longest first, so a group's rows need about the same call length (little padding),
+        as many as fit `prefill_tokens` and the decode slots."""
         cfg, p = self.config, self.config.page_size
-        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+        pages = [self.index.match(t, f // p) if self.index else [] for t, f in zip(tokens, first)]
+        left = [len(t) - len(pg) * p for t, pg in zip(tokens, pages)]
+        order = sorted(range(len(tokens)), key=lambda i: -left[i])
         while order:
-            longest = _bucket(min(len(tokens[order[0]]), cfg.prefill_tokens), cfg.prefill_buckets)
-            size = max(1, min(cfg.prefill_tokens // longest, cfg.batch_buckets[-1]))
-            # Rows in a call are a batch bucket: take a full bucket's worth where there is one.
-            take = [b for b in cfg.batch_buckets if b <= size][-1] if size >= 1 else 1
+            length = _bucket(min(left[order[0]], cfg.prefill_tokens), cfg.prefill_buckets)
+            fits = cfg.prefill_tokens // length
+            take = max(1, min(fits, self.slots, len(order)))
+            if self._rows_bucket(take) * length > cfg.prefill_tokens:
+                take = max(b for b in (1, *cfg.batch_buckets) if b <= take)
             rows, order = order[:take], order[take:]
-            pages = [self.index.match(tokens[i], first[i] // p) if self.index else []
-                     for i in rows]
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
-                         [width[i] for i in rows], pages)
+                         [width[i] for i in rows], [pages[i] for i in rows])
 
-    def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
-        """The group's rows into a fresh cache of `size` slots, from their cached pages, in
-        calls of at most `prefill_tokens` token slots → (cache, hidden [rows, W, H] at
-        positions first..first+width-1 of each row). Stores the rows' new full pages."""
+    def _prefill(self, group: _Group) -> tuple[KVCache, jax.Array]:
+        """The group's rows into a scratch cache, from their cached pages, in calls of at most
+        `prefill_tokens` token slots → (cache, hidden [rows, W, H] at positions
+        first..first+width-1 of each row). Stores the rows' new full pages. The caller hands
+        the cache back with `_recycle` once it has copied what it needs."""
         cfg, p = self.config, self.config.page_size
         started = time.perf_counter()
         b = self._rows_bucket(len(group.rows))
-        cache = self._new_cache(b, size)
+        cache = self._scratch.pop(b, None) or self._new_cache(b, cfg.cache_size)
         if any(group.pages):
-            table = np.zeros((b, max(map(len, group.pages))), np.int32)
+            # Few table widths (few programs); a padded entry copies a page past the row's
+            # prefix, into slots its own tokens overwrite before anything reads them.
+            width = min(_bucket(max(map(len, group.pages)), (4, 8, 16, 32, 64, 128)),
+                        cfg.cache_size // p)
+            table = np.zeros((b, width), np.int32)
             for r, pages in enumerate(group.pages):
                 table[r, :len(pages)] = pages
             cache = self._load(self.pool, cache, self._place_rows(table))
@@ -455,17 +468,17 @@ class Sampler:
             distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
         queue = deque(distinct.items())
         results: list[list[Any]] = [[None] * n for _ in prompts]
-        self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,
-                    self._cache_length(longest + params.max_new_tokens))
+        self._drain(queue, params, [int(s) % 2**64 for s in seeds], results)
         return results
 
     def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
-               results: list[list[Any]], size: int) -> None:
+               results: list[list[Any]]) -> None:
         """Decode every queued request on `self.slots` rows, admitting waiting requests into
         slots as rows finish; fills `results[i][j]`."""
         d = self.slots
         place, replicate = self._place_rows, self._replicate
-        state = DecodeState(self._new_cache(d, size),
+        cache, self._decode_cache = self._decode_cache, None
+        state = DecodeState(cache or self._new_cache(d, self.config.cache_size),
                             place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
                             None, None, None)
         owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
@@ -483,7 +496,7 @@ class Sampler:
             # Admit when a quarter of the slots are free (a prefill call per freed row would be
             # mostly padding), or when nothing else runs.
             if queue and (len(free) == d or len(free) >= max(1, d // 4)):
-                state, placed = self._admit_requests(queue, free, state, size)
+                state, placed = self._admit_requests(queue, free, state)
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
                     pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
@@ -513,8 +526,9 @@ class Sampler:
                     i, j = owner[s]
                     results[i][j] = finished
                     owner[s] = None
+        self._decode_cache = state.cache
 
-    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState, size: int
+    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState
                         ) -> tuple[DecodeState, list[tuple[int, tuple[int, int], int]]]:
         """Take requests off `queue` for the `free` slots, prefill their prompts from the
         prefix cache and copy each into its slots → (state, [(slot, request, prompt length)])."""
@@ -531,7 +545,7 @@ class Sampler:
         prompts = [ids for ids, _ in picked]
         placed, slots_left = [], iter(free)
         for group in self._groups(prompts, [len(t) - 1 for t in prompts], [1] * len(prompts)):
-            cache, hidden = self._prefill(group, size)
+            cache, hidden = self._prefill(group)
             slots = np.full(self.slots, self.slots, np.int32)      # past the cache: dropped
             parent = np.zeros(self.slots, np.int32)
             k = 0
@@ -544,6 +558,7 @@ class Sampler:
             new_cache, last = self._admit(self.params, state.cache, state.logits, cache, hidden,
                                           *map(self._replicate, (slots, parent)))
             state = state._replace(cache=new_cache, logits=last)
+            self._recycle(cache)
         return state, placed
 
     def _replicate(self, x: Any) -> jax.Array:
@@ -582,17 +597,17 @@ class Sampler:
                          np.float32)
         if not rows:
             return scores
-        size = self._cache_length(max(len(p) + len(c) for _, _, p, c in rows))
         if self.index is not None:
             distinct = list(dict.fromkeys(tuple(h) for h in heads))
             for group in self._groups([list(h) for h in distinct], [len(h) - 1 for h in distinct],
                                       [1] * len(distinct)):
-                self._prefill(group, size)
+                self._recycle(self._prefill(group)[0])
         tokens = [p + c for _, _, p, c in rows]
         firsts = [len(p) - 1 for _, _, p, _ in rows]
         widths = [len(c) for _, _, _, c in rows]
         for group in self._groups(tokens, firsts, widths):
-            _, hidden = self._prefill(group, size)
+            cache, hidden = self._prefill(group)
+            self._recycle(cache)
             b, w = hidden.shape[:2]
             # The head sees at least MIN_CALL_TOKENS rows × positions (row-independent bits).
             b_head = max(b, -(-MIN_CALL_TOKENS // w))
