@@ -218,8 +218,7 @@ class Sampler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
         self.stats = SamplerStats()
-        self._scratch: dict[int, KVCache] = {}     # prefill caches by row count, reused
-        self._decode_cache: KVCache | None = None   # the decode slots' cache, reused
+        self._scratch: dict[tuple[int, int], KVCache] = {}   # a call's prefill caches, reused
         num_pages = cfg.prefix_cache_mb * 2**20 // page_bytes(model.cfg, cfg.page_size)
         self.index = PrefixIndex(num_pages, cfg.page_size) if num_pages else None
         rows, rows_2d, rows_3d, cache, replicated = (
@@ -341,12 +340,17 @@ class Sampler:
 
     # ------------------------------------------------------------------ prefill
     def _recycle(self, cache: KVCache) -> None:
-        """Keep a prefill cache for the next group of its row count. Every cache is
-        `cache_size` long (attention costs what the rows need, not the length: see
-        `decoder._cached_attention`), so programs compile per row count and call length only.
-        What a reused cache holds past a row's tokens is never attended: a row writes each slot
+        """Keep a prefill cache for the call's next group of its shape (dropped when the call
+        ends). What it holds past a row's tokens is never attended: a row writes each slot
         before any token reads it."""
-        self._scratch[cache.k[0].shape[0]] = cache
+        self._scratch[cache.k[0].shape[0], cache.k[0].shape[-1]] = cache
+
+    def _cache_length(self, longest: int) -> int:
+        """Cache slots for rows of up to `longest` tokens: few lengths (few programs), whole
+        attention blocks. Attention costs what the rows use, not the length (see
+        `decoder._cached_attention`); the length only sizes memory."""
+        step = 2 * ATTENTION_BLOCK
+        return min(-(-longest // step) * step, self.config.cache_size)
 
     def _rows_bucket(self, rows: int) -> int:
         """Rows of a prefill call: the batch bucket, padded to a multiple of the batch shards."""
@@ -372,15 +376,16 @@ class Sampler:
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
                          [width[i] for i in rows], [pages[i] for i in rows])
 
-    def _prefill(self, group: _Group) -> tuple[KVCache, jax.Array]:
-        """The group's rows into a scratch cache, from their cached pages, in calls of at most
+    def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
+        """The group's rows into a scratch cache of `size` slots, from their cached pages, in
+        calls of at most
         `prefill_tokens` token slots → (cache, hidden [rows, W, H] at positions
         first..first+width-1 of each row). Stores the rows' new full pages. The caller hands
         the cache back with `_recycle` once it has copied what it needs."""
         cfg, p = self.config, self.config.page_size
         started = time.perf_counter()
         b = self._rows_bucket(len(group.rows))
-        cache = self._scratch.pop(b, None) or self._new_cache(b, cfg.cache_size)
+        cache = self._scratch.pop((b, size), None) or self._new_cache(b, size)
         if any(group.pages):
             # Few table widths (few programs); a padded entry copies a page past the row's
             # prefix, into slots its own tokens overwrite before anything reads them.
@@ -468,17 +473,20 @@ class Sampler:
             distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
         queue = deque(distinct.items())
         results: list[list[Any]] = [[None] * n for _ in prompts]
-        self._drain(queue, params, [int(s) % 2**64 for s in seeds], results)
+        try:
+            self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,
+                        self._cache_length(longest + params.max_new_tokens))
+        finally:
+            self._scratch.clear()
         return results
 
     def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
-               results: list[list[Any]]) -> None:
+               results: list[list[Any]], size: int) -> None:
         """Decode every queued request on `self.slots` rows, admitting waiting requests into
         slots as rows finish; fills `results[i][j]`."""
         d = self.slots
         place, replicate = self._place_rows, self._replicate
-        cache, self._decode_cache = self._decode_cache, None
-        state = DecodeState(cache or self._new_cache(d, self.config.cache_size),
+        state = DecodeState(self._new_cache(d, size),
                             place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
                             None, None, None)
         owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
@@ -496,7 +504,7 @@ class Sampler:
             # Admit when a quarter of the slots are free (a prefill call per freed row would be
             # mostly padding), or when nothing else runs.
             if queue and (len(free) == d or len(free) >= max(1, d // 4)):
-                state, placed = self._admit_requests(queue, free, state)
+                state, placed = self._admit_requests(queue, free, state, size)
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
                     pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
@@ -526,9 +534,8 @@ class Sampler:
                     i, j = owner[s]
                     results[i][j] = finished
                     owner[s] = None
-        self._decode_cache = state.cache
 
-    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState
+    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState, size: int
                         ) -> tuple[DecodeState, list[tuple[int, tuple[int, int], int]]]:
         """Take requests off `queue` for the `free` slots, prefill their prompts from the
         prefix cache and copy each into its slots → (state, [(slot, request, prompt length)])."""
@@ -545,7 +552,7 @@ class Sampler:
         prompts = [ids for ids, _ in picked]
         placed, slots_left = [], iter(free)
         for group in self._groups(prompts, [len(t) - 1 for t in prompts], [1] * len(prompts)):
-            cache, hidden = self._prefill(group)
+            cache, hidden = self._prefill(group, size)
             slots = np.full(self.slots, self.slots, np.int32)      # past the cache: dropped
             parent = np.zeros(self.slots, np.int32)
             k = 0
@@ -597,16 +604,26 @@ class Sampler:
                          np.float32)
         if not rows:
             return scores
+        size = self._cache_length(max(len(p) + len(c) for _, _, p, c in rows))
+        try:
+            return self._score_rows(heads, rows, scores, size)
+        finally:
+            self._scratch.clear()
+
+    def _score_rows(self, heads: list[list[int]], rows: list, scores: np.ndarray, size: int
+                    ) -> np.ndarray:
+        """`score`'s two passes: the prompts into the page cache, then every (prompt,
+        continuation) row from its prompt's pages, summing the continuation's log-probs."""
         if self.index is not None:
             distinct = list(dict.fromkeys(tuple(h) for h in heads))
             for group in self._groups([list(h) for h in distinct], [len(h) - 1 for h in distinct],
                                       [1] * len(distinct)):
-                self._recycle(self._prefill(group)[0])
+                self._recycle(self._prefill(group, size)[0])
         tokens = [p + c for _, _, p, c in rows]
         firsts = [len(p) - 1 for _, _, p, _ in rows]
         widths = [len(c) for _, _, _, c in rows]
         for group in self._groups(tokens, firsts, widths):
-            cache, hidden = self._prefill(group)
+            cache, hidden = self._prefill(group, size)
             self._recycle(cache)
             b, w = hidden.shape[:2]
             # The head sees at least MIN_CALL_TOKENS rows × positions (row-independent bits).
