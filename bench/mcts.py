@@ -1,9 +1,9 @@
 """MCTS bookkeeping: the batched array tree against one Python object per node.
 
 One iteration is what `search` does between sampler calls in every tree: `select` a node by
-UCT, bring the leaves to the host, `add_child` with its value, bring the children to the host,
-`backup` the value — three jitted calls with their host round trips, timed exactly as `search`
-makes them. The peer is the original's structure: a `Node` object with a list of children, and
+UCT, bring the leaves to the host, `grow` (add the child with its value and back the value up in
+one jitted call), bring the children to the host — the calls and host round trips exactly as
+`search` makes them. The peer is the original's structure: a `Node` object with a list of children, and
 a Python loop over the B trees. Both get the same values and terminal flags; trees grow to 64
 simulations (65 nodes, 2 children). The peer is pure Python and runs in this process (no thread
 pool or cache for the two sides to share).
@@ -81,24 +81,21 @@ def schedule(b: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def search_iteration(tree: T.Tree, c_uct: jax.Array, rows: np.ndarray, at_node: np.ndarray,
-                     values: np.ndarray, terminal: np.ndarray) -> T.Tree:
-    """One iteration of `reasonrag_jax.mcts.search.search` without the sampler: the same three
-    tree calls with the same host round trips between them (the selected leaves come back to
-    the host to look up their episodes; the new children come back to be filed in the table).
-    `at_node[b, node]` stands in for that table's `done` flags."""
-    n = tree.parent.shape[1]
-    room = np.asarray(tree.num_nodes) < n
+                     nodes: np.ndarray, values: np.ndarray, terminal: np.ndarray) -> T.Tree:
+    """One iteration of `reasonrag_jax.mcts.search.search` without the sampler: the same tree
+    calls with the same host round trips (the selected leaves come back to the host to look up
+    their episodes; the new children come back to be filed in the table). `at_node[b, node]`
+    stands in for that table's `done` flags, `nodes` for its host-side node counts."""
+    room = nodes < tree.parent.shape[1]
     leaf = np.asarray(T.select(tree, c_uct))
     at_end = at_node[rows, leaf]
     valid = room & ~at_end
     kind = np.where(terminal, T.KINDS.index("answer"), T.KINDS.index("query")).astype(np.int32)
-    tree, child = T.add_child(tree, jnp.asarray(leaf), jnp.asarray(kind), jnp.asarray(values),
-                              jnp.asarray(terminal), jnp.asarray(valid))
+    tree, child = T.grow(tree, leaf, kind, values, terminal, valid, room & at_end)
     child = np.asarray(child)
+    nodes += child >= 0
     at_node[rows[valid], child[valid]] = terminal[valid]
-    node = np.where(valid, child, leaf)
-    return T.backup(tree, jnp.asarray(node), tree.reward[rows, node],
-                    jnp.asarray(valid | (room & at_end)))
+    return tree
 
 
 def time_jax(b: int, repeats: int) -> float:
@@ -108,10 +105,11 @@ def time_jax(b: int, repeats: int) -> float:
     for _ in range(repeats + 1):       # the first pass compiles
         tree = T.init(b, SIMULATIONS + 1, CHILDREN)
         at_node = np.zeros((b, SIMULATIONS + 1), bool)
+        nodes = np.ones(b, np.int64)
         jax.block_until_ready(tree)
         start = time.perf_counter()
         for i in range(SIMULATIONS):
-            tree = search_iteration(tree, c, rows, at_node, values[i], terminal[i])
+            tree = search_iteration(tree, c, rows, at_node, nodes, values[i], terminal[i])
         jax.block_until_ready(tree)
         best = min(best, time.perf_counter() - start)
     return 1e3 * best / SIMULATIONS
@@ -131,7 +129,7 @@ def time_objects(b: int, repeats: int) -> float:
 
 def real_run_fractions(questions: int = 4, rollouts: int = 8) -> dict[str, float]:
     """Shares of a real small `generate` run's wall time (SmolLM2, guided, synthetic questions):
-    `bookkeeping_fraction` in the tree calls `search` makes (select, add_child, backup, each
+    `bookkeeping_fraction` in the tree calls `search` makes (select and grow, each
     waited for, so its device time counts where it is spent) and `outside_model_fraction`
     outside the sampler and retriever (tree calls, SPRE arithmetic, pairs, files)."""
     from reasonrag_jax.agent.episodes import EpisodeRunner
@@ -165,7 +163,7 @@ def real_run_fractions(questions: int = 4, rollouts: int = 8) -> dict[str, float
 
     for obj, names, key in ((sampler, ("generate", "score"), "model"),
                             (retriever, ("search",), "model"),
-                            (T, ("select", "add_child", "backup"), "tree")):
+                            (T, ("select", "grow"), "tree")):
         for name in names:
             setattr(obj, name, timed(getattr(obj, name), key))
     runner = EpisodeRunner(sampler, retriever, cfg.agent)

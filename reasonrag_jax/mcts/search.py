@@ -53,15 +53,15 @@ def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
     """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps."""
     value_fn = value_fn or default_value_fn(cfg)
     b, n = len(examples), cfg.max_rollouts + 1
-    rows = np.arange(b)
     tree = T.init(b, n, cfg.max_children)
     table: list[dict[int, Episode]] = [{T.ROOT: ep} for ep in runner.start(examples)]  # (q, node)
     seeds = [question_seed(seed, ex.id) for ex in examples]
     c_uct = jnp.full((b,), cfg.c_uct, jnp.float32)
     rollouts = np.zeros(b, np.int64)
     rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
+    nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
     for it in range(cfg.max_rollouts):
-        room = np.asarray(tree.num_nodes) < n
+        room = nodes < n
         if not room.any():
             break
         leaf = np.asarray(T.select(tree, c_uct))
@@ -77,15 +77,12 @@ def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
             value[i], kind[i] = valuation.values[j], T.KINDS.index(ep.steps[-1].kind)
             terminal[i], valid[i] = ep.done, True
             rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
-        tree, child = T.add_child(tree, jnp.asarray(leaf), jnp.asarray(kind), jnp.asarray(value),
-                                  jnp.asarray(terminal), jnp.asarray(valid))
+        tree, child = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end)
         child = np.asarray(child)
+        nodes += child >= 0
         for j, (i, ep) in enumerate(zip(grow, new)):
             table[i][int(child[i])] = ep
             rollout_f1[i][int(child[i])] = valuation.rollout_f1[j]
-        node = np.where(valid, child, leaf)
-        tree = T.backup(tree, jnp.asarray(node), tree.reward[rows, node],
-                        jnp.asarray(valid | (room & at_end)))
     return [dump_tree(tree, i, table[i], rollout_f1[i], rollouts=int(rollouts[i]))
             for i in range(b)]
 

@@ -115,13 +115,22 @@ backup = _per_tree(_one_backup)       # (tree, node, value, valid) -> tree
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def iteration(tree: Tree, c_uct, kind, reward, terminal) -> tuple[Tree, jax.Array, jax.Array]:
-    """Bookkeeping of one search iteration in every tree (what `search` does around the sampler
-    calls; the benchmark times it): select, add a child with the given statistics, back up the
-    new child's reward — or, when a terminal node was selected, that node's own reward again."""
-    leaf = select(tree, c_uct)
+def grow(tree: Tree, leaf, kind, reward, terminal, valid, revisit) -> tuple[Tree, jax.Array]:
+    """Everything after an expansion, in one call (one dispatch, no host round trip between
+    adding and backing up): add each valid new child under its leaf, then back up the child's
+    reward — or, where a terminal leaf was selected again (`revisit`), that leaf's own reward.
+    → (tree, new child per tree or -1)."""
+    tree, child = add_child(tree, leaf, kind, reward, terminal, valid)
     rows = jnp.arange(leaf.shape[0])
-    tree, child = add_child(tree, leaf, kind, reward, terminal, ~tree.terminal[rows, leaf])
     node = jnp.where(child >= 0, child, leaf)
-    tree = backup(tree, node, tree.reward[rows, node], jnp.ones_like(terminal))
+    return backup(tree, node, tree.reward[rows, node], (child >= 0) | revisit), child
+
+
+def iteration(tree: Tree, c_uct, kind, reward, terminal) -> tuple[Tree, jax.Array, jax.Array]:
+    """One whole iteration with given statistics for the new children (tests drive trees by
+    hand with it): select, then `grow`; where no child is added (a terminal node selected
+    again, or a full tree) the selected node's own value is backed up again."""
+    leaf = select(tree, c_uct)
+    at_end = tree.terminal[jnp.arange(leaf.shape[0]), leaf]
+    tree, child = grow(tree, leaf, kind, reward, terminal, ~at_end, jnp.ones_like(at_end))
     return tree, leaf, child
