@@ -2,7 +2,9 @@
 
 Results (paths, tables, resolved configs) go to stdout with `print`; everything that says what is
 happening goes through `get_logger(__name__)`, so a pod's workers do not repeat each line and
-`2>/dev/null` keeps a script's stdout clean.
+`2>/dev/null` keeps a script's stdout clean. The package logger gets its stderr handler on first
+use, so status lines show whether the package runs from the CLI, a bench script or a test
+worker; the CLI then calls `setup` once it knows whether this process leads.
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ import sys
 ROOT = "reasonrag_jax"
 
 
+def _package_logger() -> logging.Logger:
+    logger = logging.getLogger(ROOT)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(module)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def get_logger(name: str) -> logging.Logger:
     """The package logger's child for a module (`get_logger(__name__)`)."""
+    _package_logger()
     return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
 
 
 def setup(lead: bool, level: int = logging.INFO) -> None:
-    """One stderr handler on the package logger; processes other than the lead log warnings only."""
-    logger = logging.getLogger(ROOT)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(module)s] %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level if lead else logging.WARNING)
-    logger.propagate = False
+    """Processes other than the lead log warnings only (call after distributed init)."""
+    _package_logger().setLevel(level if lead else logging.WARNING)

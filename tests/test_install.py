@@ -118,8 +118,12 @@ def test_without_scann_the_index_falls_back_to_exact_search(tmp_path, monkeypatc
                         lambda name, *a: None if name == "scann" else find_spec(name, *a))
     docs = write_corpus(tmp_path / "corpus.jsonl", 30)
     cfg = RetrievalConfig(backend="scann")
-    with caplog.at_level(logging.WARNING, logger="reasonrag_jax"):
+    package = logging.getLogger("reasonrag_jax")      # its own stderr handler; no propagation
+    package.addHandler(caplog.handler)
+    try:
         out = build_index(tmp_path / "corpus.jsonl", tmp_path / "idx", cfg, encoder=FakeEncoder())
+    finally:
+        package.removeHandler(caplog.handler)
     assert [r.getMessage() for r in caplog.records] == [
         "ScaNN is not installed (Linux-only wheels): using exact search"]
     retriever = Retriever.load(out, cfg, encoder=FakeEncoder())

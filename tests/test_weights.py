@@ -213,3 +213,13 @@ def test_hub_id_in_the_local_cache_resolves_offline(make_hf_dir, tiny_llama_cfg,
     with pytest.raises(InputError, match="org/other: no such path, and not in the local Hugging "
                                          "Face cache"):
         resolve_policy("org/other")
+
+
+def test_mistral_with_a_sliding_window_is_refused(tmp_path, tiny_llama_cfg):
+    """Mistral-7B-v0.1 attends over a 4096-token window, which this decoder does not; later
+    Mistrals (`sliding_window: null`) load as Llama-shaped models."""
+    hf = {**tiny_llama_cfg.to_hf(), "model_type": "mistral", "sliding_window": 64}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(InputError, match=r"config\.json: sliding-window attention \(64 tokens\)"):
+        load_hf_dir(tmp_path)
+    assert DecoderConfig.from_hf({**hf, "sliding_window": None}).model_type == "mistral"

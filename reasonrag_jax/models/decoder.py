@@ -55,9 +55,10 @@ class DecoderConfig:
         llama3 = None if rope_type == "default" else (
             float(rope["factor"]), float(rope["low_freq_factor"]),
             float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+        # Qwen2 says `use_sliding_window`; Mistral slides whenever `sliding_window` is set.
         window = hf.get("sliding_window")
-        if hf.get("use_sliding_window", model_type == "mistral") and window is not None and (
-                window < hf.get("max_position_embeddings", 32768)):
+        if hf.get("use_sliding_window", model_type == "mistral" and window is not None) and (
+                window is None or window < hf.get("max_position_embeddings", 32768)):
             raise ValueError(f"sliding-window attention ({window} tokens) is not supported")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
