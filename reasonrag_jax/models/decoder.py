@@ -329,8 +329,11 @@ def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, position
     t = gt // groups
     neg = jnp.finfo(jnp.float32).min
     size = keys.shape[-1]
-    if size % ATTENTION_BLOCK:
-        raise ValueError(f"cache length {size} is not a multiple of {ATTENTION_BLOCK}")
+    if size % ATTENTION_BLOCK:      # the sampler's caches never are; a hand-made one may be
+        pad = ATTENTION_BLOCK - size % ATTENTION_BLOCK
+        keys = jnp.pad(keys, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        values = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        size += pad
 
     def block(i, carry):
         top, total, out = carry
