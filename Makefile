@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEV := $(VENV)/.dev
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo quick test lint bench clean
+.PHONY: demo quick ablation test lint bench clean
 
 $(RUNTIME): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,10 @@ demo: $(RUNTIME)
 	$(VENV)/bin/reasonrag-jax demo $(ARGS)
 
 quick: $(RUNTIME)
-	$(VENV)/bin/reasonrag-jax demo --quick $(ARGS)
+	$(VENV)/bin/reasonrag-jax demo --quick --out runs/quick $(ARGS)
+
+ablation: $(RUNTIME)
+	$(VENV)/bin/reasonrag-jax demo --preset ablation --out runs/ablation $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests $(ARGS)
@@ -41,7 +44,7 @@ lint: $(DEV)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in bench/*.py; do case $$b in */common.py) continue;; esac; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -83,6 +83,12 @@ class RetrievalConfig:
 
 @dataclass
 class AgentConfig:
+    """The episode protocol and its runner.
+
+    mode: guided (the runner writes the scaffold the model chose) | free; max_retrievals: queries
+    before the forced answer; max_step_tokens, temperature, top_p, top_k: sampling per step;
+    batch_size: episodes in flight; num_passages: passages per query shown to grounding.
+    """
     mode: Literal["guided", "free"] = "guided"
     max_retrievals: int = 4         # queries (retrievals) before the forced answer
     max_step_tokens: int = 64       # new tokens per step
@@ -95,6 +101,13 @@ class AgentConfig:
 
 @dataclass
 class MCTSConfig:
+    """The search that makes preference pairs (`generate`).
+
+    max_rollouts: simulations per question; max_children: children per node; max_retrievals:
+    the agent's query cap while searching; spre_rollouts, beta, temperature: SPRE's K, length
+    discount and sampling temperature; c_uct: exploration constant; batch_questions: trees
+    searched together; min_value_gap: smallest sibling value difference that makes a pair.
+    """
     max_rollouts: int = 64          # simulations per question (tree has max_rollouts + 1 nodes)
     max_children: int = 2
     max_retrievals: int = 3         # queries per searched episode (original: 3 here, 4 at eval)

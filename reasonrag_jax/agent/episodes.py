@@ -34,6 +34,7 @@ _CHOICE_SALT = 0
 
 @dataclass(frozen=True)
 class Step:
+    """One protocol step as a trace and a pair side need it (fields commented below)."""
     kind: str                      # "query" | "evidence" | "answer"
     instruction: str               # system message of the step (RAG-ProGuide `instruction`)
     input: str                     # user message of the step (RAG-ProGuide `input`)
@@ -61,6 +62,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Episode:
+    """An immutable partial or finished episode: `example` (the question), `steps` so far,
+    `done` (an answer was given) and `prediction` (that answer). MCTS nodes keep one each."""
     example: QAExample
     steps: tuple[Step, ...] = ()
     done: bool = False
@@ -120,7 +123,7 @@ def derive_seed(seed: int, *salts: int) -> int:
 def runner_from_config(cfg: Config, policy: str, index_dir: str | Path) -> EpisodeRunner:
     """The runner of `eval` and `generate`: `policy` loaded, its sampler on the config's mesh
     (every process of a pod runs it), the index at `index_dir` as the retriever."""
-    from reasonrag_jax.models.weights import load_policy
+    from reasonrag_jax.models.policy import load_policy
     from reasonrag_jax.retrieval.index import Retriever
     from reasonrag_jax.sampling import Sampler
     from reasonrag_jax.sharding import make_mesh

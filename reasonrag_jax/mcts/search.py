@@ -22,7 +22,7 @@ import dataclasses
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +39,18 @@ from reasonrag_jax.mcts.spre import SPRE, ValueFn
 from reasonrag_jax.sharding import lead_process, resume_keys
 
 
+class Runner(Protocol):
+    """What the search needs of an episode runner (`agent.episodes.EpisodeRunner`)."""
+
+    def start(self, examples: list[QAExample]) -> list[Episode]: ...
+
+    def expand(self, episodes: list[Episode], n: int, temperature: float,
+               seeds: list[int]) -> list[list[Episode]]: ...
+
+    def finish(self, episodes: list[Episode], temperature: float, seeds: list[int],
+               k: int = 1) -> list[list[Episode]]: ...
+
+
 def question_seed(seed: int, qid: str) -> int:
     """Depends only on (seed, question id): resumed and re-batched runs draw the same samples."""
     return derive_seed(seed, zlib.crc32(qid.encode()))
@@ -48,7 +60,7 @@ def default_value_fn(cfg: MCTSConfig) -> ValueFn:
     return SPRE(k=cfg.spre_rollouts, beta=cfg.beta, temperature=cfg.temperature)
 
 
-def search(runner: Any, examples: list[QAExample], cfg: MCTSConfig, seed: int,
+def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int,
            value_fn: ValueFn | None = None) -> list[dict[str, Any]]:
     """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps."""
     value_fn = value_fn or default_value_fn(cfg)
@@ -101,7 +113,7 @@ def _pairs(dumps: list[dict[str, Any]], min_gap: float) -> tuple[list[dict], lis
             [p for d in dumps for p in P.outcome_pairs(d, min_gap)])
 
 
-def generate(runner: Any, examples: list[QAExample], paths: dict[str, Path], cfg: MCTSConfig,
+def generate(runner: Runner | None, examples: list[QAExample], paths: dict[str, Path], cfg: MCTSConfig,
              seed: int, value_fn: ValueFn | None = None) -> dict[str, Any]:
     """Search the not yet searched `examples` in batches of `cfg.batch_questions`, appending
     trees and pairs per batch; then write the summary and the picture. Returns the summary."""

@@ -18,6 +18,7 @@ KINDS = ("root", "query", "evidence", "answer")   # kind codes 0..3
 
 
 class Tree(flax.struct.PyTreeNode):
+    """B trees of N nodes with C child slots each; every field is listed with its shape."""
     parent: jax.Array       # [B, N] int32: parent node, -1 for the root and unused nodes
     depth: jax.Array        # [B, N] int32: steps from the root
     kind: jax.Array         # [B, N] int32: index into KINDS

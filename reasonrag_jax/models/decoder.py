@@ -125,8 +125,9 @@ PRESETS: dict[str, DecoderConfig] = {
 
 
 class KVCache(flax.struct.PyTreeNode):
-    """One buffer per layer, so a decode step updates each layer's slots in place (a stacked
-    [L, ...] cache read inside the layer scan made XLA copy it at every layer).
+    """Fields: `k` and `v`, one buffer per layer (shapes below), so a decode step updates each
+    layer's slots in place (a stacked [L, ...] cache read inside the layer scan made XLA copy it
+    at every layer).
 
     Keys are stored transposed, slot axis innermost, because a decode step's scores then stream
     through them: on XLA:CPU `q · K` reads [B, KVH, Dh, S] about twice as fast as [.., S, Dh].
