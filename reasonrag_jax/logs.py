@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
 ROOT = "reasonrag_jax"
 
@@ -34,3 +36,32 @@ def get_logger(name: str) -> logging.Logger:
 def setup(lead: bool, level: int = logging.INFO) -> None:
     """Processes other than the lead log warnings only (call after distributed init)."""
     _package_logger().setLevel(level if lead else logging.WARNING)
+
+
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A TensorBoard writer, or None where tensorboardX is missing (the JSON outputs beside it
+    hold the same numbers)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+def write_scalars(log_dir: Path, scalars: dict[str, Any], step: int = 0) -> None:
+    """Every number in `scalars` (nested keys joined by "/") as a TensorBoard scalar: the
+    summaries of `eval` and `generate` beside training's curves."""
+    writer = tensorboard_writer(log_dir)
+    if writer is None:
+        return
+
+    def leaves(prefix: str, value: Any):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from leaves(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield prefix, value
+
+    for tag, value in leaves("", scalars):
+        writer.add_scalar(tag, value, step)
+    writer.close()

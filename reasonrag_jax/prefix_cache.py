@@ -17,9 +17,9 @@ Two halves:
 
 Pages are copied into a row's own cache rather than attended in place: on XLA:CPU a gather of
 pages inside every attention layer would double the KV traffic of each decode step, while a
-copy costs one read per admitted prompt. A page is therefore only "in use" between a lookup and
-the copy that follows it in the same call, so eviction needs no reference counts: the sampler
-loads the pages it found before it stores (and so may evict) any page. On TPU/GPU a paged
+copy costs one read per admitted prompt. A page is therefore only in use between a lookup and
+the copy that follows it; lookups hold their pages (a reference count) until the copy, so the
+stores that evict pages never take one a waiting row is about to read. On TPU/GPU a paged
 attention kernel can read the same pool through the same page table instead.
 
 Why cached KV is exact: the sampler computes prompt KV in calls whose shapes keep XLA's kernels

@@ -197,7 +197,7 @@ class Sampler:
         if cfg.cache_size % ATTENTION_BLOCK:
             raise ValueError(f"sampler.cache_size {cfg.cache_size} must be a multiple of "
                              f"{ATTENTION_BLOCK}")
-        if not MIN_CALL_TOKENS <= cfg.prefill_tokens:
+        if cfg.prefill_tokens < MIN_CALL_TOKENS:
             raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
         self.tokenizer = tokenizer
         self.graphdef = nnx.graphdef(model)

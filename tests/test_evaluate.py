@@ -91,12 +91,12 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_run_eval_wiring_and_settings_guard(tmp_path, monkeypatch):
-    import reasonrag_jax.models.weights as weights
+    import reasonrag_jax.models.policy as policy
     import reasonrag_jax.retrieval.index as index
     import reasonrag_jax.sampling as sampling
 
     loaded = []
-    monkeypatch.setattr(weights, "load_policy", lambda spec, **kw: loaded.append(spec) or
+    monkeypatch.setattr(policy, "load_policy", lambda spec, **kw: loaded.append(spec) or
                         (None, None))
     monkeypatch.setattr(sampling, "Sampler", lambda model, tok, cfg, **mesh: ScriptedPolicy(SCRIPT))
     monkeypatch.setattr(index.Retriever, "load",

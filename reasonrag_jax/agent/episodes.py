@@ -115,6 +115,24 @@ class RunnerStats:
         return self.total_s - self.score_s - self.generate_s - self.retrieve_s
 
 
+def runner_scalars(runner: Any) -> dict[str, Any]:
+    """How the run used the sampler (prefix reuse, padding, idle decode rows) and where its time
+    went, for TensorBoard; empty for a run that had nothing left to do."""
+    stats = getattr(getattr(runner, "sampler", None), "stats", None)
+    if stats is None:
+        return {}
+    timing = runner.stats
+    return {"sampler": {"prefix_hit_rate": stats.hit_rate,
+                        "padding_fraction": stats.padding_fraction,
+                        "prompt_tokens": stats.prompt_tokens,
+                        "computed_tokens": stats.computed_tokens,
+                        "decode_tokens": stats.decode_tokens,
+                        "decode_idle_rows": stats.decode_idle},
+            "seconds": {"score": timing.score_s, "generate": timing.generate_s,
+                        "retrieve": timing.retrieve_s, "host": timing.host_s,
+                        "prefill": stats.prefill_s, "decode": stats.decode_s}}
+
+
 def derive_seed(seed: int, *salts: int) -> int:
     """A 31-bit seed that depends on (seed, salts) only."""
     return int(np.random.SeedSequence([seed % 2**63, *salts]).generate_state(1)[0]) >> 1

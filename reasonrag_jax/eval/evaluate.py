@@ -16,11 +16,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from reasonrag_jax.agent.episodes import Episode, EpisodeRunner, derive_seed, runner_from_config
+from reasonrag_jax.agent.episodes import (Episode, EpisodeRunner, derive_seed, runner_from_config,
+                                          runner_scalars)
 from reasonrag_jax.config import Config
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.eval.metrics import accuracy, exact_match, f1_score, retrieval_recall
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, write_json_atomic
+from reasonrag_jax.logs import write_scalars
 from reasonrag_jax.sharding import lead_process, resume_keys, sync_processes
 
 METRICS = ("em", "f1", "acc", "retrieval_recall")
@@ -98,8 +100,10 @@ def evaluate(runner: EpisodeRunner | None, examples: Sequence[QAExample], out: P
     summary = summarize(examples, traces)
     if lead:
         write_json_atomic(out / "summary.json", summary)
+        write_scalars(out / "tensorboard", {"eval": summary, **runner_scalars(runner)})
         print(format_table(name, summary))
     return summary
+
 
 
 def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None,

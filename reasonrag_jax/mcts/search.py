@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from reasonrag_jax.agent.episodes import Episode, derive_seed
+from reasonrag_jax.agent.episodes import Episode, derive_seed, runner_scalars
 from reasonrag_jax.config import Config, MCTSConfig
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from reasonrag_jax.logs import write_scalars
 from reasonrag_jax.mcts import pairs as P
 from reasonrag_jax.mcts import tree as T
 from reasonrag_jax.mcts.render import dump_tree, render_tree
@@ -105,6 +106,7 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     return {"pairs": out, "outcome": out.with_name(f"{stem}.outcome.jsonl"),
             "trees": out.with_name(f"{stem}.trees.jsonl"),
             "summary": out.with_name(f"{stem}.summary.json"),
+            "tensorboard": out.with_name(f"{stem}.tensorboard"),
             "picture": out.with_name(f"{stem}.tree.png")}
 
 
@@ -146,6 +148,7 @@ def generate(runner: Runner | None, examples: list[QAExample], paths: dict[str, 
     summary = {"questions": len(dumps), "process": P.summarize(prl), "outcome": P.summarize(orl)}
     if lead:
         write_json_atomic(paths["summary"], summary)
+        write_scalars(paths["tensorboard"], {"generate": summary, **runner_scalars(runner)})
         if dumps:
             render_tree(max(dumps, key=lambda d: len(d["nodes"])), paths["picture"])
     return summary

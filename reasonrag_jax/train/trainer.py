@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from reasonrag_jax.config import Config, TrainConfig, to_dict
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_bytes_atomic
-from reasonrag_jax.logs import get_logger
+from reasonrag_jax.logs import get_logger, tensorboard_writer
 from reasonrag_jax.models.policy import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
@@ -273,7 +273,7 @@ class _Logger:
 
     def __init__(self, out: Path, lead: bool):
         self.path, self.lead = out / "metrics.jsonl", lead
-        self.writer = _tensorboard(out) if lead else None
+        self.writer = tensorboard_writer(out / "tensorboard") if lead else None
 
     def step(self, step: int, metrics: dict[str, float], bar: tqdm) -> None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -393,14 +393,6 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarr
         logger.close()
     if stop["signal"] is not None:
         raise KeyboardInterrupt
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl has the same numbers
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
