@@ -148,10 +148,9 @@ class PagePool(flax.struct.PyTreeNode):
 
     @classmethod
     def init(cls, cfg: DecoderConfig, num_pages: int, page_size: int) -> PagePool:
-        def zeros(shape):
-            return tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros((num_pages, cfg.num_kv_heads, cfg.head_dim, page_size)),
-                   v=zeros((num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)))
+        """Zero pages: a pool is laid out as a cache of `num_pages` rows of `page_size` slots."""
+        cache = KVCache.init(cfg, num_pages, page_size)
+        return cls(k=cache.k, v=cache.v)
 
     @property
     def page_size(self) -> int:
