@@ -73,7 +73,7 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _persistent_compilation_cache() -> None:
+def persistent_compilation_cache() -> None:
     """Keep compiled XLA programs on disk: every demo stage and every re-run of a command builds
     new samplers and train steps of the same shapes, and compiling the unrolled serving decoder
     costs seconds per shape on a CPU."""
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
 
     maybe_initialize_distributed()
     logs.setup(lead=jax.process_index() == 0)
-    _persistent_compilation_cache()
+    persistent_compilation_cache()
     if args.command in ("train", "generate", "eval"):
         from reasonrag_jax.sharding import mesh_shape
 

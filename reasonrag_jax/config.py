@@ -54,7 +54,10 @@ class SamplerConfig:
     # Rows × length of one prefill call stays in [64, 2048]: measured on XLA:CPU, its matmuls
     # give each row the same bits only inside that range (below 64 and at 4096 they differ).
     prefill_tokens: int = 2048
-    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)
+    # Half-octave lengths: a row is padded by at most a third (powers of two padded prefill
+    # slots by 31 % on the e2e bench, these by 26 %), for twice the programs to compile once.
+    prefill_buckets: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+                                        1536, 2048)
     prefix_cache_mb: int = 512
     page_size: int = 16
 
