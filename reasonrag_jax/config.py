@@ -129,7 +129,10 @@ class TrainConfig:
     objective, beta, label_smoothing: the loss; learning_rate, warmup_ratio, schedule,
     weight_decay, max_grad_norm: AdamW and its schedule; batch_size (pairs or sequences per
     step), grad_accum, epochs, max_steps (0: from epochs), max_length, length_buckets: batches;
-    save_every, keep_checkpoints: Orbax cadence; seed: data order.
+    save_every, keep_checkpoints: Orbax cadence; seed: data order and held-out split;
+    val_fraction: share of the units (pairs, or SFT records) held out from training, chosen by
+    `seed` alone and rounded up (LLaMA-Factory's `val_size`), evaluated with the training loss at
+    every save and at the end (eval_loss; DPO: eval_reward_accuracy, eval_margin); 0: none.
     """
     objective: Literal["dpo", "sft"] = "dpo"
     beta: float = 0.3
@@ -148,6 +151,11 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
+    val_fraction: float = 0.0       # in [0, 1); must leave at least one unit on each side
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"key 'train.val_fraction': {self.val_fraction!r} is outside [0, 1)")
 
 
 @dataclass

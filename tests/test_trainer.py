@@ -1,9 +1,13 @@
-"""Trainer: exact resume after an interruption, NaN stop, SFT path, restoring a trained policy."""
+"""Trainer: exact resume after an interruption, NaN stop, SFT path, restoring a trained policy,
+the held-out split and its evaluation."""
 import dataclasses
 import json
+import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -19,6 +23,7 @@ PAIRS = [
      "question_id": f"q{i}", "chosen_reward": 0.8, "rejected_reward": 0.1}
     for i in range(6)
 ]
+VAL = 0.25  # holds out ⌈0.25 · 6⌉ = 2 of the 6 pairs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,6 +64,26 @@ def tiny_config(**train):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_policy):
+    """An uninterrupted DPO run (6 steps, saves at 3 and 6) holding out 2 of the 6 pairs."""
+    tmp = tmp_path_factory.mktemp("dpo")
+    return trainer.run_train(tiny_config(val_fraction=VAL), write_pairs(tmp / "pairs.jsonl"),
+                             tmp / "full", str(tiny_policy))
+
+
+def metric_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_record(out, step):
+    """The JSON record saved beside a checkpoint's arrays."""
+    mngr = manager(out, 2, async_save=False)
+    got = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+    mngr.close()
+    return got
+
+
 def final_params(out):
     model, _ = load_trained_policy(out)
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
@@ -72,10 +97,13 @@ def losses(out):
     return [rows[s] for s in sorted(rows)]
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, tiny_policy, monkeypatch):
+def test_interrupted_run_resumes_exactly(tmp_path, dpo_run, tiny_policy, tokenizer, monkeypatch):
+    """Killed after the save at step 3 and re-run, a run holding out pairs ends as the
+    uninterrupted one: same losses, held-out metrics and weights, the same held-out pairs (the
+    seed's, never trained on) in every checkpoint of both runs."""
     pairs = write_pairs(tmp_path / "pairs.jsonl")
-    cfg = tiny_config()
-    full = trainer.run_train(cfg, pairs, tmp_path / "full", str(tiny_policy))
+    cfg = tiny_config(val_fraction=VAL)
+    full = dpo_run
 
     real = trainer.batch_rows
 
@@ -89,12 +117,39 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_policy, monkeypatch):
         trainer.run_train(cfg, pairs, tmp_path / "cut", str(tiny_policy))
     assert manager(tmp_path / "cut", 2).latest_step() == 3
     monkeypatch.setattr(trainer, "batch_rows", real)
+    looped = []
+    real_loop = trainer._loop
+
+    def spy(cfg, out, objective, data, val, *rest):
+        looped.append((data, val))
+        return real_loop(cfg, out, objective, data, val, *rest)
+
+    monkeypatch.setattr(trainer, "_loop", spy)
     cut = trainer.run_train(cfg, pairs, tmp_path / "cut", str(tiny_policy))
 
     assert losses(full) == losses(cut)
     assert len(losses(full)) == 6
-    with pytest.raises(trainer.InputError, match="train.seed=0"):
-        trainer.run_train(tiny_config(seed=1), pairs, tmp_path / "cut", str(tiny_policy))
+    evals = lambda out: [{k: v for k, v in r.items() if k.startswith("eval_")}  # noqa: E731
+                         for r in metric_rows(out) if "eval_loss" in r]
+    assert len(evals(full)) == 2 and evals(full) == evals(cut)
+    # the held-out pairs: the seed's draw, the same in both runs and across the resume
+    held_out = trainer.split_units(len(PAIRS), VAL, 0)[1].tolist()
+    assert len(held_out) == 2
+    for out in (full, cut):
+        assert [checkpoint_record(out, s)["held_out"] for s in (3, 6)] == [held_out, held_out]
+    # ... and the resumed loop trained on the 4 others only and scored exactly the 2
+    (data, val), = looped
+    assert sorted(val.units.tolist()) == held_out
+    assert sorted(data.units.tolist()) == sorted(set(range(len(PAIRS))) - set(held_out))
+    every = trainer.load_data(tokenizer, pairs, "dpo", 64).encoded.tokens
+    held_rows = {r.tobytes() for r in every[trainer.unit_rows(held_out, 2)]}
+    trained_rows = {r.tobytes() for r in data.encoded.tokens}
+    assert len(trained_rows) == 8 and not held_rows & trained_rows
+    for change, match in ((dict(seed=1), "train.seed=0"),
+                          (dict(val_fraction=0.5), "train.val_fraction=0.25")):
+        with pytest.raises(trainer.InputError, match=match):
+            trainer.run_train(tiny_config(**{"val_fraction": VAL, **change}), pairs,
+                              tmp_path / "cut", str(tiny_policy))
     a, b = final_params(full), final_params(cut)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
@@ -108,6 +163,60 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_policy, monkeypatch):
     # training moved the policy: the DPO loss fell from log 2 at step 1 (policy == reference)
     assert losses(full)[0] == pytest.approx(np.log(2), abs=1e-5)
     assert losses(full)[-1] < losses(full)[0]
+
+
+def test_held_out_pairs_are_scored_at_every_save(dpo_run):
+    """eval_loss / eval_reward_accuracy / eval_margin join the training metrics (jsonl and
+    TensorBoard) at the saves (step 3) and the last step (6), and nowhere else."""
+    rows = metric_rows(dpo_run)
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    assert sorted(evals) == [3, 6] and len(rows) == 6
+    for r in evals.values():
+        assert {"eval_reward_accuracy", "eval_margin"} <= set(r)
+        assert 0 < r["eval_loss"] < 2 and 0 <= r["eval_reward_accuracy"] <= 1
+        assert math.isfinite(r["eval_margin"])
+    events = b"".join(f.read_bytes() for f in (dpo_run / "tensorboard").iterdir())
+    assert all(k.encode() in events for k in ("eval_loss", "eval_reward_accuracy", "eval_margin"))
+
+
+def test_eval_reward_accuracy_counts_chosen_above_rejected(dpo_run, tiny_policy):
+    """The last step's held-out metrics against the held-out pairs scored apart from the
+    trainer: log-probs of the trained and the initial policy, and in numpy the margin
+    β((π_c − ref_c) − (π_r − ref_r)), its share > 0 and the mean −log σ(margin). Counting
+    rejected above chosen, or swapping the two rows of a pair, makes this fail."""
+    from reasonrag_jax.models.policy import load_policy
+    from reasonrag_jax.train.data import encode_pairs
+    from reasonrag_jax.train.dpo import sequence_logps
+
+    held_out = trainer.split_units(len(PAIRS), VAL, 0)[1]
+    trained, tokenizer = load_trained_policy(dpo_run)
+    initial, _ = load_policy(str(tiny_policy))
+    enc = encode_pairs(tokenizer, [PAIRS[i] for i in held_out], 64)
+
+    def logps(model):
+        return np.asarray(sequence_logps(model, jnp.asarray(enc.tokens),
+                                         jnp.asarray(enc.loss_mask)))
+
+    pol, ref = logps(trained), logps(initial)
+    margin = tiny_config().train.beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
+    # no margin near 0, and not half of them positive: a flipped sign would show
+    assert np.abs(margin).min() > 1e-3 and (margin > 0).mean() != 0.5, margin
+    last = metric_rows(dpo_run)[-1]
+    assert last["eval_reward_accuracy"] == (margin > 0).mean()
+    assert last["eval_margin"] == pytest.approx(margin.mean(), rel=1e-3, abs=1e-5)
+    assert last["eval_loss"] == pytest.approx(np.logaddexp(0.0, -margin).mean(), rel=1e-3)
+
+
+def test_val_fraction_that_leaves_a_side_empty_is_refused():
+    for n, fraction in ((6, 0.9), (6, 1e-12)):
+        with pytest.raises(ValueError, match="train.val_fraction .* leaving no") as e:
+            trainer.split_units(n, fraction, 0)
+        assert "\n" not in str(e.value)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"train.val_fraction.*outside \[0, 1\)"):
+            tiny_config(val_fraction=bad)
+    assert [len(x) for x in trainer.split_units(10, 0.1, 0)] == [9, 1]
+    assert [len(x) for x in trainer.split_units(13289, 0.1, 0)] == [11960, 1329]
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_policy):
@@ -130,13 +239,18 @@ def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     records = tmp_path / "sft.jsonl"
     records.write_text("".join(json.dumps({"instruction": p["instruction"], "input": p["input"],
                                            "output": p["chosen"]}) + "\n" for p in PAIRS))
-    cfg = tiny_config(max_steps=8, save_every=8, learning_rate="3e-3", grad_accum=2)
+    cfg = tiny_config(max_steps=8, save_every=8, learning_rate="3e-3", grad_accum=2,
+                      val_fraction=VAL)
     out = trainer.run_sft(cfg, records, tmp_path / "sft", str(tiny_policy))
     ls = losses(out)
     assert len(ls) == 8 and ls[-1] < ls[0] - 0.5
     assert not (out / "ref_logps").exists()
+    # the 2 held-out records are scored with the SFT loss (no reward metrics) at the end
+    last = metric_rows(out)[-1]
+    assert math.isfinite(last["eval_loss"]) and last["eval_loss"] > 0
+    assert "eval_reward_accuracy" not in last
     # beside the loss: the step's learning rate (the schedule's), its time and tokens/s
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     schedule = trainer.lr_schedule(cfg.train, 8)
     assert [r["lr"] for r in rows] == pytest.approx([float(schedule(s)) for s in range(8)])
     assert rows[1]["lr"] > rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)

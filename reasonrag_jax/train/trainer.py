@@ -4,8 +4,10 @@ The data position is a pure function of the step (a seeded permutation per epoch
 restored from the checkpoint of step s continues with exactly the batches an uninterrupted run
 would have seen. Reference log-probs for DPO are computed once, before training, and cached on
 disk keyed by a fingerprint of the initial weights and the exact token arrays: no reference model
-is held while training. Every process builds the same host batch; each fills only its own shards
-(`global_array`), so one process and a pod run the same code.
+is held while training. With `train.val_fraction`, a share of the units, chosen by the seed alone,
+is held out and scored with the training loss at every save (`evaluate`). Every process builds the
+same host batch; each fills only its own shards (`global_array`), so one process and a pod run the
+same code.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ log = get_logger(__name__)
 # cadence, how many to keep — may change between runs).
 _RESUME_KEYS = ("objective", "beta", "label_smoothing", "learning_rate", "warmup_ratio", "schedule",
                 "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps",
-                "max_length", "seed")
+                "max_length", "seed", "val_fraction")
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,8 +83,24 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_uni
             part = order[start:start + span]
             order[start:start + span] = part[np.argsort(-unit_lengths[part], kind="stable")]
         k = rng.permutation(per_epoch)[k]
-    units = order[k * batch_size:(k + 1) * batch_size]
-    return (units[:, None] * rows_per_unit + np.arange(rows_per_unit)).reshape(-1)
+    return unit_rows(order[k * batch_size:(k + 1) * batch_size], rows_per_unit)
+
+
+def unit_rows(units: np.ndarray, rows_per_unit: int) -> np.ndarray:
+    """Row indices of `units`, in their order (unit u: rows u·r … u·r + r − 1)."""
+    return (np.asarray(units)[:, None] * rows_per_unit + np.arange(rows_per_unit)).reshape(-1)
+
+
+def split_units(n_units: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training units, held-out units), each sorted: ⌈fraction · n_units⌉ units held out by a
+    permutation seeded by `seed` alone, so the split is the same for any batch size, mesh or
+    resume. A fraction that leaves either side empty is refused."""
+    n_val = math.ceil(round(fraction * n_units, 9))
+    if fraction > 0 and not 0 < n_val < n_units:
+        raise InputError(f"train.val_fraction {fraction} holds out {n_val} of {n_units} units, "
+                         f"leaving no {'training' if n_val else 'validation'} unit")
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,))).permutation(n_units)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def lr_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -136,6 +154,17 @@ def place_state(host_params: Any, optimizer: optax.GradientTransformation, place
     return params, opt_state
 
 
+def objective_loss(tc: TrainConfig, objective: str, lp: Any, mask: Any, ref_lp: Any
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of rows' completion log-probs `lp` [N]: DPO against the reference
+    log-probs `ref_lp` [N] (rows 2i / 2i+1: pair i's chosen / rejected), or SFT's token mean
+    under `mask` [N, T]. The train step and the held-out evaluation both call it."""
+    if objective == "dpo":
+        return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta,
+                        tc.label_smoothing)
+    return sft_loss(lp, mask[:, 1:].sum(-1))
+
+
 def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
                     objective: str, place: Placement):
     """Jitted (params, opt_state, tokens [A,n,T], mask [A,n,T], ref [A,n]) →
@@ -143,10 +172,7 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: 
 
     def loss_fn(p, tokens, mask, ref_lp):
         lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
-        if objective == "dpo":
-            return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta,
-                            tc.label_smoothing)
-        return sft_loss(lp, mask[:, 1:].sum(-1))
+        return objective_loss(tc, objective, lp, mask, ref_lp)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -182,28 +208,42 @@ def fingerprint(params: Any, place: Placement) -> str:
     return hashlib.sha256(np.stack(leaves).tobytes()).hexdigest()
 
 
+def make_logps_fn(graphdef: Any, place: Placement) -> Any:
+    """Jitted (params, tokens [N, T], mask [N, T]) → completion log-probs [N], no gradient."""
+    return jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m),
+                   in_shardings=(place.params, place.rows, place.rows),
+                   out_shardings=place.replicated)
+
+
+def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: tuple[int, ...],
+              place: Placement, desc: str) -> np.ndarray:
+    """`fn` (`make_logps_fn`) over every row of `data`, `rows_per_call` rows per call, right-padded
+    to their length bucket; the last call is filled with copies of the last row, so every call has
+    one of the bucket shapes and nothing compiles per batch."""
+    out = np.zeros(len(data.tokens), np.float32)
+    for lo in tqdm(range(0, len(out), rows_per_call), desc=desc, unit="batch", leave=False,
+                   disable=jax.process_index() > 0):
+        rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)
+        tokens, mask = batch_arrays(data, rows, buckets)
+        got = fn(params, global_array(tokens, place.rows), global_array(mask, place.rows))
+        out[lo:lo + rows_per_call] = np.asarray(got)[: len(out) - lo]
+    return out
+
+
 def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: int,
-                    buckets: tuple[int, ...], place: Placement, cache_dir: Path, dtype: str
-                    ) -> np.ndarray:
+                    buckets: tuple[int, ...], place: Placement, cache_dir: Path, dtype: str,
+                    fn: Any = None) -> np.ndarray:
     """log π_ref(completion | prompt) of every row, computed once and cached on disk under a
-    key of (weights fingerprint, exact token rows and masks, compute dtype)."""
+    key of (weights fingerprint, exact token rows and masks, compute dtype). `fn`: a
+    `make_logps_fn` to share (with its compiled shapes) with the held-out evaluation."""
     h = hashlib.sha256(f"{fingerprint(params, place)}|{dtype}".encode())
     h.update(data.tokens.tobytes())
     h.update(data.loss_mask.tobytes())
     cache = cache_dir / f"{h.hexdigest()[:32]}.npy"
     if cache.is_file():
         return np.load(cache)
-    fn = jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m),
-                 in_shardings=(place.params, place.rows, place.rows),
-                 out_shardings=place.replicated)
-    out = np.zeros(len(data.tokens), np.float32)
-    starts = range(0, len(out), rows_per_call)
-    for lo in tqdm(starts, desc="reference log-probs", unit="batch",
-                   disable=jax.process_index() > 0):
-        rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)  # pad with the last row
-        tokens, mask = batch_arrays(data, rows, buckets)
-        got = fn(params, global_array(tokens, place.rows), global_array(mask, place.rows))
-        out[lo:lo + rows_per_call] = np.asarray(got)[: len(out) - lo]
+    out = row_logps(fn or make_logps_fn(graphdef, place), params, data, rows_per_call, buckets,
+                    place, "reference log-probs")
     if jax.process_index() == 0:
         import io
 
@@ -213,23 +253,40 @@ def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: in
     return out
 
 
-def _check_resume(record: dict[str, Any], cfg: Config, out: Path) -> None:
+def _check_resume(record: dict[str, Any], cfg: Config, out: Path, held_out: list[int]) -> None:
     saved = record.get("config", {}).get("train", {})
     now = to_dict(cfg)["train"]
+    # A key newer than the checkpoint: the run that wrote it behaved as its default does.
+    default = to_dict(Config())["train"]
     for k in _RESUME_KEYS:
-        if k in saved and saved[k] != now[k]:
+        if saved and saved.get(k, default[k]) != now[k]:
             raise InputError(f"{out}/checkpoints/{record['step']}: written with "
-                             f"train.{k}={saved[k]!r}, now {now[k]!r}; use the same settings "
-                             "to resume or a new --out")
+                             f"train.{k}={saved.get(k, default[k])!r}, now {now[k]!r}; use the "
+                             "same settings to resume or a new --out")
+    if record.get("held_out", []) != held_out:
+        raise InputError(f"{out}/checkpoints/{record['step']}: held out other units than this run "
+                         "would (a different data file?); resume on the same data or use a new "
+                         "--out")
 
 
 @dataclass
 class TrainData:
-    """The encoded training set: `rows_per_unit` rows (2 for a pair, 1 for SFT) per unit."""
+    """Encoded units: `rows_per_unit` rows (2 for a pair, 1 for SFT) per unit."""
     encoded: Encoded
     n_units: int
     rows_per_unit: int
     unit_lengths: np.ndarray   # [n_units] longest row of each unit (for length-sorted batches)
+    units: np.ndarray          # [n_units] index of each unit in the data file
+    ref: np.ndarray | None = None  # [n_units · rows_per_unit] reference log-probs (DPO)
+
+    def take(self, units: np.ndarray) -> TrainData:
+        """The units at positions `units`, in that order (`encoded.truncated` still counts the
+        whole file)."""
+        rows, e = unit_rows(units, self.rows_per_unit), self.encoded
+        encoded = dataclasses.replace(e, tokens=e.tokens[rows], loss_mask=e.loss_mask[rows],
+                                      lengths=e.lengths[rows])
+        return TrainData(encoded, len(units), self.rows_per_unit, self.unit_lengths[units],
+                         self.units[units], None if self.ref is None else self.ref[rows])
 
 
 def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) -> TrainData:
@@ -240,7 +297,7 @@ def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) 
         units = read_sft(data_path)
         encoded, rows_per_unit = encode_sft(tokenizer, units, max_length), 1
     lengths = encoded.lengths.reshape(len(units), rows_per_unit).max(axis=1)
-    return TrainData(encoded, len(units), rows_per_unit, lengths)
+    return TrainData(encoded, len(units), rows_per_unit, lengths, np.arange(len(units)))
 
 
 def _check_batching(cfg: Config, mesh: Mesh, rows_per_unit: int) -> None:
@@ -256,14 +313,14 @@ def _check_batching(cfg: Config, mesh: Mesh, rows_per_unit: int) -> None:
 
 
 def _init_or_restore(cfg: Config, out: Path, mngr: ocp.CheckpointManager, params: Any,
-                     opt_state: Any) -> tuple[int, Any, Any]:
+                     opt_state: Any, held_out: list[int]) -> tuple[int, Any, Any]:
     """(first step, params, optimiser state): the latest checkpoint's when `out` has one (its
     settings must match this run's), else the given fresh ones."""
     start = mngr.latest_step() or 0
     if not start:
         return 0, params, opt_state
     restored = ckpt.restore(mngr, start, params, opt_state)
-    _check_resume(restored["record"], cfg, out)
+    _check_resume(restored["record"], cfg, out, held_out)
     log.info("resumed from step %d", start)
     return start, restored["params"], restored["opt_state"]
 
@@ -306,42 +363,68 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
                                state.to_pure_dict())
     del model
     data = load_data(tokenizer, data_path, objective, tc.max_length)
-    total = tc.max_steps or tc.epochs * math.ceil(data.n_units / tc.batch_size)
+    train_units, val_units = split_units(data.n_units, tc.val_fraction, tc.seed)
+    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / tc.batch_size)
     mesh = make_mesh(cfg.mesh)
     _check_batching(cfg, mesh, data.rows_per_unit)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         ckpt.write_policy_card(out, decoder_cfg, tokenizer, str(base))
-    log.info("%s: %d examples (%d truncated to %d tokens), %d steps of %d, mesh %s", objective,
-             data.n_units, data.encoded.truncated, tc.max_length, total, tc.batch_size,
-             dict(mesh.shape))
+    log.info("%s: %d examples (%d truncated to %d tokens, %d held out), %d steps of %d, mesh %s",
+             objective, data.n_units, data.encoded.truncated, tc.max_length, len(val_units),
+             total, tc.batch_size, dict(mesh.shape))
 
     optimizer = make_optimizer(tc, total)
     place = placement(mesh, cfg.mesh.rules, state, optimizer)
     params, opt_state = place_state(host_params, optimizer, place)
     del host_params, state
-    ref = None
-    if objective == "dpo":
-        ref = reference_logps(graphdef, params, data.encoded, tc.batch_size * data.rows_per_unit,
-                              tc.length_buckets, place, out / "ref_logps", cfg.model.dtype)
+    logps_fn = make_logps_fn(graphdef, place)
+    if objective == "dpo":  # of every unit, held out or not: one pass, one cache
+        data.ref = reference_logps(graphdef, params, data.encoded,
+                                   tc.batch_size * data.rows_per_unit, tc.length_buckets, place,
+                                   out / "ref_logps", cfg.model.dtype, fn=logps_fn)
+    val = None
+    if len(val_units):  # held-out units longest first: an eval call's rows share a length bucket
+        val = data.take(val_units[np.argsort(-data.unit_lengths[val_units], kind="stable")])
+        data = data.take(train_units)
     mngr = ckpt.manager(out, tc.keep_checkpoints)
-    start, params, opt_state = _init_or_restore(cfg, out, mngr, params, opt_state)
+    start, params, opt_state = _init_or_restore(cfg, out, mngr, params, opt_state,
+                                                val_units.tolist())
     step_fn = make_train_step(graphdef, optimizer, tc, objective, place)
-    _loop(cfg, out, objective, data, ref, place, step_fn, mngr, params, opt_state, start, total)
+    _loop(cfg, out, objective, data, val, logps_fn, place, step_fn, mngr, params, opt_state,
+          start, total)
     if lead:
         plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
     return out
 
 
-def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarray | None,
-          place: Placement, step_fn: Any, mngr: ocp.CheckpointManager, params: Any,
-          opt_state: Any, start: int, total: int) -> None:
-    """Steps `start`..`total`: batch, step, NaN check, log, save; a SIGTERM / Ctrl-C saves the
-    step in flight and stops (KeyboardInterrupt)."""
+def evaluate(logps_fn: Any, params: Any, val: TrainData, tc: TrainConfig, objective: str,
+             place: Placement) -> dict[str, float]:
+    """The training objective (`objective_loss`, no gradient) over all held-out units at once,
+    from log-probs computed as the reference pass computes them (`row_logps`: same function,
+    batch shape and length buckets) → eval_loss; DPO adds eval_reward_accuracy (share of pairs
+    whose chosen implicit reward exceeds the rejected one: margin > 0) and eval_margin (mean)."""
+    lp = row_logps(logps_fn, params, val.encoded, tc.batch_size * val.rows_per_unit,
+                   tc.length_buckets, place, "held-out eval")
+    ref = val.ref if val.ref is not None else np.zeros_like(lp)
+    loss, metrics = objective_loss(tc, objective, lp, val.encoded.loss_mask, ref)
+    out = {"eval_loss": float(loss)}
+    if objective == "dpo":
+        out.update(eval_reward_accuracy=float(metrics["rewards/accuracies"]),
+                   eval_margin=float(metrics["rewards/margins"]))
+    return out
+
+
+def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainData | None,
+          logps_fn: Any, place: Placement, step_fn: Any, mngr: ocp.CheckpointManager,
+          params: Any, opt_state: Any, start: int, total: int) -> None:
+    """Steps `start`..`total`: batch, step, NaN check, held-out eval (periodic saves and the last
+    step), log, save; a SIGTERM / Ctrl-C saves the step in flight and stops (KeyboardInterrupt)."""
     tc = cfg.train
     lead = jax.process_index() == 0
     lr = lr_schedule(tc, total)
+    held_out = sorted(val.units.tolist()) if val is not None else []
     logger = _Logger(out, lead)
     stop: dict[str, Any] = {"signal": None}
 
@@ -359,7 +442,7 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarr
             rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.rows_per_unit,
                               data.unit_lengths)
             tokens, mask = batch_arrays(data.encoded, rows, tc.length_buckets)
-            ref_lp = ref[rows] if ref is not None else np.zeros(len(rows), np.float32)
+            ref_lp = data.ref[rows] if data.ref is not None else np.zeros(len(rows), np.float32)
             micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
             batch = (global_array(micro(tokens), place.micro),
                      global_array(micro(mask), place.micro),
@@ -376,11 +459,14 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarr
             seconds = time.perf_counter() - began
             metrics.update(lr=float(lr(s)), step_time_s=seconds,
                            tokens_per_s=float(data.encoded.lengths[rows].sum()) / seconds)
+            periodic = (s + 1) % tc.save_every == 0 or s + 1 == total
+            if val is not None and periodic:
+                metrics.update(evaluate(logps_fn, params, val, tc, objective, place))
             logger.step(s + 1, metrics, bar)
-            done = s + 1 == total or stop["signal"] is not None
-            if (s + 1) % tc.save_every == 0 or done:
+            if periodic or stop["signal"] is not None:
                 ckpt.save(mngr, s + 1, params, opt_state,
-                          {"step": s + 1, "data_position": s + 1, "config": to_dict(cfg)})
+                          {"step": s + 1, "data_position": s + 1, "config": to_dict(cfg),
+                           "held_out": held_out})
             if stop["signal"] is not None:
                 log.warning("signal %s: saved step %d; re-run to resume", stop["signal"], s + 1)
                 break
@@ -396,7 +482,8 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, ref: np.ndarr
 
 
 def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
-    """Loss (and DPO reward margin / accuracy) against step, as a PNG beside the checkpoints."""
+    """Loss (and DPO reward margin / accuracy) against step, with the held-out values where
+    there are any, as a PNG beside the checkpoints."""
     if not metrics.exists():
         return
 
@@ -409,8 +496,14 @@ def plot_metrics(metrics: Path, path: Path, objective: str) -> None:
     keys = ["loss"] + (["rewards/margins", "rewards/accuracies"] if objective == "dpo" else [])
     fig = Figure(figsize=(4 * len(keys), 3), dpi=110)
     axes = fig.subplots(1, len(keys))
+    held_out = {"loss": "eval_loss", "rewards/margins": "eval_margin",
+                "rewards/accuracies": "eval_reward_accuracy"}
     for ax, k in zip(np.atleast_1d(axes), keys):
-        ax.plot(steps, [rows[s].get(k, np.nan) for s in steps])
+        ax.plot(steps, [rows[s].get(k, np.nan) for s in steps], label="train")
+        evals = [s for s in steps if held_out[k] in rows[s]]
+        if evals:
+            ax.plot(evals, [rows[s][held_out[k]] for s in evals], "o-", label="held out")
+            ax.legend()
         ax.set_title(k)
         ax.set_xlabel("step")
     save_figure(fig, path)
