@@ -370,9 +370,9 @@ class Sampler:
             length = _bucket(min(left[order[0]], cfg.prefill_tokens), cfg.prefill_buckets)
             fits = cfg.prefill_tokens // length
             take = max(1, min(fits, self.slots, len(order)))
-            rows = self._rows_bucket(take)
+            call_rows = self._rows_bucket(take)
             # Padding rows past a quarter of the call cost more than a second, smaller call.
-            if rows * length > cfg.prefill_tokens or 4 * (rows - take) > rows:
+            if call_rows * length > cfg.prefill_tokens or 4 * (call_rows - take) > call_rows:
                 take = max(b for b in (1, *cfg.batch_buckets) if b <= take)
             rows, order = order[:take], order[take:]
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],

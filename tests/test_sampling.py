@@ -287,3 +287,16 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_torch):
         assert c.token_ids == expected
         assert c.finish_reason == ("eos" if expected[-1] == tokenizer.eos_token_id else "length")
         assert c.text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_prefill_groups_keep_padding_rows_under_a_quarter(sampler):
+    """Five equal prompts: one call of 8 rows would be 3/8 padding rows, so they go as 4 + 1;
+    seven fit one call of 8 (1/8 padding)."""
+    def sizes(n):
+        tokens = [[1 + i] * 40 for i in range(n)]
+        groups = list(sampler._groups(tokens, [39] * n, [1] * n))
+        sampler.index.release([p for g in groups for pages in g.pages for p in pages])
+        return [len(g.rows) for g in groups]
+
+    assert sizes(5) == [4, 1]
+    assert sizes(7) == [7]
