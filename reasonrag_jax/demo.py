@@ -47,6 +47,14 @@ def _reload(cfg: Config, overrides: list[str]) -> Config:
         Path(f.name).unlink()
 
 
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """The resolved settings a demo directory is tied to. The preset table is left out: the
+    chosen preset is already applied, and editing another preset must not lock out a run."""
+    settings = to_dict(cfg)
+    settings["demo"].pop("presets")
+    return settings
+
+
 def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Path]:
     """corpus + the four disjoint question splits (written once; test is written last)."""
     from reasonrag_jax.data.synthetic import write_splits
@@ -97,8 +105,10 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     demo = cfg.demo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    marker, settings = out / "demo_config.json", to_dict(cfg)
-    if marker.exists() and json.loads(marker.read_text()) != settings:
+    marker, settings = out / "demo_config.json", run_settings(cfg)
+    stored = json.loads(marker.read_text()) if marker.exists() else settings
+    stored.get("demo", {}).pop("presets", None)     # written by earlier versions
+    if stored != settings:
         raise InputError(f"{out}: holds a demo run with other settings (see {marker}); "
                          "use another --out")
     write_json_atomic(marker, settings)

@@ -349,7 +349,7 @@ class Sampler:
         """Cache slots for rows of up to `longest` tokens: few lengths (few programs), whole
         attention blocks. Attention costs what the rows use, not the length (see
         `decoder._cached_attention`); the length only sizes memory."""
-        step = 2 * ATTENTION_BLOCK
+        step = 4 * ATTENTION_BLOCK
         return min(-(-longest // step) * step, self.config.cache_size)
 
     def _rows_bucket(self, rows: int) -> int:

@@ -54,3 +54,18 @@ def test_presets_keep_the_experiment_disjoint_and_powered():
     assert apply_preset(cfg, "quick").demo.test_questions < cfg.demo.test_questions
     with pytest.raises(ValueError, match="unknown demo preset"):
         apply_preset(cfg, "nope")
+
+
+def test_a_run_is_tied_to_its_resolved_settings_not_to_other_presets():
+    from pathlib import Path
+
+    from reasonrag_jax.demo import run_settings
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml")
+    ablation = apply_preset(cfg, "ablation")
+    edited = load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
+                         ['demo.presets={"quick": {"demo.test_questions": 3}, "ablation": '
+                          + json.dumps(cfg.demo.presets["ablation"]) + "}"])
+    assert run_settings(apply_preset(edited, "ablation")) == run_settings(ablation)
+    assert run_settings(ablation) != run_settings(apply_preset(cfg, "quick"))
+    assert "presets" not in run_settings(ablation)["demo"]

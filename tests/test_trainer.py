@@ -253,5 +253,17 @@ def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     rows = metric_rows(out)
     schedule = trainer.lr_schedule(cfg.train, 8)
     assert [r["lr"] for r in rows] == pytest.approx([float(schedule(s)) for s in range(8)])
-    assert rows[1]["lr"] > rows[0]["lr"] and rows[-1]["lr"] < max(r["lr"] for r in rows)
+    assert 0 < rows[-1]["lr"] < max(r["lr"] for r in rows) and rows[0]["lr"] > 0
     assert all(r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_every_update_of_a_short_run_has_a_nonzero_learning_rate(schedule):
+    """A 4-step DPO run used to spend its first update at lr 0 (warmup from 0)."""
+    cfg = load_config(None, ["train.learning_rate=1e-5", "train.warmup_ratio=0.5",
+                             f"train.schedule={schedule}"])
+    rates = [float(trainer.lr_schedule(cfg.train, 4)(s)) for s in range(4)]
+    assert rates[0] == pytest.approx(0.5e-5) and rates[1] == pytest.approx(1e-5)
+    assert min(rates) > 0 and max(rates) == pytest.approx(1e-5)
+    if schedule == "cosine":
+        assert rates[1] > rates[2] > rates[3]

@@ -104,14 +104,20 @@ def split_units(n_units: int, fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 def lr_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate warmed up linearly over `warmup_ratio` of the steps, then cosine-decayed to
-    0 or held constant (`train.schedule`, validated at config load)."""
+    """Learning rate warmed up linearly over `warmup_ratio` of the steps, then cosine-decayed
+    towards 0 or held constant (`train.schedule`, validated at config load).
+
+    Update k gets the rate a 0-based schedule gives at k + 1, so no update is wasted: the first
+    has lr/warmup (not 0, as in HF's warmup schedules, which lose the first step — all of a
+    run with a handful of steps), and the last keeps a small non-zero rate."""
     warmup = max(int(tc.warmup_ratio * total_steps), 1)
     if tc.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
-                                                  max(total_steps, warmup + 1), 0.0)
-    return optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
-                                 optax.constant_schedule(tc.learning_rate)], [warmup])
+        base = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, warmup,
+                                                  max(total_steps + 1, warmup + 1), 0.0)
+    else:
+        base = optax.join_schedules([optax.linear_schedule(0.0, tc.learning_rate, warmup),
+                                     optax.constant_schedule(tc.learning_rate)], [warmup])
+    return lambda step: base(step + 1)
 
 
 def make_optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
