@@ -6,8 +6,11 @@ sides (not timed), sigmoid loss at β 0.3, AdamW + clipping, the same warm-up + 
 activations recomputed in the backward pass on both sides (our `model.remat`, TRL's gradient
 checkpointing). Every TRL setting that decides what is computed is set explicitly, not left to
 TRL's defaults. Every row is exactly `--seq` tokens (prompts are short, completions long and
-cut at the end, which is both our truncation rule and TRL's `keep_start`), so tokens/s counts
-the same tokens on both sides. Each side runs in its own process so its peak RSS is its own.
+cut at the end, which is both our truncation rule and TRL's `keep_start`), and tokens/s counts
+the tokens of TRL's two rows per pair on both sides (ours packs a pair into one row and reads
+its prompt once: with these ~30-token prompts that saves little; on agent-step pairs, whose
+prompts are most of the row, it saves nearly half). Each side runs in its own process so its
+peak RSS is its own.
 
 `first_loss_abs_diff` compares the first step's loss; the policy equals the reference there, so
 both sides should sit at ln 2 (a check that they score the same tokens alike);
@@ -73,7 +76,9 @@ def run_jax(args) -> dict:
     model, tokenizer = load_policy("embedded", remat=cfg.model.remat)
     pairs = read_pairs(args.pairs_file)
     data = encode_pairs(tokenizer, pairs, args.seq)
-    assert (data.lengths == args.seq).all(), "every row must be exactly --seq tokens"
+    buckets = (int(data.lengths.max()),)      # one shape: a pair's packed row
+    for side in (1, 2):   # prompt + each completion: exactly --seq tokens, as on TRL's side
+        assert ((data.segments == 0).sum(1) + (data.segments == side).sum(1) == args.seq).all()
     graphdef, state = nnx.split(model)
     optimizer = trainer.make_optimizer(cfg.train, total)
     place = trainer.placement(make_mesh(cfg.mesh), cfg.mesh.rules, state, optimizer)
@@ -81,16 +86,15 @@ def run_jax(args) -> dict:
                                             optimizer, place)
     del model, state
     with tempfile.TemporaryDirectory() as tmp:
-        ref = trainer.reference_logps(graphdef, params, data, 2 * args.batch, (args.seq,), place,
+        ref = trainer.reference_logps(graphdef, params, data, args.batch, buckets, place,
                                       Path(tmp), "float32")
     step = trainer.make_train_step(graphdef, optimizer, cfg.train, "dpo", place)
     elapsed, losses = 0.0, []
     for s in range(total):
-        rows = np.arange(2 * s * args.batch, 2 * (s + 1) * args.batch)   # file order, as TRL
-        tokens, mask = batch_arrays(data, rows, (args.seq,))
+        rows = np.arange(s * args.batch, (s + 1) * args.batch)   # file order, as TRL
+        tokens, segments = batch_arrays(data, rows, buckets)
         t0 = time.perf_counter()
-        batch = (global_array(tokens[None], place.micro), global_array(mask[None], place.micro),
-                 global_array(ref[rows][None], place.micro_ref))
+        batch = tuple(global_array(x[None], place.micro) for x in (tokens, segments, ref[rows]))
         params, opt_state, metrics = step(params, opt_state, *batch)
         losses.append(float(metrics["loss"]))
         if s >= args.warmup:
@@ -98,6 +102,7 @@ def run_jax(args) -> dict:
         print(f"[jax] step {s + 1}/{total}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f}s",
               flush=True)
     return {"tok_s": args.steps * 2 * args.batch * args.seq / elapsed, "losses": losses,
+            "lrs": [float(trainer.lr_schedule(cfg.train, total)(s)) for s in range(total)],
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -143,12 +148,19 @@ def run_trl(args) -> dict:
             gradient_checkpointing_kwargs={"use_reentrant": False}, disable_dropout=True,
             train_sampling_strategy="sequential", dataloader_drop_last=False,
             optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-            learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine",
-            warmup_steps=max(int(0.2 * total), 1),       # trainer.make_optimizer's warm-up rule
+            learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0,   # schedule: see below
             max_steps=total, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
             dataloader_num_workers=0, seed=0, bf16=False, fp16=False)
+        # Our schedule, step by step (it gives update k the rate a 0-based schedule gives at
+        # k + 1; HF's warm-up would start at 0): the JAX side's rates, as a LambdaLR.
+        lrs = json.loads(args.lrs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda k: lrs[min(k, len(lrs) - 1)] / 1e-6)
         dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Timer()])
+                         processing_class=tokenizer, callbacks=[Timer()],
+                         optimizers=(optimizer, schedule))
         lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in dpo.train_dataset]
         dpo.train()
     losses = [h["loss"] for h in dpo.state.log_history if "loss" in h]
@@ -165,6 +177,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation)")
     parser.add_argument("--side", choices=("jax", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--lrs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         result = (run_jax if args.side == "jax" else run_trl)(args)
@@ -180,6 +193,8 @@ def main() -> None:
             env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
             cmd = [sys.executable, __file__, "--side", side, "--pairs-file", str(pairs),
                    *(f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "steps", "warmup"))]
+            if side == "trl":
+                cmd.append("--lrs=" + json.dumps(results["jax"]["lrs"]))
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = proc.stdout.splitlines()
             print("\n".join(x for x in lines if x.startswith(f"[{side}]")), flush=True)

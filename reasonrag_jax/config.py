@@ -186,6 +186,7 @@ class DemoConfig:
     sft_epochs: int = 1
     sft_learning_rate: float = 5e-5
     mcts_questions: int = 48        # searched for PRL / ORL pairs
+    max_pairs: int = 0              # pairs each of ORL and PRL train on, at most (0: all)
     dpo_epochs: int = 2
     dpo_learning_rates: tuple[float, ...] = (5e-6,)   # candidates; several: chosen on dev
     dev_questions: int = 0          # dev split for the learning-rate choice (0: no dev split)

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from reasonrag_jax.config import Config, DemoConfig, load_config, to_dict
 from reasonrag_jax.eval.stats import Interval, bootstrap_ci, paired_ci
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_json_atomic
@@ -67,16 +69,19 @@ def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Pa
     return paths
 
 
-def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path) -> int:
-    """Cut the larger pairs file so ORL and PRL train on the same number of pairs → that number."""
+def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path, cap: int, seed: int) -> int:
+    """Cut both pairs files to the same number of pairs (the smaller count, at most `cap` when
+    `cap` > 0) so ORL and PRL train on equal budgets → that number. A cut file keeps a seeded
+    sample of its pairs in file order, so it draws from every question, not the first ones."""
     rows_a = [obj for _, obj in read_jsonl(a, allow_empty=True)]
     rows_b = [obj for _, obj in read_jsonl(b, allow_empty=True)]
-    n = min(len(rows_a), len(rows_b))
+    n = min(len(rows_a), len(rows_b), cap or len(rows_a))
     for rows, out in ((rows_a, out_a), (rows_b, out_b)):
         if not out.exists():
+            keep = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
             tmp = out.with_suffix(".tmp")
             tmp.unlink(missing_ok=True)
-            append_jsonl(tmp, rows[:n])
+            append_jsonl(tmp, [rows[i] for i in keep])
             tmp.replace(out)
     return n
 
@@ -143,12 +148,14 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
 
     pairs = out / "pairs.jsonl"
     with _stage("MCTS + SPRE pairs", timings):
-        run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))
+        search = run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))["search"]
         files = {"PRL": out / "pairs_prl.jsonl", "ORL": out / "pairs_orl.jsonl"}
         budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), files["PRL"],
-                               files["ORL"])
-    mix = {row: P.summarize([o for _, o in read_jsonl(f, allow_empty=True)])["by_action_type"]
-           for row, f in files.items()}
+                               files["ORL"], demo.max_pairs, cfg.seed)
+    mined = {row: P.summarize([o for _, o in read_jsonl(f, allow_empty=True)])
+             for row, f in files.items()}
+    mix = {row: m["by_action_type"] for row, m in mined.items()}
+    gaps = {row: m["reward_gap_quartiles"] for row, m in mined.items()}
     lrs = demo.dpo_learning_rates if budget else ()
     if not budget:   # every rollout scored the same: nothing to prefer, say so in the table
         print("[demo] MCTS found no sibling steps with different values: ORL/PRL not trained")
@@ -178,7 +185,8 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
               for row in ROWS if row in ckpts}
     results = summarize(scores, demo.resamples)
-    results.update(pairs=budget, pair_mix=mix, learning_rate=lr, dev_mean_em=dev_em,
+    results.update(pairs=budget, pair_mix=mix, pair_gap_quartiles=gaps, search=search,
+                   learning_rate=lr, dev_mean_em=dev_em,
                    timings=timings, seeds=1)
     table = results_table(results)
     (out / "results.md").write_text(table)
@@ -261,6 +269,15 @@ def results_table(results: dict[str, Any]) -> str:
               + (f" chosen on the dev split (mean dev EM of ORL and PRL: "
                  f"{ {f'{k:g}': round(100 * v, 1) for k, v in results['dev_mean_em'].items()} })"
                  if results.get("dev_mean_em") else "") + "."]
+    search, gaps = results.get("search"), results.get("pair_gap_quartiles", {})
+    if search:
+        lines.append(
+            f"MCTS on {search['trees']} training questions: {100 * search['with_answer_node']:.0f} % "
+            f"of trees hold an answer node, {100 * search['found_correct']:.0f} % found a correct "
+            f"answer on some trajectory (mean best F1 {100 * search['mean_best_f1']:.1f}); where "
+            f"the root tried both ({search['root_answer_vs_query']} trees), answering at once "
+            f"had the higher value in {100 * search['root_answer_preferred']:.0f} %. Reward-gap "
+            f"quartiles of the pairs: PRL {gaps.get('PRL')}, ORL {gaps.get('ORL')}.")
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,13 @@ def test_table_has_intervals_and_paired_differences(tmp_path):
     json.dumps(results)                                # results.json is plain JSON
     plot_results(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    results["search"] = {"trees": 150, "with_answer_node": 0.9, "found_correct": 0.5,
+                         "mean_best_f1": 0.6, "root_answer_vs_query": 40,
+                         "root_answer_preferred": 0.25}
+    results["pair_gap_quartiles"] = {"PRL": [0.1, 0.2, 0.4], "ORL": [1.0, 1.0, 1.0]}
+    assert ("MCTS on 150 training questions: 90 % of trees hold an answer node, 50 % found"
+            in results_table(results))
+    assert "(40 trees), answering at once had the higher value in 25 %" in results_table(results)
     del scores["ORL"], scores["PRL"]                   # no pairs: the rows still show
     assert "| ORL | - |" in results_table(summarize(scores, resamples=100))
 
@@ -69,3 +76,18 @@ def test_a_run_is_tied_to_its_resolved_settings_not_to_other_presets():
     assert run_settings(apply_preset(edited, "ablation")) == run_settings(ablation)
     assert run_settings(ablation) != run_settings(apply_preset(cfg, "quick"))
     assert "presets" not in run_settings(ablation)["demo"]
+
+
+def test_orl_and_prl_get_the_same_number_of_pairs_sampled_from_the_whole_file(tmp_path):
+    from reasonrag_jax.demo import _equal_budget
+    from reasonrag_jax.io import append_jsonl, read_jsonl
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    append_jsonl(a, [{"i": i} for i in range(40)])
+    append_jsonl(b, [{"i": i} for i in range(30)])
+    assert _equal_budget(a, b, tmp_path / "a3", tmp_path / "b3", 0, seed=0) == 30
+    assert [o["i"] for _, o in read_jsonl(tmp_path / "b3")] == list(range(30))
+    assert _equal_budget(a, b, tmp_path / "a8", tmp_path / "b8", 8, seed=0) == 8
+    kept = [[o["i"] for _, o in read_jsonl(tmp_path / f)] for f in ("a8", "b8")]
+    assert all(len(k) == 8 and k == sorted(k) for k in kept)
+    assert kept[0][-1] >= 8                       # not simply the first 8 pairs of the file

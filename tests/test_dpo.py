@@ -46,7 +46,9 @@ def test_sequence_logps_match_transformers(tiny_qwen2_cfg, make_hf_dir):
     mask[0, 10:37] = 1
     mask[1, 5:20] = 1       # a right-padded row: positions ≥ 20 must not matter
     mask[2, 1:2] = 1
-    got = np.asarray(sequence_logps(model, jnp.asarray(tokens), jnp.asarray(mask), chunk=8))
+    segments = mask.astype(np.int32)      # 0 prompt (and what follows row 1's completion), 1
+    got = np.asarray(sequence_logps(model, jnp.asarray(tokens), jnp.asarray(segments),
+                                    chunk=8))[:, 0]
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor(tokens, dtype=torch.long)).logits.float(), -1)
     tok = torch.tensor(tokens[:, 1:], dtype=torch.long)
@@ -54,6 +56,29 @@ def test_sequence_logps_match_transformers(tiny_qwen2_cfg, make_hf_dir):
     want = (per * mask[:, 1:]).sum(-1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert nnx.split(model)  # the model stays a plain NNX module
+
+
+def test_a_packed_pair_scores_each_side_as_its_own_row(tiny_qwen2_cfg, make_hf_dir):
+    """prompt + chosen + rejected in one row (the rejected side attends to the prompt, not to the
+    chosen side, at the positions it would have after the prompt alone) gives the log-probs of
+    the rows prompt + chosen and prompt + rejected."""
+    from reasonrag_jax.models.weights import load_hf_dir
+
+    path, _ = make_hf_dir(tiny_qwen2_cfg, seed=2)
+    model = load_hf_dir(path)
+    rng = np.random.default_rng(1)
+    prompt, chosen, rejected = (rng.integers(0, tiny_qwen2_cfg.vocab_size, n).tolist()
+                                for n in (11, 7, 4))
+    packed = np.array([prompt + chosen + rejected + [0] * 3], np.int32)
+    segments = np.array([[0] * 11 + [1] * 7 + [2] * 4 + [-1] * 3], np.int32)
+    got = np.asarray(sequence_logps(model, jnp.asarray(packed), jnp.asarray(segments), 2,
+                                    chunk=8))[0]
+    rows = np.zeros((2, 18), np.int32)
+    rows[0], rows[1, :15] = prompt + chosen, prompt + rejected
+    alone = np.array([[0] * 11 + [1] * 7, [0] * 11 + [1] * 4 + [-1] * 3], np.int32)
+    want = np.asarray(sequence_logps(model, jnp.asarray(rows), jnp.asarray(alone), chunk=8))[:, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert abs(got[0] - got[1]) > 1e-3          # the two sides really differ
 
 
 def test_training_favours_the_chosen_side(tiny_llama_cfg, tmp_path):
@@ -95,21 +120,22 @@ def test_training_favours_the_chosen_side(tiny_llama_cfg, tmp_path):
     width, lengths = max(map(len, rows)), np.array([len(r) for r in rows])
     tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
     cols = np.arange(width)
-    mask = jnp.asarray((cols >= len(prompt)) & (cols < lengths[:, None]), jnp.float32)
+    segments = jnp.asarray(np.where(cols < len(prompt), 0,
+                                    np.where(cols < lengths[:, None], 1, -1)), jnp.int32)
 
     def gap(p):
-        lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
+        lp = sequence_logps(nnx.merge(graphdef, p), tokens, segments)[:, 0]
         return float(lp[0] - lp[1])
 
     before = gap(params)
     step = trainer.make_train_step(graphdef, optimizer, cfg.train, "dpo", place)
     margins = []
     for s in range(steps):
-        batch = trainer.batch_rows(s, len(pairs), cfg.train.batch_size, 0, 2)
-        toks, msk = data.batch_arrays(encoded, batch, (32,))
+        batch = trainer.batch_rows(s, len(pairs), cfg.train.batch_size, 0)
+        toks, seg = data.batch_arrays(encoded, batch, (32,))
         params, opt_state, metrics = step(
             params, opt_state, global_array(toks[None], place.micro),
-            global_array(msk[None], place.micro), global_array(ref[batch][None], place.micro_ref))
+            global_array(seg[None], place.micro), global_array(ref[batch][None], place.micro))
         margins.append(float(metrics["rewards/margins"]))
     after = gap(params)
     assert after > before + 1.0, (before, after)

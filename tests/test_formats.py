@@ -104,11 +104,11 @@ def test_trl_preference_formats_read_and_encode_like_rag_proguide(tmp_path, toke
     assert pairs[1] == {"prompt": CHAT, "chosen": CHOSEN, "rejected": REJECTED}
     assert pairs[2] == {"prompt": "Q: Who wrote X?\nA:", "chosen": " Ann", "rejected": " Bo"}
     enc = encode_pairs(tokenizer, pairs, 256)
-    np.testing.assert_array_equal(enc.tokens[0:2], enc.tokens[2:4])
-    np.testing.assert_array_equal(enc.loss_mask[0:2], enc.loss_mask[2:4])
+    np.testing.assert_array_equal(enc.tokens[0], enc.tokens[1])
+    np.testing.assert_array_equal(enc.segments[0], enc.segments[1])
     raw = tokenizer("Q: Who wrote X?\nA:", add_special_tokens=False)["input_ids"]
-    assert enc.tokens[4, :len(raw)].tolist() == raw and enc.loss_mask[4, len(raw) - 1] == 0
-    assert enc.loss_mask[4, len(raw)] == 1
+    assert enc.tokens[2, :len(raw)].tolist() == raw and enc.segments[2, len(raw) - 1] == 0
+    assert enc.segments[2, len(raw)] == 1
 
 
 def test_trl_sft_formats_read_and_encode_like_llama_factory(tmp_path, tokenizer):
@@ -122,9 +122,9 @@ def test_trl_sft_formats_read_and_encode_like_llama_factory(tmp_path, tokenizer)
     enc = encode_sft(tokenizer, records, 256)
     for i in (1, 2):
         np.testing.assert_array_equal(enc.tokens[i], enc.tokens[0])
-        np.testing.assert_array_equal(enc.loss_mask[i], enc.loss_mask[0])
+        np.testing.assert_array_equal(enc.segments[i], enc.segments[0])
     p = prompt_ids(tokenizer, "Be brief.", "Who wrote X?")
-    assert enc.loss_mask[0, :len(p)].sum() == 0 and enc.loss_mask[0, len(p)] == 1
+    assert (enc.segments[0, :len(p)] == 0).all() and enc.segments[0, len(p)] == 1
 
 
 @pytest.mark.parametrize("reader, record, message", [

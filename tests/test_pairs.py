@@ -1,7 +1,8 @@
 """Pair mining on a hand-built tree gives exactly the expected process and outcome pairs.
 
 `layer` is RAG-ProGuide's: the depth of the pairs' common parent, 0 among the root's children."""
-from reasonrag_jax.mcts.pairs import outcome_pairs, process_pairs, summarize
+from reasonrag_jax.mcts.pairs import (outcome_pairs, process_pairs, search_stats,
+                                      summarize)
 
 
 def node(i, parent, depth, kind, content, q, children=(), terminal=False, prediction=None,
@@ -52,7 +53,8 @@ def test_process_pairs():
     assert pairs[1]["rejected_action_type"] == "Answer Generation"
     assert [p["chosen_content"] for p in process_pairs(tree(), min_gap=0.001)][-1] == "Zyper"
     assert summarize(pairs) == {"pairs": 3, "by_action_type": {"Query Generation": 3},
-                                "by_layer": {"0": 3}, "mean_reward_gap": (0.6 + 0.8 + 0.2) / 3}
+                                "by_layer": {"0": 3}, "mean_reward_gap": (0.6 + 0.8 + 0.2) / 3,
+                                "reward_gap_quartiles": [0.4, 0.6, 0.7]}   # gaps .2 .6 .8
 
 
 def test_outcome_pairs():
@@ -91,3 +93,16 @@ def test_outcome_pairs_count_spre_rollouts_as_trajectories():
     for n in nodes:
         n["rollout_f1"] = []
     assert outcome_pairs(dump) == []
+
+
+def test_search_stats_count_answer_nodes_correct_trajectories_and_the_root_decision():
+    searched = tree()             # answers Lyon (F1 0), Zyper (1), Zyperia (0), Zyper (1)
+    rollouts_only = {"question_id": "q2", "question": "?", "golden_answers": ["x"], "nodes": [
+        {**node(0, -1, 0, "root", "", 0.3, children=(1,)), "rollout_f1": []},
+        {**node(1, 0, 1, "query", "a", 0.3), "rollout_f1": [0.5, 0.0]}]}
+    answered = tree()
+    answered["nodes"][3]["q_value"] = 0.9     # the root's answer child beats both queries
+    stats = search_stats([searched, rollouts_only, answered, answered])
+    assert stats == {"trees": 4, "with_answer_node": 3 / 4, "found_correct": 3 / 4,
+                     "mean_best_f1": (1.0 + 0.5 + 1.0 + 1.0) / 4, "root_answer_vs_query": 3,
+                     "root_answer_preferred": 2 / 3}

@@ -43,14 +43,15 @@ def per_device(tree, shard_tree):
     return total
 
 def activation_bytes():
-    # Per device, one micro-batch of chosen + rejected rows of train.max_length tokens, rows
-    # split over data x fsdp, heads and MLP columns over tensor. With remat the backward keeps
+    # Per device, one micro-batch of pair rows (prompt + chosen + rejected, packed: at most
+    # 2 x train.max_length tokens, as each side is at most max_length), rows split over
+    # data x fsdp, heads and MLP columns over tensor. With remat the backward keeps
     # every layer's input (the scan's saved residual stream), then recomputes one layer at a
     # time: its projections, float32 attention scores, bf16 probabilities and the scores'
     # float32 gradient, each with its gradient; the loss head runs on 64-token chunks
     # (train/dpo.py), float32 logits, log-softmax and their gradient.
-    rows = 2 * cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
-    t, tp, b = cfg.train.max_length, mesh.shape["tensor"], np.dtype(m.dtype).itemsize
+    rows = cfg.train.batch_size // cfg.train.grad_accum // (mesh.shape["data"] * mesh.shape["fsdp"])
+    t, tp, b = 2 * cfg.train.max_length, mesh.shape["tensor"], np.dtype(m.dtype).itemsize
     saved = m.num_layers * rows * t * m.hidden_size * b
     width = (m.hidden_size + (2 * m.num_heads + 2 * m.num_kv_heads) * m.head_dim // tp
              + 3 * m.intermediate_size // tp)

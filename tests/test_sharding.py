@@ -54,9 +54,9 @@ SCRIPT = textwrap.dedent("""
     host = jax.tree.map(np.asarray, state.to_pure_dict())
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 512, (2, 4, 24)).astype(np.int32)       # [accum, rows, T]
-    mask = np.zeros((2, 4, 24), np.float32)
-    mask[..., 10:20] = 1
-    ref = rng.normal(-40, 2, (2, 4)).astype(np.float32)
+    segments = np.zeros((2, 4, 24), np.int32)                       # prompt, chosen, rejected
+    segments[..., 10:15], segments[..., 15:20], segments[..., 20:] = 1, 2, -1
+    ref = rng.normal(-40, 2, (2, 4, 2)).astype(np.float32)
     out = {}
     for name, shape, devices in (("one", {"data": 1}, jax.devices()[:1]),
                                  ("sharded", {"data": 1, "fsdp": 2, "tensor": 4}, jax.devices())):
@@ -72,7 +72,7 @@ SCRIPT = textwrap.dedent("""
         g = lambda x, s: trainer.global_array(x, s)
         for _ in range(2):
             params, opt_state, metrics = step(params, opt_state, g(tokens, place.micro),
-                                              g(mask, place.micro), g(ref, place.micro_ref))
+                                              g(segments, place.micro), g(ref, place.micro))
         out[name] = {"loss": float(metrics["loss"]), "margin": float(metrics["rewards/margins"]),
                      "params": {k: np.asarray(v).tolist() for k, v in params.items()},
                      "specs": {k: list(v.sharding.spec) for k, v in params.items()},

@@ -49,21 +49,21 @@ def test_bad_pairs_name_line_and_field(tmp_path, bad, msg):
         read_sft(missing)
 
 
-def test_pair_rows_are_chat_templated_and_prompt_masked(tokenizer):
+def test_a_pair_is_one_row_prompt_then_chosen_then_rejected(tokenizer):
     enc = encode_pairs(tokenizer, [PAIR], max_length=256)
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote X?"}],
         tokenize=False, add_generation_prompt=True)
     p = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert text.endswith("<|im_start|>assistant\n")
-    for row, side in ((0, "chosen"), (1, "rejected")):
-        c = tokenizer(PAIR[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        n = len(p) + len(c)
-        assert enc.lengths[row] == n
-        assert enc.tokens[row, :n].tolist() == p + c
-        assert enc.loss_mask[row].tolist() == [0.0] * len(p) + [1.0] * len(c) + [0.0] * (
-            enc.tokens.shape[1] - n)
-    assert tokenizer.decode(enc.tokens[0, enc.loss_mask[0] > 0]) == PAIR["chosen"] + "<|im_end|>"
+    c, r = (tokenizer(PAIR[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for side in ("chosen", "rejected"))
+    n = len(p) + len(c) + len(r)
+    assert enc.completions == 2 and enc.tokens.shape == (1, n) and enc.lengths[0] == n
+    assert enc.tokens[0].tolist() == p + c + r
+    assert enc.segments[0].tolist() == [0] * len(p) + [1] * len(c) + [2] * len(r)
+    assert tokenizer.decode(enc.tokens[0, enc.segments[0] == 1]) == PAIR["chosen"] + "<|im_end|>"
+    assert tokenizer.decode(enc.tokens[0, enc.segments[0] == 2]) == PAIR["rejected"] + "<|im_end|>"
     assert enc.truncated == 0
 
 
@@ -81,35 +81,38 @@ def test_truncation_rule():
 def test_overlong_pairs_are_counted_not_dropped(tokenizer):
     long = {**PAIR, "input": "word " * 200}
     enc = encode_pairs(tokenizer, [PAIR, long, long], max_length=64)
-    assert enc.truncated == 2 and len(enc.tokens) == 6 and enc.lengths.max() == 64
-    # a cut pair still shares its prompt tokens between chosen and rejected
-    m0, m1 = enc.loss_mask[2] == 0, enc.loss_mask[3] == 0
-    np.testing.assert_array_equal(enc.tokens[2][m0[: enc.lengths[2]].nonzero()],
-                                  enc.tokens[3][m1[: enc.lengths[3]].nonzero()])
+    assert enc.truncated == 2 and len(enc.tokens) == 3
+    # each side of a cut pair is prompt + completion of at most max_length (the longer exactly),
+    # as TRL would cut it
+    seg = enc.segments[1]
+    sides = [(seg == 0).sum() + (seg == side).sum() for side in (1, 2)]
+    assert max(sides) == 64 and min(sides) > (seg == 0).sum()
     sft = encode_sft(tokenizer, [{"instruction": "", "input": "hi", "output": "x " * 200}], 32)
-    assert sft.truncated == 1 and sft.lengths[0] == 32 and sft.loss_mask[0].sum() == 16
+    assert sft.truncated == 1 and sft.lengths[0] == 32 and (sft.segments[0] == 1).sum() == 16
 
 
 def test_buckets_and_batches(tokenizer):
     assert bucket_length(70, (256, 64, 128)) == 128 and bucket_length(300, (64, 128)) == 300
     enc = encode_pairs(tokenizer, [PAIR, {**PAIR, "input": "word " * 40}], max_length=512)
-    tokens, mask = batch_arrays(enc, np.array([0, 1]), (32, 64, 128))
-    assert tokens.shape == (2, 32) and enc.lengths[0] <= 32 and mask[0, enc.lengths[0]:].sum() == 0
-    tokens, mask = batch_arrays(enc, np.array([2, 3]), (32, 64, 128))
+    assert 32 < enc.lengths[0] <= 64 < enc.lengths[1] <= 128
+    tokens, segments = batch_arrays(enc, np.array([0, 0]), (32, 64, 128))
+    assert tokens.shape == (2, 64) and (segments[0, enc.lengths[0]:] == -1).all()
+    tokens, segments = batch_arrays(enc, np.array([0, 1]), (32, 64, 128))
     assert tokens.shape == (2, 128)
-    # the data order is a pure function of the step; pairs stay together; an epoch is a permutation
-    rows = np.concatenate([batch_rows(s, 5, 2, 0, 2) for s in range(3)])
-    assert (rows[1::2] == rows[0::2] + 1).all() and set(rows[:10:2] // 2) == {0, 1, 2, 3, 4}
-    np.testing.assert_array_equal(batch_rows(4, 5, 2, 0, 2), batch_rows(4, 5, 2, 0, 2))
+    # the data order is a pure function of the step; an epoch is a permutation (the last batch
+    # wraps around to stay full)
+    rows = np.concatenate([batch_rows(s, 5, 2, 0) for s in range(3)])
+    assert len(rows) == 6 and set(rows[:5].tolist()) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(batch_rows(4, 5, 2, 0), batch_rows(4, 5, 2, 0))
 
 
 def test_length_grouped_batches_cover_the_epoch_with_similar_lengths():
     lengths = np.random.default_rng(0).permutation(64) * 10      # distinct lengths 0..630
-    epoch = [batch_rows(s, 64, 4, 0, 1, lengths, group=4) for s in range(16)]
+    epoch = [batch_rows(s, 64, 4, 0, lengths, group=4) for s in range(16)]
     assert sorted(np.concatenate(epoch).tolist()) == list(range(64))   # still a permutation
     spans = [np.ptp(lengths[b]) for b in epoch]
     # a batch is 4 length-neighbours among 16 random units: far tighter than random batches
-    rand = [np.ptp(lengths[batch_rows(s, 64, 4, 0, 1)]) for s in range(16)]
+    rand = [np.ptp(lengths[batch_rows(s, 64, 4, 0)]) for s in range(16)]
     assert np.mean(spans) < 0.5 * np.mean(rand)
-    np.testing.assert_array_equal(batch_rows(21, 64, 4, 0, 1, lengths, group=4),
-                                  batch_rows(21, 64, 4, 0, 1, lengths, group=4))
+    np.testing.assert_array_equal(batch_rows(21, 64, 4, 0, lengths, group=4),
+                                  batch_rows(21, 64, 4, 0, lengths, group=4))

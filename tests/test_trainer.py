@@ -142,9 +142,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, dpo_run, tiny_policy, tokeniz
     assert sorted(val.units.tolist()) == held_out
     assert sorted(data.units.tolist()) == sorted(set(range(len(PAIRS))) - set(held_out))
     every = trainer.load_data(tokenizer, pairs, "dpo", 64).encoded.tokens
-    held_rows = {r.tobytes() for r in every[trainer.unit_rows(held_out, 2)]}
+    held_rows = {r.tobytes() for r in every[held_out]}
     trained_rows = {r.tobytes() for r in data.encoded.tokens}
-    assert len(trained_rows) == 8 and not held_rows & trained_rows
+    assert len(trained_rows) == 4 and not held_rows & trained_rows
     for change, match in ((dict(seed=1), "train.seed=0"),
                           (dict(val_fraction=0.5), "train.val_fraction=0.25")):
         with pytest.raises(trainer.InputError, match=match):
@@ -182,20 +182,22 @@ def test_held_out_pairs_are_scored_at_every_save(dpo_run):
 def test_eval_reward_accuracy_counts_chosen_above_rejected(dpo_run, tiny_policy):
     """The last step's held-out metrics against the held-out pairs scored apart from the
     trainer: log-probs of the trained and the initial policy, and in numpy the margin
-    β((π_c − ref_c) − (π_r − ref_r)), its share > 0 and the mean −log σ(margin). Counting
-    rejected above chosen, or swapping the two rows of a pair, makes this fail."""
+    β((π_c − ref_c) − (π_r − ref_r)), its share > 0 and the mean −log σ(margin). Each side is
+    scored as a row of its own (prompt + that completion), not packed as the trainer packs a
+    pair. Counting rejected above chosen, or swapping the two sides, makes this fail."""
     from reasonrag_jax.models.policy import load_policy
-    from reasonrag_jax.train.data import encode_pairs
+    from reasonrag_jax.train.data import encode_sft
     from reasonrag_jax.train.dpo import sequence_logps
 
     held_out = trainer.split_units(len(PAIRS), VAL, 0)[1]
     trained, tokenizer = load_trained_policy(dpo_run)
     initial, _ = load_policy(str(tiny_policy))
-    enc = encode_pairs(tokenizer, [PAIRS[i] for i in held_out], 64)
+    enc = encode_sft(tokenizer, [{**PAIRS[i], "output": PAIRS[i][side]} for i in held_out
+                                 for side in ("chosen", "rejected")], 64)
 
     def logps(model):
         return np.asarray(sequence_logps(model, jnp.asarray(enc.tokens),
-                                         jnp.asarray(enc.loss_mask)))
+                                         jnp.asarray(enc.segments)))[:, 0]
 
     pol, ref = logps(trained), logps(initial)
     margin = tiny_config().train.beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))

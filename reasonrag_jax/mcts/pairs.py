@@ -115,9 +115,37 @@ def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str,
 
 
 def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per action type and per layer, and the mean reward gap."""
+    """Counts per action type and per layer, and the reward gap (mean and quartiles)."""
+    gaps = [p["chosen_reward"] - p["rejected_reward"] for p in pairs]
     return {"pairs": len(pairs),
             "by_action_type": dict(Counter(p["chosen_action_type"] for p in pairs)),
             "by_layer": {str(k): v for k, v in sorted(Counter(p["layer"] for p in pairs).items())},
-            "mean_reward_gap": float(np.mean([p["chosen_reward"] - p["rejected_reward"]
-                                              for p in pairs])) if pairs else 0.0}
+            "mean_reward_gap": float(np.mean(gaps)) if gaps else 0.0,
+            "reward_gap_quartiles": [round(float(q), 6) for q in np.quantile(gaps, [.25, .5, .75])]
+            if gaps else []}
+
+
+def search_stats(dumps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the trees offer pair mining: how many hold an answer node, how many found a correct
+    answer on some trajectory (an answer node or a rollout with F1 = 1), the mean best F1, and
+    whether answering at the root beat searching (the root's answer child's value against its
+    best query child's, where both were tried) — the stop/continue signal SPRE is there for."""
+    with_answer = correct = answer_first = both = 0
+    best = []
+    for dump in dumps:
+        nodes, golds = dump["nodes"], dump["golden_answers"]
+        f1s = [f1_score(n["prediction"] or "", golds) for n in nodes if n["terminal"]]
+        f1s += [f for n in nodes for f in n.get("rollout_f1", [])]
+        with_answer += any(n["terminal"] for n in nodes)
+        correct += any(f >= 1.0 for f in f1s)
+        best.append(max(f1s, default=0.0))
+        kids = [nodes[c] for c in nodes[0]["children"] if nodes[c]["visits"] > 0]
+        answer = [k["q_value"] for k in kids if k["kind"] == "answer"]
+        query = [k["q_value"] for k in kids if k["kind"] == "query"]
+        if answer and query:
+            both += 1
+            answer_first += max(answer) > max(query)
+    n = max(len(dumps), 1)
+    return {"trees": len(dumps), "with_answer_node": with_answer / n, "found_correct": correct / n,
+            "mean_best_f1": float(np.mean(best)) if best else 0.0,
+            "root_answer_vs_query": both, "root_answer_preferred": answer_first / max(both, 1)}

@@ -145,7 +145,8 @@ def generate(runner: Runner | None, examples: list[QAExample], paths: dict[str, 
             bar.update(len(batch))
             rate = rollouts / (time.time() - start)
             bar.set_postfix(pairs=num_pairs, rollouts_per_s=f"{rate:.2f}")
-    summary = {"questions": len(dumps), "process": P.summarize(prl), "outcome": P.summarize(orl)}
+    summary = {"questions": len(dumps), "search": P.search_stats(dumps),
+               "process": P.summarize(prl), "outcome": P.summarize(orl)}
     if lead:
         write_json_atomic(paths["summary"], summary)
         write_scalars(paths["tensorboard"], {"generate": summary, **runner_scalars(runner)})

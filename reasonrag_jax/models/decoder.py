@@ -242,13 +242,13 @@ class Decoder(nnx.Module):
         """[B, T, H] → float32 [B, T, V] (split out so DPO can take log-probs in chunks)."""
         return logits(self.cfg, self.params(), hidden)
 
-    def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+    def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
+               segments: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states; with a cache, this call's tokens also attend to it and
-        their K/V are written into it."""
+        their K/V are written into it (`segments`: see `attention_mask`)."""
         params = self.params()
         return forward(self.cfg, params if cache is None else unstack_layers(params), tokens,
-                       positions, cache)
+                       positions, cache, segments)
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
@@ -267,8 +267,22 @@ def logits(cfg: DecoderConfig, params: dict[str, Any], hidden: jax.Array) -> jax
     return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
+def attention_mask(positions: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+    """[B, T, T]: token i sees token j when j comes no later, by index and by position (so
+    right padding never leaks in). With `segments` [B, T] (0: a shared prompt, k > 0: the k-th
+    continuation packed after it, -1: padding), i sees only the prompt and its own segment:
+    several continuations of one prompt share one pass over the prompt, each computed exactly
+    as if it followed the prompt alone (positions restart after the prompt per segment)."""
+    mask = (positions[:, None, :] <= positions[:, :, None]) & jnp.tri(positions.shape[1],
+                                                                      dtype=bool)
+    if segments is not None:
+        mask &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    return mask
+
+
 def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+            cache: KVCache | None = None, segments: jax.Array | None = None
+            ) -> tuple[jax.Array, KVCache | None]:
     """→ (final-normed hidden [B, T, H], the cache with this call's K/V written in).
 
     Stacked `layers` run as one `lax.scan` (training and scoring: a 30-layer model compiles as
@@ -280,11 +294,10 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     layers = params["layers"]
-    # Without a cache the call's tokens attend to each other causally, by position and by index
-    # (so right padding never leaks in). With one, K/V are written first, then attended: slot s
-    # holds position s, and a token sees the slots up to its own position (`_cached_attention`).
-    mask = None if cache is not None else (
-        (positions[:, None, :] <= positions[:, :, None]) & jnp.tri(tokens.shape[1], dtype=bool))
+    # Without a cache the call's tokens attend to each other (`attention_mask`). With one, K/V
+    # are written first, then attended: slot s holds position s, and a token sees the slots up
+    # to its own position (`_cached_attention`).
+    mask = None if cache is not None else attention_mask(positions, segments)
 
     def layer(x, p, kv=None):
         return _block(cfg, {n: w.astype(dtype) for n, w in p.items()}, x, positions, mask, kv)

@@ -8,14 +8,17 @@ Formats read as they are:
   assistant list).
 - TRL SFT: `messages` (the last, assistant, message is the completion) or `prompt` + `completion`.
 A record becomes `{"instruction", "input", ...}` (RAG-ProGuide) or `{"prompt": str | messages,
-...}`; `prompt_tokens` turns either into ids. Each completion is its text plus EOS. Rows 2i and
-2i + 1 are pair i's chosen and rejected, so one forward pass scores both.
+...}`; `prompt_tokens` turns either into ids. Each completion is its text plus EOS. One row per
+example: the prompt, then its completions — a pair's chosen, then its rejected — marked by
+`segments` (0 prompt, k the k-th completion, -1 padding), so one pass over the prompt scores
+both sides (`dpo.sequence_logps`).
 
 Truncation rule (stated once, applied per example, counted, never dropped): when prompt +
 longest completion exceeds `max_length`, the prompt keeps its LAST max(max_length − longest
 completion, max_length // 2) tokens (the question and the generation prompt sit at its end), and
 each completion then keeps its FIRST max_length − kept-prompt tokens. Chosen and rejected of a
-pair therefore always share the same prompt tokens.
+pair therefore always share the same prompt tokens, and each side is what TRL would train on
+with the same `max_length`; the packed row (prompt + both) may be longer than `max_length`.
 """
 from __future__ import annotations
 
@@ -35,13 +38,17 @@ SFT_FIELDS = {"instruction": False, "input": True, "output": True}
 Messages = list[dict[str, str]]
 
 
+COMPLETIONS = {"dpo": 2, "sft": 1}   # completions packed after each prompt, per objective
+
+
 @dataclass
 class Encoded:
-    """Right-padded token rows; for DPO rows 2i / 2i+1 are pair i's chosen / rejected."""
+    """Right-padded token rows, one per example: its prompt, then its completions."""
     tokens: np.ndarray       # int32 [N, T]   (T = longest row)
-    loss_mask: np.ndarray    # float32 [N, T]: 1 on completion tokens (incl. EOS)
+    segments: np.ndarray     # int32 [N, T]: 0 prompt, k on the k-th completion (incl. EOS), -1 pad
     lengths: np.ndarray      # int32 [N]
     truncated: int           # examples (pairs or records) shortened by the truncation rule
+    completions: int         # completions per row: 2 for pairs (chosen, rejected), 1 for SFT
 
 
 def _records(path: Path) -> list[tuple[int, Any]]:
@@ -192,26 +199,26 @@ def truncate(prompt: list[int], completions: list[list[int]], max_length: int
 
 def encode(tokenizer: Any, groups: Sequence[tuple[dict[str, Any], Sequence[str]]], max_length: int
            ) -> Encoded:
-    """(record, completions sharing its prompt) → one padded row per completion."""
+    """(record, completions sharing its prompt) → one padded row: prompt + every completion."""
     if max_length < 2:
         raise InputError(f"train.max_length must be at least 2, got {max_length}")
     eos = tokenizer.eos_token_id
-    rows, prompt_lens, truncated = [], [], 0
+    rows, marks, truncated = [], [], 0
     for rec, completions in groups:
         p = prompt_tokens(tokenizer, rec)
         cs = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
         p, cs, cut = truncate(p, cs, max_length)
         truncated += cut
-        rows += [p + c for c in cs]
-        prompt_lens += [len(p)] * len(cs)
+        rows.append(p + [t for c in cs for t in c])
+        marks.append([0] * len(p) + [k + 1 for k, c in enumerate(cs) for _ in c])
     lengths = np.array([len(r) for r in rows], np.int32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     tokens = np.full((len(rows), int(lengths.max())), pad, np.int32)
-    for i, r in enumerate(rows):
+    segments = np.full(tokens.shape, -1, np.int32)
+    for i, (r, m) in enumerate(zip(rows, marks)):
         tokens[i, :len(r)] = r
-    cols = np.arange(tokens.shape[1])
-    loss_mask = ((cols >= np.array(prompt_lens)[:, None]) & (cols < lengths[:, None]))
-    return Encoded(tokens, loss_mask.astype(np.float32), lengths, truncated)
+        segments[i, :len(m)] = m
+    return Encoded(tokens, segments, lengths, truncated, len(groups[0][1]) if groups else 1)
 
 
 def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int) -> Encoded:
@@ -230,11 +237,11 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and loss mask of `rows`, right-padded to the length bucket of their longest row."""
+    """Tokens and segments of `rows`, right-padded to the length bucket of their longest row."""
     t = bucket_length(int(data.lengths[rows].max()), buckets)
     width = min(t, data.tokens.shape[1])
     tokens = np.zeros((len(rows), t), np.int32)
-    mask = np.zeros((len(rows), t), np.float32)
+    segments = np.full((len(rows), t), -1, np.int32)
     tokens[:, :width] = data.tokens[rows, :width]
-    mask[:, :width] = data.loss_mask[rows, :width]
-    return tokens, mask
+    segments[:, :width] = data.segments[rows, :width]
+    return tokens, segments

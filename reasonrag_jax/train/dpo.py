@@ -1,9 +1,13 @@
 """DPO and SFT objectives: pure functions of log-probs (the trainer supplies them).
 
-Log-probs are summed over completion tokens only (prompt masked) with a float32 log-softmax,
-computed in time chunks so the [B, T, vocab] logits never exist at once; chunks with no
-completion token in any row (most of an agent step's long prompt) skip the output head entirely.
-Metric names follow TRL, so curves compare directly with TRL/LLaMA-Factory runs.
+A training row is one prompt followed by its continuations (`train.data`): an SFT record's
+completion, or a pair's chosen then rejected completion. Each continuation attends to the prompt
+and to itself only, at the positions it would have after the prompt alone, so one pass over the
+prompt scores both sides of a pair exactly as two separate rows would (TRL and LLaMA-Factory run
+the prompt twice). Log-probs are summed per continuation with a float32 log-softmax, computed in
+time chunks so the [B, T, vocab] logits never exist at once; chunks with no continuation token in
+any row (most of an agent step's long prompt) skip the output head entirely. Metric names follow
+TRL, so curves compare directly with TRL/LLaMA-Factory runs.
 """
 from __future__ import annotations
 
@@ -11,32 +15,50 @@ import jax
 import jax.numpy as jnp
 
 
-def sequence_logps(model, tokens: jax.Array, loss_mask: jax.Array, chunk: int = 64) -> jax.Array:
-    """Σ_t log p(tokens[t] | tokens[<t]) over positions with loss_mask[t] = 1. → [B]."""
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    hidden, _ = model.hidden(tokens, positions)
-    inputs, targets, mask = hidden[:, :-1], tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
-    n = inputs.shape[1]
+def packed_layout(segments: jax.Array, completions: int) -> tuple[jax.Array, jax.Array]:
+    """(positions, source) of rows laid out as `segments` [B, T] (0 prompt, k the k-th
+    continuation, -1 padding): a continuation's positions restart where the prompt ends, and
+    token t is predicted from the hidden state at `source[t]` — the token before it, or for a
+    continuation's first token the prompt's last."""
+    idx = jnp.arange(segments.shape[1])
+    starts = jnp.argmax(segments[:, :, None] == jnp.arange(1, completions + 1), axis=1)  # [B, S]
+    prompt = starts[:, :1]
+    start = jnp.take_along_axis(starts, jnp.clip(segments - 1, 0, completions - 1), axis=1)
+    inside = segments > 0
+    positions = jnp.where(inside, idx - (start - prompt), idx)
+    source = jnp.maximum(jnp.where(inside & (idx == start), prompt - 1, idx - 1), 0)
+    return positions, source
+
+
+def sequence_logps(model, tokens: jax.Array, segments: jax.Array, completions: int = 1,
+                   chunk: int = 64) -> jax.Array:
+    """Σ log p(token | prompt and the continuation before it) over each continuation's tokens
+    → [B, completions]."""
+    segments = segments.astype(jnp.int32)
+    positions, source = packed_layout(segments, completions)
+    hidden, _ = model.hidden(tokens, positions, segments=segments)
+    inputs = jnp.take_along_axis(hidden, source[..., None], axis=1)
+    weights = (segments[..., None] == jnp.arange(1, completions + 1)).astype(jnp.float32)
+    b, n = tokens.shape
     chunk = min(chunk, n)
     pad = (-n) % chunk
     inputs = jnp.pad(inputs, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    targets = jnp.pad(tokens, ((0, 0), (0, pad)))
+    weights = jnp.pad(weights, ((0, 0), (0, pad), (0, 0)))
 
     @jax.checkpoint  # recompute each chunk's logits in the backward pass instead of storing them
-    def head_logps(h, y, m):
+    def head_logps(h, y, w):
         logits = model.logits(h)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
-        return jnp.sum(lp * m, axis=-1)
+        return jnp.einsum("bt,bts->bs", lp, w)
 
-    def chunk_logps(h, y, m):
-        return jax.lax.cond(jnp.any(m > 0), head_logps, lambda *_: jnp.zeros(b, jnp.float32),
-                            h, y, m)
+    def chunk_logps(h, y, w):
+        return jax.lax.cond(jnp.any(w > 0), head_logps,
+                            lambda *_: jnp.zeros((b, completions), jnp.float32), h, y, w)
 
     split = lambda x: x.reshape(b, -1, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
     per_chunk = jax.lax.map(lambda xs: chunk_logps(*xs),
-                            (split(inputs), split(targets), split(mask)))
+                            (split(inputs), split(targets), split(weights)))
     return per_chunk.sum(0)
 
 

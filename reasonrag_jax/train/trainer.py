@@ -37,8 +37,8 @@ from reasonrag_jax.models.policy import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
 from reasonrag_jax.train import checkpoint as ckpt
-from reasonrag_jax.train.data import (Encoded, batch_arrays, encode_pairs, encode_sft, read_pairs,
-                                      read_sft)
+from reasonrag_jax.train.data import (COMPLETIONS, Encoded, batch_arrays, encode_pairs, encode_sft,
+                                      read_pairs, read_sft)
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps, sft_loss
 
 log = get_logger(__name__)
@@ -63,10 +63,11 @@ def run_sft(cfg: Config, records: Path, out: Path, init: str | None = None) -> P
     return train(cfg, Path(records), Path(out), init, "sft")
 
 
-def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_unit: int,
+def batch_rows(step: int, n_units: int, batch_size: int, seed: int,
                unit_lengths: np.ndarray | None = None, group: int = 16) -> np.ndarray:
-    """Row indices of the batch at `step`: a seeded permutation per epoch, wrapping at the end
-    so every batch has the same size. Depends on nothing but its arguments (exact resume).
+    """Row (= unit) indices of the batch at `step`: a seeded permutation per epoch, wrapping at
+    the end so every batch has the same size. Depends on nothing but its arguments (exact
+    resume).
 
     With `unit_lengths`, each run of `group` batches of the permutation is sorted by length
     before it is cut into batches, and the epoch's batches are then shuffled: rows of a batch
@@ -83,12 +84,7 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int, rows_per_uni
             part = order[start:start + span]
             order[start:start + span] = part[np.argsort(-unit_lengths[part], kind="stable")]
         k = rng.permutation(per_epoch)[k]
-    return unit_rows(order[k * batch_size:(k + 1) * batch_size], rows_per_unit)
-
-
-def unit_rows(units: np.ndarray, rows_per_unit: int) -> np.ndarray:
-    """Row indices of `units`, in their order (unit u: rows u·r … u·r + r − 1)."""
-    return (np.asarray(units)[:, None] * rows_per_unit + np.arange(rows_per_unit)).reshape(-1)
+    return order[k * batch_size:(k + 1) * batch_size]
 
 
 def split_units(n_units: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +130,7 @@ class Placement:
     params: Any              # pytree of NamedSharding (from the params' logical axis names)
     opt_state: Any           # the same for the optimiser state (moments follow their params)
     rows: NamedSharding      # [N, T] token rows
-    micro: NamedSharding     # [A, N/A, T] micro-batched rows
-    micro_ref: NamedSharding  # [A, N/A] reference log-probs
+    micro: NamedSharding     # [A, N/A, T] micro-batched rows (and their [A, N/A, S] ref log-probs)
     replicated: NamedSharding
 
 
@@ -148,8 +143,7 @@ def placement(mesh: Mesh, rules: Any, state: nnx.State, optimizer: optax.Gradien
                                       transform_non_params=lambda _: replicated)
     sharding = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     return Placement(mesh, params, opt_state, rows=sharding(batch_spec(rules, 2)),
-                     micro=sharding(batch_spec(rules, 2, leading=1)),
-                     micro_ref=sharding(batch_spec(rules, 1, leading=1)), replicated=replicated)
+                     micro=sharding(batch_spec(rules, 2, leading=1)), replicated=replicated)
 
 
 def place_state(host_params: Any, optimizer: optax.GradientTransformation, place: Placement
@@ -160,35 +154,36 @@ def place_state(host_params: Any, optimizer: optax.GradientTransformation, place
     return params, opt_state
 
 
-def objective_loss(tc: TrainConfig, objective: str, lp: Any, mask: Any, ref_lp: Any
+def objective_loss(tc: TrainConfig, objective: str, lp: Any, segments: Any, ref_lp: Any
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) of rows' completion log-probs `lp` [N]: DPO against the reference
-    log-probs `ref_lp` [N] (rows 2i / 2i+1: pair i's chosen / rejected), or SFT's token mean
-    under `mask` [N, T]. The train step and the held-out evaluation both call it."""
+    """(loss, metrics) of rows' completion log-probs `lp` [N, S]: DPO against the reference
+    log-probs `ref_lp` [N, 2] (column 0 chosen, 1 rejected), or SFT's token mean over the
+    completion tokens of `segments` [N, T]. The train step and the held-out evaluation both
+    call it."""
     if objective == "dpo":
-        return dpo_loss(lp[0::2], lp[1::2], ref_lp[0::2], ref_lp[1::2], tc.beta,
+        return dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], tc.beta,
                         tc.label_smoothing)
-    return sft_loss(lp, mask[:, 1:].sum(-1))
+    return sft_loss(lp[:, 0], (segments > 0).sum(-1))
 
 
 def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
                     objective: str, place: Placement):
-    """Jitted (params, opt_state, tokens [A,n,T], mask [A,n,T], ref [A,n]) →
+    """Jitted (params, opt_state, tokens [A,n,T], segments [A,n,T], ref [A,n,S]) →
     (params, opt_state, metrics): gradients averaged over the A micro-batches, one update."""
 
-    def loss_fn(p, tokens, mask, ref_lp):
-        lp = sequence_logps(nnx.merge(graphdef, p), tokens, mask)
-        return objective_loss(tc, objective, lp, mask, ref_lp)
+    def loss_fn(p, tokens, segments, ref_lp):
+        lp = sequence_logps(nnx.merge(graphdef, p), tokens, segments, COMPLETIONS[objective])
+        return objective_loss(tc, objective, lp, segments, ref_lp)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(p, opt_state, tokens, mask, ref_lp):
+    def step(p, opt_state, tokens, segments, ref_lp):
         def micro(acc, xs):
             return jax.tree.map(jnp.add, acc, grad_fn(p, *xs)), None
 
-        shapes = jax.eval_shape(grad_fn, p, tokens[0], mask[0], ref_lp[0])
+        shapes = jax.eval_shape(grad_fn, p, tokens[0], segments[0], ref_lp[0])
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, (tokens, mask, ref_lp))
+        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, (tokens, segments, ref_lp))
         loss, metrics, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, metrics, grads))
         updates, opt_state = optimizer.update(grads, opt_state, p)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -196,7 +191,7 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: 
 
     return jax.jit(step, donate_argnums=(0, 1),
                    in_shardings=(place.params, place.opt_state, place.micro, place.micro,
-                                 place.micro_ref),
+                                 place.micro),
                    out_shardings=(place.params, place.opt_state, place.replicated))
 
 
@@ -214,9 +209,10 @@ def fingerprint(params: Any, place: Placement) -> str:
     return hashlib.sha256(np.stack(leaves).tobytes()).hexdigest()
 
 
-def make_logps_fn(graphdef: Any, place: Placement) -> Any:
-    """Jitted (params, tokens [N, T], mask [N, T]) → completion log-probs [N], no gradient."""
-    return jax.jit(lambda p, t, m: sequence_logps(nnx.merge(graphdef, p), t, m),
+def make_logps_fn(graphdef: Any, place: Placement, completions: int) -> Any:
+    """Jitted (params, tokens [N, T], segments [N, T]) → completion log-probs [N, completions],
+    no gradient."""
+    return jax.jit(lambda p, t, s: sequence_logps(nnx.merge(graphdef, p), t, s, completions),
                    in_shardings=(place.params, place.rows, place.rows),
                    out_shardings=place.replicated)
 
@@ -226,12 +222,12 @@ def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: 
     """`fn` (`make_logps_fn`) over every row of `data`, `rows_per_call` rows per call, right-padded
     to their length bucket; the last call is filled with copies of the last row, so every call has
     one of the bucket shapes and nothing compiles per batch."""
-    out = np.zeros(len(data.tokens), np.float32)
+    out = np.zeros((len(data.tokens), data.completions), np.float32)
     for lo in tqdm(range(0, len(out), rows_per_call), desc=desc, unit="batch", leave=False,
                    disable=jax.process_index() > 0):
         rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)
-        tokens, mask = batch_arrays(data, rows, buckets)
-        got = fn(params, global_array(tokens, place.rows), global_array(mask, place.rows))
+        tokens, segments = batch_arrays(data, rows, buckets)
+        got = fn(params, global_array(tokens, place.rows), global_array(segments, place.rows))
         out[lo:lo + rows_per_call] = np.asarray(got)[: len(out) - lo]
     return out
 
@@ -239,16 +235,17 @@ def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: 
 def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: int,
                     buckets: tuple[int, ...], place: Placement, cache_dir: Path, dtype: str,
                     fn: Any = None) -> np.ndarray:
-    """log π_ref(completion | prompt) of every row, computed once and cached on disk under a
-    key of (weights fingerprint, exact token rows and masks, compute dtype). `fn`: a
+    """log π_ref(completion | prompt) of every completion [N, S], computed once and cached on
+    disk under a key of (weights fingerprint, exact token rows and segments, compute dtype). `fn`: a
     `make_logps_fn` to share (with its compiled shapes) with the held-out evaluation."""
     h = hashlib.sha256(f"{fingerprint(params, place)}|{dtype}".encode())
     h.update(data.tokens.tobytes())
-    h.update(data.loss_mask.tobytes())
+    h.update(data.segments.tobytes())
     cache = cache_dir / f"{h.hexdigest()[:32]}.npy"
     if cache.is_file():
         return np.load(cache)
-    out = row_logps(fn or make_logps_fn(graphdef, place), params, data, rows_per_call, buckets,
+    out = row_logps(fn or make_logps_fn(graphdef, place, data.completions), params, data,
+                    rows_per_call, buckets,
                     place, "reference log-probs")
     if jax.process_index() == 0:
         import io
@@ -277,41 +274,39 @@ def _check_resume(record: dict[str, Any], cfg: Config, out: Path, held_out: list
 
 @dataclass
 class TrainData:
-    """Encoded units: `rows_per_unit` rows (2 for a pair, 1 for SFT) per unit."""
+    """Encoded units (a pair or an SFT record), one row each."""
     encoded: Encoded
     n_units: int
-    rows_per_unit: int
-    unit_lengths: np.ndarray   # [n_units] longest row of each unit (for length-sorted batches)
+    unit_lengths: np.ndarray   # [n_units] row lengths (for length-sorted batches)
     units: np.ndarray          # [n_units] index of each unit in the data file
-    ref: np.ndarray | None = None  # [n_units · rows_per_unit] reference log-probs (DPO)
+    ref: np.ndarray | None = None  # [n_units, completions] reference log-probs (DPO)
 
     def take(self, units: np.ndarray) -> TrainData:
         """The units at positions `units`, in that order (`encoded.truncated` still counts the
         whole file)."""
-        rows, e = unit_rows(units, self.rows_per_unit), self.encoded
-        encoded = dataclasses.replace(e, tokens=e.tokens[rows], loss_mask=e.loss_mask[rows],
-                                      lengths=e.lengths[rows])
-        return TrainData(encoded, len(units), self.rows_per_unit, self.unit_lengths[units],
-                         self.units[units], None if self.ref is None else self.ref[rows])
+        e = self.encoded
+        encoded = dataclasses.replace(e, tokens=e.tokens[units], segments=e.segments[units],
+                                      lengths=e.lengths[units])
+        return TrainData(encoded, len(units), self.unit_lengths[units], self.units[units],
+                         None if self.ref is None else self.ref[units])
 
 
 def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) -> TrainData:
     if objective == "dpo":
         units = read_pairs(data_path)
-        encoded, rows_per_unit = encode_pairs(tokenizer, units, max_length), 2
+        encoded = encode_pairs(tokenizer, units, max_length)
     else:
         units = read_sft(data_path)
-        encoded, rows_per_unit = encode_sft(tokenizer, units, max_length), 1
-    lengths = encoded.lengths.reshape(len(units), rows_per_unit).max(axis=1)
-    return TrainData(encoded, len(units), rows_per_unit, lengths, np.arange(len(units)))
+        encoded = encode_sft(tokenizer, units, max_length)
+    return TrainData(encoded, len(units), encoded.lengths, np.arange(len(units)))
 
 
-def _check_batching(cfg: Config, mesh: Mesh, rows_per_unit: int) -> None:
+def _check_batching(cfg: Config, mesh: Mesh) -> None:
     tc = cfg.train
     if tc.batch_size % tc.grad_accum:
         raise InputError(f"train.batch_size {tc.batch_size} is not a multiple of train.grad_accum "
                          f"{tc.grad_accum}")
-    micro_rows = tc.batch_size // tc.grad_accum * rows_per_unit
+    micro_rows = tc.batch_size // tc.grad_accum
     if micro_rows % batch_ways(mesh, cfg.mesh.rules):
         raise InputError(f"a micro-batch of {micro_rows} rows does not split over the "
                          f"{batch_ways(mesh, cfg.mesh.rules)} batch shards of mesh "
@@ -372,7 +367,7 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     train_units, val_units = split_units(data.n_units, tc.val_fraction, tc.seed)
     total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / tc.batch_size)
     mesh = make_mesh(cfg.mesh)
-    _check_batching(cfg, mesh, data.rows_per_unit)
+    _check_batching(cfg, mesh)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
@@ -385,10 +380,10 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     place = placement(mesh, cfg.mesh.rules, state, optimizer)
     params, opt_state = place_state(host_params, optimizer, place)
     del host_params, state
-    logps_fn = make_logps_fn(graphdef, place)
+    logps_fn = make_logps_fn(graphdef, place, COMPLETIONS[objective])
     if objective == "dpo":  # of every unit, held out or not: one pass, one cache
         data.ref = reference_logps(graphdef, params, data.encoded,
-                                   tc.batch_size * data.rows_per_unit, tc.length_buckets, place,
+                                   tc.batch_size, tc.length_buckets, place,
                                    out / "ref_logps", cfg.model.dtype, fn=logps_fn)
     val = None
     if len(val_units):  # held-out units longest first: an eval call's rows share a length bucket
@@ -411,10 +406,10 @@ def evaluate(logps_fn: Any, params: Any, val: TrainData, tc: TrainConfig, object
     from log-probs computed as the reference pass computes them (`row_logps`: same function,
     batch shape and length buckets) → eval_loss; DPO adds eval_reward_accuracy (share of pairs
     whose chosen implicit reward exceeds the rejected one: margin > 0) and eval_margin (mean)."""
-    lp = row_logps(logps_fn, params, val.encoded, tc.batch_size * val.rows_per_unit,
-                   tc.length_buckets, place, "held-out eval")
+    lp = row_logps(logps_fn, params, val.encoded, tc.batch_size, tc.length_buckets, place,
+                   "held-out eval")
     ref = val.ref if val.ref is not None else np.zeros_like(lp)
-    loss, metrics = objective_loss(tc, objective, lp, val.encoded.loss_mask, ref)
+    loss, metrics = objective_loss(tc, objective, lp, val.encoded.segments, ref)
     out = {"eval_loss": float(loss)}
     if objective == "dpo":
         out.update(eval_reward_accuracy=float(metrics["rewards/accuracies"]),
@@ -445,14 +440,12 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainDat
     try:
         for s in bar:
             began = time.perf_counter()
-            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.rows_per_unit,
-                              data.unit_lengths)
-            tokens, mask = batch_arrays(data.encoded, rows, tc.length_buckets)
-            ref_lp = data.ref[rows] if data.ref is not None else np.zeros(len(rows), np.float32)
+            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.unit_lengths)
+            tokens, segments = batch_arrays(data.encoded, rows, tc.length_buckets)
+            ref_lp = data.ref[rows] if data.ref is not None else \
+                np.zeros((len(rows), data.encoded.completions), np.float32)
             micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
-            batch = (global_array(micro(tokens), place.micro),
-                     global_array(micro(mask), place.micro),
-                     global_array(micro(ref_lp), place.micro_ref))
+            batch = tuple(global_array(micro(x), place.micro) for x in (tokens, segments, ref_lp))
             params, opt_state, metrics = step_fn(params, opt_state, *batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
