@@ -1,22 +1,22 @@
 """DPO training throughput and peak memory: our jitted step vs TRL `DPOTrainer` on torch CPU.
 
 Same model (SmolLM2-135M-Instruct, float32), the same pairs in the same order (file order, no
-shuffling on either side), batch and sequence length, reference log-probs precomputed on both
-sides (not timed), sigmoid loss at β 0.3, AdamW + clipping, the same warm-up + cosine schedule,
-activations recomputed in the backward pass on both sides (our `model.remat`, TRL's gradient
-checkpointing). Every TRL setting that decides what is computed is set explicitly, not left to
-TRL's defaults. Every row is exactly `--seq` tokens (prompts are short, completions long and
-cut at the end, which is both our truncation rule and TRL's `keep_start`), and tokens/s counts
-the tokens of TRL's two rows per pair on both sides (ours packs a pair into one row and reads
-its prompt once: with these ~30-token prompts that saves little; on agent-step pairs, whose
-prompts are most of the row, it saves nearly half). Each side runs in its own process so its
-peak RSS is its own.
+shuffling on either side), batch and max length, reference log-probs precomputed on both sides
+(not timed), sigmoid loss at β 0.3, AdamW + clipping, the same learning rate at every step (TRL
+gets the JAX side's rates as a `LambdaLR`), activations recomputed in the backward pass on both
+sides (our `model.remat`, TRL's gradient checkpointing). Every TRL setting that decides what is
+computed is set explicitly, not left to TRL's defaults. The pairs have the shape of agent steps:
+a long prompt (a question and `--prompt-words` words of retrieved text, ~240 tokens by default)
+and short completions (a query or an answer, tens of tokens), none cut by `--seq`. Tokens/s
+counts the real tokens of TRL's two rows per pair (prompt + chosen, prompt + rejected) on both
+sides; ours packs a pair into one row and computes its prompt once. Each side runs in its own
+process so its peak RSS is its own.
 
 `first_loss_abs_diff` compares the first step's loss; the policy equals the reference there, so
 both sides should sit at ln 2 (a check that they score the same tokens alike);
 `loss_abs_diff_max` compares every step's loss, after the updates too.
 
-    .venv/bin/python bench/dpo.py [--batch 4 --seq 256 --steps 5 --warmup 1]
+    .venv/bin/python bench/dpo.py [--batch 4 --seq 512 --prompt-words 200 --steps 5 --warmup 1]
 
 Prints progress, then one JSON line: jax_tok_s, trl_tok_s, ratio, jax_peak_rss_mb, trl_peak_rss_mb,
 first_loss_abs_diff, loss_abs_diff_max, … , isa.
@@ -39,15 +39,19 @@ WORDS = ("river stone archive lantern harbor meadow signal copper garden violet 
          "quarry pilot orchard canyon beacon ledger marble falcon").split()
 
 
-def write_pairs(path: Path, n: int, seq: int) -> None:
-    """n pairs with ~20-token prompts and completions longer than `seq` tokens."""
+def write_pairs(path: Path, n: int, prompt_words: int) -> None:
+    """n agent-step pairs: a question with `prompt_words` words of passage text, a query chosen
+    over an early answer."""
     rows = []
     for i in range(n):
-        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(seq)]
+        passage = " ".join(WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(prompt_words))
         rows.append({"instruction": "Answer with evidence.",
-                     "input": f"Question {i}: which {WORDS[i % len(WORDS)]} is older?",
-                     "chosen": "<evidence>" + " ".join(words) + "</evidence>",
-                     "rejected": "<answer>" + " ".join(reversed(words)) + "</answer>"})
+                     "input": f"Question {i}: which {WORDS[i % len(WORDS)]} is older?\n"
+                              f"Passages: {passage}",
+                     "chosen": f"So the next query is <query>{WORDS[(i + 1) % len(WORDS)]} "
+                               f"{WORDS[(i + 3) % len(WORDS)]} founding year</query>",
+                     "rejected": f"So the answer is <answer>{WORDS[(i + 2) % len(WORDS)]}"
+                                 "</answer>"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -77,8 +81,9 @@ def run_jax(args) -> dict:
     pairs = read_pairs(args.pairs_file)
     data = encode_pairs(tokenizer, pairs, args.seq)
     buckets = (int(data.lengths.max()),)      # one shape: a pair's packed row
-    for side in (1, 2):   # prompt + each completion: exactly --seq tokens, as on TRL's side
-        assert ((data.segments == 0).sum(1) + (data.segments == side).sum(1) == args.seq).all()
+    assert data.truncated == 0, "no pair may be cut by --seq (TRL would cut it differently)"
+    # the real tokens of TRL's two rows per pair: prompt + chosen, prompt + rejected
+    pair_tokens = 2 * (data.segments == 0).sum(1) + (data.segments > 0).sum(1)
     graphdef, state = nnx.split(model)
     optimizer = trainer.make_optimizer(cfg.train, total)
     place = trainer.placement(make_mesh(cfg.mesh), cfg.mesh.rules, state, optimizer)
@@ -101,7 +106,8 @@ def run_jax(args) -> dict:
             elapsed += time.perf_counter() - t0
         print(f"[jax] step {s + 1}/{total}: loss {losses[-1]:.4f}, {time.perf_counter() - t0:.2f}s",
               flush=True)
-    return {"tok_s": args.steps * 2 * args.batch * args.seq / elapsed, "losses": losses,
+    timed = int(pair_tokens[args.warmup * args.batch:total * args.batch].sum())
+    return {"tok_s": timed / elapsed, "timed_tokens": timed, "losses": losses,
             "lrs": [float(trainer.lr_schedule(cfg.train, total)(s)) for s in range(total)],
             "peak_rss_mb": peak_rss_mb()}
 
@@ -129,7 +135,6 @@ def run_trl(args) -> dict:
             for p in read_pairs(args.pairs_file)]
     total = args.warmup + args.steps
     times: list[float] = []
-    lengths: list[int] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
@@ -161,18 +166,24 @@ def run_trl(args) -> dict:
         dpo = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=[Timer()],
                          optimizers=(optimizer, schedule))
-        lengths = [len(r["prompt_ids"]) + len(r["chosen_ids"]) for r in dpo.train_dataset]
+        data = list(dpo.train_dataset)
         dpo.train()
     losses = [h["loss"] for h in dpo.state.log_history if "loss" in h]
-    assert min(lengths) >= args.seq, "every TRL row must be cut to exactly --seq tokens"
-    return {"tok_s": args.steps * 2 * args.batch * args.seq / sum(times[args.warmup:]),
+    assert all(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+               <= args.seq for r in data), "no TRL row may be cut by --seq"
+    pair_tokens = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                   for r in data]
+    timed = sum(pair_tokens[args.warmup * args.batch:total * args.batch])
+    return {"tok_s": timed / sum(times[args.warmup:]), "timed_tokens": timed,
             "losses": losses, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per row")
+    parser.add_argument("--seq", type=int, default=512, help="max length (no pair is cut)")
+    parser.add_argument("--prompt-words", type=int, default=200,
+                        help="words of passage text in each prompt")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps (compilation)")
     parser.add_argument("--side", choices=("jax", "trl"), help=argparse.SUPPRESS)
@@ -186,9 +197,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs.jsonl"
-        write_pairs(pairs, args.batch * (args.warmup + args.steps), args.seq)
+        write_pairs(pairs, args.batch * (args.warmup + args.steps), args.prompt_words)
         for side in ("jax", "trl"):
-            print(f"[bench] {side}: batch {args.batch} pairs, {args.seq} tokens/row, "
+            print(f"[bench] {side}: batch {args.batch} pairs, max length {args.seq}, "
                   f"{args.steps} timed steps", flush=True)
             env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
             cmd = [sys.executable, __file__, "--side", side, "--pairs-file", str(pairs),
@@ -206,6 +217,9 @@ def main() -> None:
                   f"{results[side]['peak_rss_mb']:.0f} MB, losses {results[side]['losses']}",
                   flush=True)
     jax_r, trl_r = results["jax"], results["trl"]
+    if jax_r["timed_tokens"] != trl_r["timed_tokens"]:
+        sys.exit(f"[bench] the sides tokenized the pairs differently: {jax_r['timed_tokens']} vs "
+                 f"{trl_r['timed_tokens']} timed tokens")
     diffs = [abs(a - b) for a, b in zip(jax_r["losses"], trl_r["losses"], strict=True)]
     print_result({"jax_tok_s": round(jax_r["tok_s"], 1), "trl_tok_s": round(trl_r["tok_s"], 1),
                   "ratio": round(jax_r["tok_s"] / trl_r["tok_s"], 2),
@@ -213,7 +227,9 @@ def main() -> None:
                   "trl_peak_rss_mb": round(trl_r["peak_rss_mb"]),
                   "first_loss_abs_diff": float(f"{diffs[0]:.3g}"),
                   "loss_abs_diff_max": float(f"{max(diffs):.3g}"),
-                  "batch_pairs": args.batch, "seq_len": args.seq, "timed_steps": args.steps})
+                  "timed_tokens": jax_r["timed_tokens"], "batch_pairs": args.batch,
+                  "max_length": args.seq, "prompt_words": args.prompt_words,
+                  "timed_steps": args.steps})
 
 
 if __name__ == "__main__":
