@@ -245,8 +245,7 @@ def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: in
     if cache.is_file():
         return np.load(cache)
     out = row_logps(fn or make_logps_fn(graphdef, place, data.completions), params, data,
-                    rows_per_call, buckets,
-                    place, "reference log-probs")
+                    rows_per_call, buckets, place, "reference log-probs")
     if jax.process_index() == 0:
         import io
 
@@ -277,7 +276,6 @@ class TrainData:
     """Encoded units (a pair or an SFT record), one row each."""
     encoded: Encoded
     n_units: int
-    unit_lengths: np.ndarray   # [n_units] row lengths (for length-sorted batches)
     units: np.ndarray          # [n_units] index of each unit in the data file
     ref: np.ndarray | None = None  # [n_units, completions] reference log-probs (DPO)
 
@@ -287,7 +285,7 @@ class TrainData:
         e = self.encoded
         encoded = dataclasses.replace(e, tokens=e.tokens[units], segments=e.segments[units],
                                       lengths=e.lengths[units])
-        return TrainData(encoded, len(units), self.unit_lengths[units], self.units[units],
+        return TrainData(encoded, len(units), self.units[units],
                          None if self.ref is None else self.ref[units])
 
 
@@ -298,7 +296,7 @@ def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) 
     else:
         units = read_sft(data_path)
         encoded = encode_sft(tokenizer, units, max_length)
-    return TrainData(encoded, len(units), encoded.lengths, np.arange(len(units)))
+    return TrainData(encoded, len(units), np.arange(len(units)))
 
 
 def _check_batching(cfg: Config, mesh: Mesh) -> None:
@@ -382,12 +380,12 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     del host_params, state
     logps_fn = make_logps_fn(graphdef, place, COMPLETIONS[objective])
     if objective == "dpo":  # of every unit, held out or not: one pass, one cache
-        data.ref = reference_logps(graphdef, params, data.encoded,
-                                   tc.batch_size, tc.length_buckets, place,
-                                   out / "ref_logps", cfg.model.dtype, fn=logps_fn)
+        data.ref = reference_logps(graphdef, params, data.encoded, tc.batch_size,
+                                   tc.length_buckets, place, out / "ref_logps", cfg.model.dtype,
+                                   fn=logps_fn)
     val = None
     if len(val_units):  # held-out units longest first: an eval call's rows share a length bucket
-        val = data.take(val_units[np.argsort(-data.unit_lengths[val_units], kind="stable")])
+        val = data.take(val_units[np.argsort(-data.encoded.lengths[val_units], kind="stable")])
         data = data.take(train_units)
     mngr = ckpt.manager(out, tc.keep_checkpoints)
     start, params, opt_state = _init_or_restore(cfg, out, mngr, params, opt_state,
@@ -440,7 +438,7 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainDat
     try:
         for s in bar:
             began = time.perf_counter()
-            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.unit_lengths)
+            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.encoded.lengths)
             tokens, segments = batch_arrays(data.encoded, rows, tc.length_buckets)
             ref_lp = data.ref[rows] if data.ref is not None else \
                 np.zeros((len(rows), data.encoded.completions), np.float32)
