@@ -188,6 +188,7 @@ class DemoConfig:
     mcts_questions: int = 48        # searched for PRL / ORL pairs
     max_pairs: int = 0              # pairs each of ORL and PRL train on, at most (0: all)
     dpo_epochs: int = 2
+    dpo_batch_size: int = 0         # pairs per DPO update (0: train.batch_size)
     dpo_learning_rates: tuple[float, ...] = (5e-6,)   # candidates; several: chosen on dev
     dev_questions: int = 0          # dev split for the learning-rate choice (0: no dev split)
     test_questions: int = 100

@@ -86,6 +86,18 @@ def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path, cap: int, seed: in
     return n
 
 
+def pair_overlap(prl: Path, orl: Path) -> dict[str, int]:
+    """How many of the ORL pairs are also PRL pairs (same prompt, same chosen and rejected) and
+    how many are PRL pairs reversed: the part of the ablation where the labels agree or clash."""
+    def keys(path: Path) -> list[tuple[str, str, str]]:
+        return [(o["prompt"], o["chosen"], o["rejected"])
+                for _, o in read_jsonl(path, allow_empty=True)]
+    process = set(keys(prl))
+    outcome = keys(orl)
+    return {"same": sum(k in process for k in outcome),
+            "reversed": sum((k[0], k[2], k[1]) in process for k in outcome)}
+
+
 @contextmanager
 def _stage(name: str, timings: dict[str, float]):
     """Time a stage (a resumed stage that finds its output costs ~0) and say so."""
@@ -148,21 +160,26 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
 
     pairs = out / "pairs.jsonl"
     with _stage("MCTS + SPRE pairs", timings):
-        search = run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))["search"]
+        generated = run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))
+        search = generated["search"]
+        found = {"PRL": generated["process"]["pairs"], "ORL": generated["outcome"]["pairs"]}
         files = {"PRL": out / "pairs_prl.jsonl", "ORL": out / "pairs_orl.jsonl"}
         budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), files["PRL"],
                                files["ORL"], demo.max_pairs, cfg.seed)
     mined = {row: P.summarize([o for _, o in read_jsonl(f, allow_empty=True)])
              for row, f in files.items()}
+    overlap = pair_overlap(files["PRL"], files["ORL"])
     mix = {row: m["by_action_type"] for row, m in mined.items()}
     gaps = {row: m["reward_gap_quartiles"] for row, m in mined.items()}
     lrs = demo.dpo_learning_rates if budget else ()
-    if not budget:   # every rollout scored the same: nothing to prefer, say so in the table
-        print("[demo] MCTS found no sibling steps with different values: ORL/PRL not trained")
+    if not budget:   # nothing to prefer on one side: say so rather than train on nothing
+        print(f"[demo] no pairs for {'/'.join(r for r, n in found.items() if not n)}"
+              " (no siblings whose labels differ): ORL/PRL not trained")
     dev_em: dict[float, float] = {}
     for lr in lrs:
         dpo_cfg = _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
-                                f"train.learning_rate={lr}"])
+                                f"train.learning_rate={lr}",
+                                f"train.batch_size={demo.dpo_batch_size or cfg.train.batch_size}"])
         tag = f"lr{lr:g}" if len(lrs) > 1 else ""
         for row in ("ORL", "PRL"):
             with _stage(f"DPO {row} {tag}".strip(), timings):
@@ -185,7 +202,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
               for row in ROWS if row in ckpts}
     results = summarize(scores, demo.resamples)
-    results.update(pairs=budget, pair_mix=mix, pair_gap_quartiles=gaps, search=search,
+    results.update(pairs=budget, pairs_found=found, pair_overlap=overlap, pair_mix=mix, pair_gap_quartiles=gaps, search=search,
                    learning_rate=lr, dev_mean_em=dev_em,
                    timings=timings, seeds=1)
     table = results_table(results)
@@ -258,13 +275,16 @@ def results_table(results: dict[str, Any]) -> str:
     for name, d in results["differences"].items():
         lines.append(f"| {name.replace('-', ' − ')} | " + " | ".join(
             [_cell(d[k]) for k in METRICS] + [_cell(d["retrievals"], 1.0, 2)]) + " |")
-    mix = results.get("pair_mix", {})
+    mix, overlap = results.get("pair_mix", {}), results.get("pair_overlap", {})
     lr = results.get("learning_rate")
     lines += ["", f"{results['questions']} held-out synthetic test questions, greedy decoding; "
               "mean [95 % bootstrap interval over questions]; differences are paired bootstrap "
               "intervals on the same questions. One seed.",
               f"ORL and PRL each trained on {results.get('pairs', 0)} preference pairs "
-              f"(PRL {mix.get('PRL', {})}, ORL {mix.get('ORL', {})})"
+              f"(PRL {mix.get('PRL', {})}, ORL {mix.get('ORL', {})}; mined before the "
+              f"equal cut: {results.get('pairs_found', {})}; of the ORL pairs "
+              f"{overlap.get('same', 0)} are also PRL pairs, {overlap.get('reversed', 0)} "
+              "PRL pairs reversed)"
               + (f", DPO learning rate {lr:g}" if lr is not None else "")
               + (f" chosen on the dev split (mean dev EM of ORL and PRL: "
                  f"{ {f'{k:g}': round(100 * v, 1) for k, v in results['dev_mean_em'].items()} })"

@@ -58,23 +58,23 @@ def test_process_pairs():
 
 
 def test_outcome_pairs():
-    # Trajectories end at 3 (F1 0), 6 (F1 1), 7 (F1 0: "zyperia" ≠ "zyper"), 8 (F1 1).
-    # 3 vs 6 → branch (2, 3); 3 vs 8 → (1, 3); 6 vs 7 → (6, 7); 7 vs 8 → (1, 2), chosen 1;
-    # 3 vs 7 and 6 vs 8: no F1 gap.
+    # First trajectory through each node (creation order): 1 → 8 (Zyper, F1 1), 2 → 6 (Zyper, 1),
+    # 3 → itself (Lyon, 0), 6 → 1, 7 → 0 ("zyperia" ≠ "zyper"); 5 and 9 have none.
+    # Siblings (1, 2): 1 vs 1, a tie, although PRL prefers 1 (0.8 vs 0.2); (1, 3) and (2, 3):
+    # 1 vs 0; (6, 7): 1 vs 0, although PRL's values are within 0.005.
     pairs = outcome_pairs(tree(), min_gap=0.01)
     got = [(p["chosen_content"], p["rejected_content"], p["layer"], p["chosen_reward"],
             p["rejected_reward"]) for p in pairs]
-    assert got == [("Ada birthplace", "Ada", 0, 1.0, 0.0),
-                   ("Ada birthplace", "Lyon", 0, 1.0, 0.0),
+    assert got == [("Ada birthplace", "Lyon", 0, 1.0, 0.0),
                    ("Ada", "Lyon", 0, 1.0, 0.0),
                    ("Zyper", "Zyperia", 1, 1.0, 0.0)]
     assert pairs[-1]["input"] == "in2" and pairs[-1]["chosen_action_type"] == "Answer Generation"
     summary = summarize(pairs)
-    assert summary["by_layer"] == {"0": 3, "1": 1}
-    assert summary["by_action_type"] == {"Query Generation": 3, "Answer Generation": 1}
+    assert summary["by_layer"] == {"0": 2, "1": 1}
+    assert summary["by_action_type"] == {"Query Generation": 2, "Answer Generation": 1}
 
 
-def test_outcome_pairs_count_spre_rollouts_as_trajectories():
+def test_outcome_pairs_take_one_sampled_trajectory_per_sibling():
     #     0
     #   1(a)  2(b)         rollouts from 1: F1 1.0, 0.5; from 2: 0.0; from 3: 0.0
     #   |
@@ -86,10 +86,17 @@ def test_outcome_pairs_count_spre_rollouts_as_trajectories():
     for n, f1s in zip(nodes, ([], [1.0, 0.5], [0.0], [0.0])):
         n["rollout_f1"] = f1s
     dump = {"question_id": "q2", "question": "?", "golden_answers": ["x"], "nodes": nodes}
-    got = [(p["chosen_content"], p["rejected_content"], p["chosen_reward"], p["rejected_reward"])
-           for p in outcome_pairs(dump, min_gap=0.01)]
-    # 1.0 vs 0.0 from 2 branches at (1, 2); rollouts of 1 vs 3 share a path: not compared.
-    assert got == [("a", "b", 1.0, 0.0)]
+
+    def got():
+        return [(p["chosen_content"], p["rejected_content"], p["chosen_reward"],
+                 p["rejected_reward"]) for p in outcome_pairs(dump, min_gap=0.01)]
+
+    assert got() == [("a", "b", 1.0, 0.0)]      # a's first rollout against b's
+    nodes[1]["rollout_f1"] = [0.0, 1.0]         # same mean, but the first sample failed:
+    assert got() == []                          # 0 vs 0, no pair (PRL's 0.6 vs 0 still pairs)
+    assert len(process_pairs(dump)) == 1
+    nodes[1]["rollout_f1"] = []                 # a has no rollout of its own: its first
+    assert got() == []                          # trajectory is 3's rollout (F1 0)
     for n in nodes:
         n["rollout_f1"] = []
     assert outcome_pairs(dump) == []

@@ -6,28 +6,24 @@ only how a step is judged:
 
 - Process pairs (PRL): siblings whose MCTS values (mean SPRE estimate backed up through the node)
   differ by at least `min_gap` and whose tagged contents differ; the higher value is chosen.
-- Outcome pairs (ORL): complete trajectories of the same question compared by final-answer F1
-  only — no length discount, no credit for intermediate steps. The trajectories are the tree's
-  answer nodes and the SPRE rollouts (each a sampled finish of the episode at the node it started
-  from; their F1s are in the dump's `rollout_f1`), so ORL sees every episode the search sampled,
-  as an outcome-reward method would. Two trajectories share every step up to their branch point,
-  so what the comparison can teach is the first step where they differ: chosen/rejected are
-  those two sibling steps, the rewards are the two trajectories' F1 (trajectories on one
-  root-to-node path have no branch point and are not compared). Pairing whole trajectories
-  instead would give multi-prompt sequences the step-level trainer cannot use. Many trajectory
-  pairs meet at the same sibling pair; we keep one per sibling pair (the comparison with the
-  largest F1 gap, first found on ties), so both files are per-branch-point and of comparable
-  size. Outcome comparisons may still point "the wrong way" for a step (a good query followed by
-  a bad answer) — that credit noise is exactly what process supervision removes, so it is kept.
+- Outcome pairs (ORL): the same siblings, each labelled by the final-answer F1 of one complete
+  trajectory through it — the first one the search sampled (its own answer for an answer node,
+  else its first SPRE rollout, a sampled finish of the episode from that node). No average over
+  rollouts, no length discount: the one sparse outcome an outcome-reward method credits to every
+  step of the episode it sampled. Where the two first outcomes tie (both wrong, or both right at
+  different lengths) there is no pair; where one lucky or unlucky rollout disagrees with the
+  average, the label follows the rollout. That credit noise is what process supervision removes.
 
-Why this is the outcome counterpart: trajectory-level DPO on a better and a worse trajectory
-sums each side's step log-ratios, and the shared steps before the branch point cancel, so what
-it compares is the two continuations from the branch point on. A step-level trainer can only
-take the first of those steps (later ones have different prompts on each side), which is the
-pair kept here, labelled by final-answer F1 alone. Both pair sets therefore sit at sibling
-branch points of the same trees, and the ablation differs only in the label: PRL's discounted
-subtree mean (SPRE) against ORL's single-trajectory outcome. Preferring every later step of the
-better trajectory needs multi-step pairs in the trainer (`train/data.py`).
+Why this is the outcome counterpart on step pairs: an outcome method sees each sampled episode's
+final reward and nothing else about its steps. Trajectory-level DPO would compare whole
+continuations from a branch point, which are multi-prompt sequences the step-level trainer
+cannot read (later steps have different prompts on the two sides); what it can read is the
+first step of each continuation, labelled by the outcome of the episode it was sampled in.
+An earlier version labelled each sibling pair by the largest F1 gap among all trajectories
+through the two siblings; that best-against-worst choice reads every rollout the search made,
+and in the ablation's first 16 trees it gave exactly PRL's pairs (16 of 16), so the two
+methods could not differ. Preferring every later step of the better trajectory needs
+multi-step pairs in the trainer (`train/data.py`); not built.
 """
 from __future__ import annotations
 
@@ -58,20 +54,28 @@ def _pair(dump: dict[str, Any], good: int, bad: int, good_reward: float,
     }
 
 
-def process_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
-    """Every pair of visited siblings with a value gap ≥ `min_gap` and different contents,
-    in tree order (parent id, then the children's creation order)."""
+def _sibling_pairs(dump: dict[str, Any], value: dict[int, float], min_gap: float
+                   ) -> list[dict[str, Any]]:
+    """Every pair of siblings that both have a `value`, differ by ≥ `min_gap` in it and differ
+    in tagged content, in tree order (parent id, then the children's creation order); the
+    higher value is chosen."""
     nodes = dump["nodes"]
     out = []
     for node in nodes:
-        kids = [c for c in node["children"] if nodes[c]["visits"] > 0]
+        kids = [c for c in node["children"] if c in value]
         for a, b in combinations(kids, 2):
-            va, vb = nodes[a]["q_value"], nodes[b]["q_value"]
+            va, vb = value[a], value[b]
             if abs(va - vb) < min_gap or nodes[a]["content"] == nodes[b]["content"]:
                 continue
             good, bad = (a, b) if va > vb else (b, a)
             out.append(_pair(dump, good, bad, max(va, vb), min(va, vb)))
     return out
+
+
+def process_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
+    """Visited siblings labelled by their MCTS value (see the module docstring)."""
+    return _sibling_pairs(dump, {n["id"]: n["q_value"] for n in dump["nodes"] if n["visits"] > 0},
+                          min_gap)
 
 
 def _path(nodes: list[dict[str, Any]], i: int) -> list[int]:
@@ -81,37 +85,25 @@ def _path(nodes: list[dict[str, Any]], i: int) -> list[int]:
     return path[::-1]
 
 
-def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
-    """One pair per sibling pair where two complete trajectories (answer nodes and rollouts)
-    branch and their final-answer F1 differ by ≥ `min_gap` (see the module docstring), ordered
-    by branch point."""
+def first_outcomes(dump: dict[str, Any]) -> dict[int, float]:
+    """Node → final-answer F1 of the first complete trajectory sampled through it. Node ids are
+    creation order and a node's own answer or SPRE rollouts are sampled when it is created,
+    before any descendant exists, so the first trajectory in node order is the first in time."""
     nodes, golds = dump["nodes"], dump["golden_answers"]
-    ends = []   # (node the trajectory passes last in the tree, its answer F1), in node order
+    first: dict[int, float] = {}
     for n in nodes:
-        if n["terminal"]:
-            ends.append((n["id"], f1_score(n["prediction"] or "", golds)))
-        ends += [(n["id"], f) for f in n.get("rollout_f1", [])]
-    paths = {t: _path(nodes, t) for t in {t for t, _ in ends}}   # many trajectories per node
-    best: dict[tuple[int, int], tuple[float, int, float, int, float]] = {}  # gap, good, f1, bad, f1
-    for (t1, f1), (t2, f2) in combinations(ends, 2):
-        gap = abs(f1 - f2)
-        if gap < min_gap:
-            continue
-        p1, p2 = paths[t1], paths[t2]
-        d = next((i for i, (x, y) in enumerate(zip(p1, p2)) if x != y), None)
-        if d is None:
-            continue
-        a, b = p1[d], p2[d]
-        if nodes[a]["content"] == nodes[b]["content"]:
-            continue
-        key = (min(a, b), max(a, b))
-        if key not in best or gap > best[key][0]:
-            best[key] = (gap, *((a, f1, b, f2) if f1 > f2 else (b, f2, a, f1)))
-    out = []
-    for key in sorted(best, key=lambda k: (nodes[k[0]]["parent"], k)):
-        _, good, good_f1, bad, bad_f1 = best[key]
-        out.append(_pair(dump, good, bad, good_f1, bad_f1))
-    return out
+        f1s = [f1_score(n["prediction"] or "", golds)] if n["terminal"] else []
+        f1s += n.get("rollout_f1", [])
+        if f1s:
+            for i in _path(nodes, n["id"]):
+                first.setdefault(i, f1s[0])
+    return first
+
+
+def outcome_pairs(dump: dict[str, Any], min_gap: float = 0.01) -> list[dict[str, Any]]:
+    """Siblings labelled by the final-answer F1 of one sampled trajectory each (see the module
+    docstring)."""
+    return _sibling_pairs(dump, first_outcomes(dump), min_gap)
 
 
 def summarize(pairs: list[dict[str, Any]]) -> dict[str, Any]:
