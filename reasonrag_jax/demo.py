@@ -202,8 +202,8 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
               for row in ROWS if row in ckpts}
     results = summarize(scores, demo.resamples)
-    results.update(pairs=budget, pairs_found=found, pair_overlap=overlap, pair_mix=mix, pair_gap_quartiles=gaps, search=search,
-                   learning_rate=lr, dev_mean_em=dev_em,
+    results.update(pairs=budget, pairs_found=found, pair_overlap=overlap, pair_mix=mix,
+                   pair_gap_quartiles=gaps, search=search, learning_rate=lr, dev_mean_em=dev_em,
                    timings=timings, seeds=1)
     table = results_table(results)
     (out / "results.md").write_text(table)
