@@ -86,14 +86,11 @@ def _equal_budget(a: Path, b: Path, out_a: Path, out_b: Path, cap: int, seed: in
     return n
 
 
-def pair_overlap(prl: Path, orl: Path) -> dict[str, int]:
+def pair_overlap(prl: list[dict[str, Any]], orl: list[dict[str, Any]]) -> dict[str, int]:
     """How many of the ORL pairs are also PRL pairs (same prompt, same chosen and rejected) and
     how many are PRL pairs reversed: the part of the ablation where the labels agree or clash."""
-    def keys(path: Path) -> list[tuple[str, str, str]]:
-        return [(o["prompt"], o["chosen"], o["rejected"])
-                for _, o in read_jsonl(path, allow_empty=True)]
-    process = set(keys(prl))
-    outcome = keys(orl)
+    process = {(o["prompt"], o["chosen"], o["rejected"]) for o in prl}
+    outcome = [(o["prompt"], o["chosen"], o["rejected"]) for o in orl]
     return {"same": sum(k in process for k in outcome),
             "reversed": sum((k[0], k[2], k[1]) in process for k in outcome)}
 
@@ -166,9 +163,9 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
         files = {"PRL": out / "pairs_prl.jsonl", "ORL": out / "pairs_orl.jsonl"}
         budget = _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), files["PRL"],
                                files["ORL"], demo.max_pairs, cfg.seed)
-    mined = {row: P.summarize([o for _, o in read_jsonl(f, allow_empty=True)])
-             for row, f in files.items()}
-    overlap = pair_overlap(files["PRL"], files["ORL"])
+    trained = {row: [o for _, o in read_jsonl(f, allow_empty=True)] for row, f in files.items()}
+    mined = {row: P.summarize(rows) for row, rows in trained.items()}
+    overlap = pair_overlap(trained["PRL"], trained["ORL"])
     mix = {row: m["by_action_type"] for row, m in mined.items()}
     gaps = {row: m["reward_gap_quartiles"] for row, m in mined.items()}
     lrs = demo.dpo_learning_rates if budget else ()

@@ -93,14 +93,12 @@ def test_orl_and_prl_get_the_same_number_of_pairs_sampled_from_the_whole_file(tm
     assert kept[0][-1] >= 8                       # not simply the first 8 pairs of the file
 
 
-def test_pair_overlap_counts_orl_pairs_that_prl_shares_or_reverses(tmp_path):
+def test_pair_overlap_counts_orl_pairs_that_prl_shares_or_reverses():
     from reasonrag_jax.demo import pair_overlap
-    from reasonrag_jax.io import append_jsonl
 
     def pair(prompt, chosen, rejected):
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
-    prl, orl = tmp_path / "prl.jsonl", tmp_path / "orl.jsonl"
-    append_jsonl(prl, [pair("p", "a", "b"), pair("p", "c", "d"), pair("q", "a", "b")])
-    append_jsonl(orl, [pair("p", "a", "b"), pair("p", "d", "c"), pair("r", "a", "b")])
+    prl = [pair("p", "a", "b"), pair("p", "c", "d"), pair("q", "a", "b")]
+    orl = [pair("p", "a", "b"), pair("p", "d", "c"), pair("r", "a", "b")]
     assert pair_overlap(prl, orl) == {"same": 1, "reversed": 1}
