@@ -10,6 +10,7 @@ import dataclasses
 import importlib.resources
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,13 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     seed: int = 0
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket ≥ n; past the largest, the next multiple of it. Shapes from a few buckets
+    compile a few programs, also for inputs longer than any bucket."""
+    top = max(buckets)
+    return min((b for b in buckets if b >= n), default=-(-n // top) * top)
 
 
 def _check(value: Any, typ: Any, where: str) -> Any:

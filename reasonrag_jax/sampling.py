@@ -39,7 +39,6 @@ decisions and runs the same loop: all of them call `generate` with the same prom
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import time
 from collections import deque
@@ -53,7 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from reasonrag_jax.config import MeshConfig, SamplerConfig
+from reasonrag_jax.config import MeshConfig, SamplerConfig, bucket
 from reasonrag_jax.models.decoder import (ATTENTION_BLOCK, Decoder, KVCache, forward, logits,
                                           unstack_layers)
 from reasonrag_jax.prefix_cache import PagePool, PrefixIndex, page_bytes
@@ -78,15 +77,6 @@ class Completion:
     logprobs: list[float]        # log p(token) under the model's unmodified distribution
     finish_reason: str           # "stop" | "eos" | "length"
     stop_string: str | None
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket ≥ n; past the largest, the next multiple of it."""
-    i = bisect.bisect_left(buckets, n)
-    if i < len(buckets):
-        return buckets[i]
-    top = buckets[-1]
-    return -(-n // top) * top
 
 
 def seed_words(seeds: Sequence[int], samples: Sequence[int]) -> np.ndarray:
@@ -354,7 +344,7 @@ class Sampler:
 
     def _rows_bucket(self, rows: int) -> int:
         """Rows of a prefill call: the batch bucket, padded to a multiple of the batch shards."""
-        return -(-_bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
+        return -(-bucket(rows, self.config.batch_buckets) // self.row_multiple) * self.row_multiple
 
     def _groups(self, tokens: list[list[int]], first: list[int], width: list[int]
                 ) -> Iterator[_Group]:
@@ -367,7 +357,7 @@ class Sampler:
         left = [len(t) - len(pg) * p for t, pg in zip(tokens, pages)]
         order = sorted(range(len(tokens)), key=lambda i: -left[i])
         while order:
-            length = _bucket(min(left[order[0]], cfg.prefill_tokens), cfg.prefill_buckets)
+            length = bucket(min(left[order[0]], cfg.prefill_tokens), cfg.prefill_buckets)
             fits = cfg.prefill_tokens // length
             take = max(1, min(fits, self.slots, len(order)))
             call_rows = self._rows_bucket(take)
@@ -391,7 +381,7 @@ class Sampler:
         if any(group.pages):
             # Few table widths (few programs); a padded entry copies a page past the row's
             # prefix, into slots its own tokens overwrite before anything reads them.
-            width = min(_bucket(max(map(len, group.pages)), (4, 8, 16, 32, 64, 128)),
+            width = min(bucket(max(map(len, group.pages)), (4, 8, 16, 32, 64, 128)),
                         cfg.cache_size // p)
             table = np.zeros((b, width), np.int32)
             for r, pages in enumerate(group.pages):
@@ -401,14 +391,14 @@ class Sampler:
         start = [len(pages) * p for pages in group.pages] + [0] * (b - len(group.rows))
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
         first = group.first + [0] * (b - len(group.rows))
-        w = _bucket(max(group.width), (1, 8, 16, 32, 64))
+        w = bucket(max(group.width), (1, 8, 16, 32, 64))
         out = jnp.zeros((b, w, self.model_cfg.hidden_size), self.model_cfg.dtype,
                         device=self.rows_3d)
         self.stats.prompt_tokens += sum(ends)
         self.stats.cached_tokens += sum(start)
         while any(s < e for s, e in zip(start, ends)):
             need = max(e - s for s, e in zip(start, ends))
-            t = _bucket(need, cfg.prefill_buckets)
+            t = bucket(need, cfg.prefill_buckets)
             t = max(min(t, cfg.prefill_tokens // b), -(-MIN_CALL_TOKENS // b),
                     max(e - f for e, f, s in zip(ends, first, start) if s < e))
             tokens = np.full((b, t), self.pad_id, np.int32)
@@ -435,7 +425,7 @@ class Sampler:
                                           for t, pg in zip(group.tokens, group.pages)])
             entries = [(r, i * p, page) for r, row in enumerate(stores) for i, page in row]
             if entries:
-                n = _bucket(len(entries), (8, 32, 128, 512, 2048))
+                n = bucket(len(entries), (8, 32, 128, 512, 2048))
                 rows, starts, pages = np.zeros((3, n), np.int32)
                 pages[:] = self.index.num_pages          # padding: past the pool, dropped
                 rows[:len(entries)], starts[:len(entries)], pages[:len(entries)] = \

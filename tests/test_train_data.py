@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from reasonrag_jax.io import InputError
-from reasonrag_jax.train.data import (batch_arrays, bucket_length, encode_pairs, encode_sft,
+from reasonrag_jax.config import bucket
+from reasonrag_jax.train.data import (batch_arrays, encode_pairs, encode_sft,
                                       read_pairs, read_sft, truncate)
 from reasonrag_jax.train.trainer import batch_rows
 
@@ -92,7 +93,7 @@ def test_overlong_pairs_are_counted_not_dropped(tokenizer):
 
 
 def test_buckets_and_batches(tokenizer):
-    assert bucket_length(70, (256, 64, 128)) == 128 and bucket_length(300, (64, 128)) == 300
+    assert bucket(70, (256, 64, 128)) == 128 and bucket(300, (64, 128)) == 384
     enc = encode_pairs(tokenizer, [PAIR, {**PAIR, "input": "word " * 40}], max_length=512)
     assert 32 < enc.lengths[0] <= 64 < enc.lengths[1] <= 128
     tokens, segments = batch_arrays(enc, np.array([0, 0]), (32, 64, 128))

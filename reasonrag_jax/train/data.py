@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from reasonrag_jax.config import bucket
 from reasonrag_jax.io import InputError, read_jsonl, where
 
 PAIR_FIELDS = {"instruction": False, "input": True, "chosen": True, "rejected": True}
@@ -230,15 +231,10 @@ def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -
                   max_length)
 
 
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket ≥ n (few distinct shapes → few compilations); n itself past the last."""
-    return next((b for b in sorted(buckets) if b >= n), n)
-
-
 def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens and segments of `rows`, right-padded to the length bucket of their longest row."""
-    t = bucket_length(int(data.lengths[rows].max()), buckets)
+    t = bucket(int(data.lengths[rows].max()), buckets)
     width = min(t, data.tokens.shape[1])
     tokens = np.zeros((len(rows), t), np.int32)
     segments = np.full((len(rows), t), -1, np.int32)
