@@ -96,12 +96,18 @@ def pair_overlap(prl: list[dict[str, Any]], orl: list[dict[str, Any]]) -> dict[s
 
 
 @contextmanager
-def _stage(name: str, timings: dict[str, float]):
-    """Time a stage (a resumed stage that finds its output costs ~0) and say so."""
+def stage(name: str, timings: dict[str, float], path: Path):
+    """Time a stage and add it to `timings`, saved to `path` at once: a run done in pieces (killed
+    and resumed) reports each stage's seconds summed over its pieces, not the last piece's ~0."""
     start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 1)
-    print(f"[demo] {name}: {timings[name]:.0f} s")
+    try:
+        yield
+    finally:        # a stage stopped by a signal or an error still counts its seconds
+        spent = time.perf_counter() - start
+        timings[name] = round(timings.get(name, 0.0) + spent, 1)
+        write_json_atomic(path, timings)
+    print(f"[demo] {name}: {spent:.0f} s" + (f" ({timings[name]:.0f} s over every piece of "
+                                             "this run)" if timings[name] > spent + 1 else ""))
 
 
 def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = None
@@ -128,18 +134,19 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     write_json_atomic(marker, settings)
     print(f"[demo] writing everything under {out}")
 
-    timings: dict[str, float] = {}
-    with _stage("data + index", timings):
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    with stage("data + index", timings, timings_path):
         data = write_demo_data(demo, cfg.seed, out / "data")
         index = out / "index"
         if not (index / "metadata.json").exists():
             build_index(data["corpus"], index, cfg.retrieval)
 
-    with _stage("eval Base", timings):
+    with stage("eval Base", timings, timings_path):
         run_eval(cfg, data["test"], index, None, out / "eval" / "base")
 
     sft_data = out / "sft.jsonl"
-    with _stage("SFT", timings):
+    with stage("SFT", timings, timings_path):
         if not sft_data.exists():
             retriever = Retriever.load(index, cfg.retrieval)
             records = [r for ex in read_qa(data["sft"])
@@ -151,12 +158,12 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
         sft_cfg = _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
                                 f"train.learning_rate={demo.sft_learning_rate}"])
         sft_ckpt = run_sft(sft_cfg, sft_data, out / "ckpt" / "sft", None)
-    with _stage("eval SFT", timings):
+    with stage("eval SFT", timings, timings_path):
         run_eval(cfg, data["test"], index, str(sft_ckpt), out / "eval" / "sft")
     ckpts = {"Base": None, "SFT": str(sft_ckpt)}
 
     pairs = out / "pairs.jsonl"
-    with _stage("MCTS + SPRE pairs", timings):
+    with stage("MCTS + SPRE pairs", timings, timings_path):
         generated = run_generate(cfg, data["mcts"], index, pairs, str(sft_ckpt))
         search = generated["search"]
         found = {"PRL": generated["process"]["pairs"], "ORL": generated["outcome"]["pairs"]}
@@ -179,12 +186,12 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
                                 f"train.batch_size={demo.dpo_batch_size or cfg.train.batch_size}"])
         tag = f"lr{lr:g}" if len(lrs) > 1 else ""
         for row in ("ORL", "PRL"):
-            with _stage(f"DPO {row} {tag}".strip(), timings):
+            with stage(f"DPO {row} {tag}".strip(), timings, timings_path):
                 ckpts[f"{row}{tag}"] = str(run_train(dpo_cfg, files[row],
                                                      out / "ckpt" / f"{row.lower()}{tag}",
                                                      str(sft_ckpt)))
             if len(lrs) > 1 and demo.dev_questions:
-                with _stage(f"dev {row} {tag}", timings):
+                with stage(f"dev {row} {tag}", timings, timings_path):
                     s = run_eval(cfg, data["dev"], index, ckpts[f"{row}{tag}"],
                                  out / "eval" / f"dev_{row.lower()}{tag}")
                 dev_em[lr] = dev_em.get(lr, 0.0) + s["em"] / 2
@@ -193,7 +200,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     for row in ("ORL", "PRL") if lrs else ():
         tag = f"lr{lr:g}" if len(lrs) > 1 else ""
         ckpts[row] = ckpts[f"{row}{tag}"]
-        with _stage(f"eval {row}", timings):
+        with stage(f"eval {row}", timings, timings_path):
             run_eval(cfg, data["test"], index, ckpts[row], out / "eval" / row.lower())
 
     scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
@@ -205,7 +212,6 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     table = results_table(results)
     (out / "results.md").write_text(table)
     write_json_atomic(out / "results.json", results)
-    write_json_atomic(out / "timings.json", timings)
     plot_results(results, out / "results.png")
     print(table)
     return results

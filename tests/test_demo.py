@@ -1,12 +1,13 @@
 """The demo's experiment plumbing without models: disjoint splits, the table with intervals
 and paired differences, the plot, and presets."""
 import json
+import time
 
 import pytest
 
 from reasonrag_jax.config import DemoConfig, load_config
 from reasonrag_jax.data.qa import read_qa
-from reasonrag_jax.demo import apply_preset, plot_results, results_table, summarize, \
+from reasonrag_jax.demo import apply_preset, plot_results, results_table, stage, summarize, \
     write_demo_data
 
 
@@ -102,3 +103,16 @@ def test_pair_overlap_counts_orl_pairs_that_prl_shares_or_reverses():
     prl = [pair("p", "a", "b"), pair("p", "c", "d"), pair("q", "a", "b")]
     orl = [pair("p", "a", "b"), pair("p", "d", "c"), pair("r", "a", "b")]
     assert pair_overlap(prl, orl) == {"same": 1, "reversed": 1}
+
+
+def test_stage_times_add_up_over_the_pieces_of_a_run(tmp_path):
+    """A run killed in a stage and resumed reports that stage's seconds from both pieces."""
+    path = tmp_path / "timings.json"
+    timings: dict[str, float] = {}
+    with pytest.raises(KeyboardInterrupt), stage("SFT", timings, path):
+        time.sleep(0.3)
+        raise KeyboardInterrupt          # the first piece is stopped inside the stage
+    resumed = json.loads(path.read_text())
+    with stage("SFT", resumed, path):
+        time.sleep(0.2)
+    assert json.loads(path.read_text())["SFT"] == pytest.approx(0.5, abs=0.05)
