@@ -127,6 +127,24 @@ def test_trl_sft_formats_read_and_encode_like_llama_factory(tmp_path, tokenizer)
     assert (enc.segments[0, :len(p)] == 0).all() and enc.segments[0, len(p)] == 1
 
 
+def test_output_prefix_is_prompt_tokenized_as_the_sampler_reads_it(tmp_path, tokenizer):
+    """A forced answer's scaffold is written by the runner: prompt tokens, no loss, and the row
+    is the same token sequence the sampler sees (prompt text + scaffold, then the answer)."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"instruction": "Be brief.", "input": "Who wrote X?", "output_prefix": "So the answer is <answer>",
+         "output": "Ann</answer>"}])
+    [record] = read_sft(path)
+    enc = encode_sft(tokenizer, [record], 256)
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote X?"}],
+        tokenize=False, add_generation_prompt=True) + "So the answer is <answer>"
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    answer = tokenizer("Ann</answer>", add_special_tokens=False)["input_ids"]
+    n = enc.lengths[0]
+    assert enc.tokens[0, :n].tolist() == prompt + answer + [tokenizer.eos_token_id]
+    assert enc.segments[0, :n].tolist() == [0] * len(prompt) + [1] * (len(answer) + 1)
+
+
 @pytest.mark.parametrize("reader, record, message", [
     (read_pairs, {"prompt": CHAT, "chosen": [{"role": "user", "content": "x"}], "rejected": "y"},
      r"f.jsonl:1: field 'chosen' should be one assistant message"),

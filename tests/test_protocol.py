@@ -199,13 +199,17 @@ def test_gold_sft_records():
          "output": "<evidence>Ana Reyes was born in Velmora.</evidence>"},
         {"instruction": P.INSTRUCTION, "input": q + h1 + h2 + "\n\n" + P.REASONING_TASK,
          "output": "So the answer is <answer>Velmora</answer>"},
-        # the chain as if capped at its 2 retrievals: the forced-answer prompt is trained too
+        # the chain as if capped at its 2 retrievals: the forced-answer prompt is trained too,
+        # but not the scaffold the runner writes there (it would teach the choice to answer)
         {"instruction": P.INSTRUCTION, "input": q + h1 + h2 + "\n\n" + P.FORCED_TASK,
-         "output": "So the answer is <answer>Velmora</answer>"},
+         "output_prefix": "So the answer is <answer>", "output": "Velmora</answer>"},
     ]
     # at the cap the forced prompt is the only one the runner shows, as at inference
     capped = P.gold_sft_records(EXAMPLE, retriever, AgentConfig(num_passages=2, max_retrievals=2))
     assert capped == records[:4] + records[5:]
+    # free mode: the model writes the forced answer whole, so all of it is trained
+    free = P.gold_sft_records(EXAMPLE, retriever, AgentConfig(num_passages=2, mode="free"))
+    assert free[5] == {**records[4], "input": records[5]["input"]}
 
 
 def test_gold_sft_records_skips_chains_the_runner_cannot_follow():

@@ -235,7 +235,10 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
 
     The final answer is recorded twice when the chain ends below the cap: after the normal
     reasoning prompt and after the forced-answer prompt (the chain as if capped at its length),
-    so a policy that searches up to the cap has been taught to answer there too.
+    so a policy that searches up to the cap has been taught to answer there too. In guided mode
+    the runner writes the answer scaffold at the cap itself, so the forced record carries it as
+    `output_prefix` (prompt, no loss): trained, it would double the weight on "So the answer is"
+    after reasoning prompts and teach the guided choice to answer before searching.
     """
     chain = example.metadata.get("gold_chain") or []
     if not chain or len(chain) > cfg.max_retrievals or not example.golden_answers:
@@ -243,8 +246,9 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
     retrieved = retriever.search([link["query"] for link in chain], cfg.num_passages)
     question, done, records = example.question, [], []
 
-    def add(input: str, output: str) -> None:
-        records.append({"instruction": INSTRUCTION, "input": input, "output": output})
+    def add(input: str, output: str, prefix: str = "") -> None:
+        records.append({"instruction": INSTRUCTION, "input": input, "output": output}
+                       | ({"output_prefix": prefix} if prefix else {}))
 
     for link, passages in zip(chain, retrieved):
         if link["doc_id"] not in {p.id for p in passages}:
@@ -253,7 +257,9 @@ def gold_sft_records(example: Any, retriever: Any, cfg: Any) -> list[dict[str, s
         add(grounding_input(question, done, link["query"], [p.contents for p in passages]),
             evidence_response(link["evidence"]))
         done.append((link["query"], link["evidence"]))
+    answer = answer_response(example.golden_answers[0])
     for forced in (True,) if len(done) >= cfg.max_retrievals else (False, True):
-        add(reasoning_input(question, done, forced), answer_response(example.golden_answers[0]))
+        prefix = ANSWER_SCAFFOLD if forced and cfg.mode == "guided" else ""
+        add(reasoning_input(question, done, forced), answer.removeprefix(prefix), prefix)
     return records
 

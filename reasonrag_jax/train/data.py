@@ -3,6 +3,8 @@
 Formats read as they are:
 - RAG-ProGuide / LLaMA-Factory: `instruction` (system, optional), `input` (user), then `chosen`
   + `rejected` (pairs) or `output` (SFT); the prompt is the chat template of (system, user).
+  An SFT record may add `output_prefix`: the start of the response that the runner writes (a
+  guided scaffold), so it is prompt — no loss — and `output` is what the model continues with.
 - TRL preference: `prompt` + `chosen` + `rejected`, either plain strings (the prompt is used as
   written) or conversational (`prompt` a message list, templated; completions a one-message
   assistant list).
@@ -35,7 +37,7 @@ from reasonrag_jax.config import bucket
 from reasonrag_jax.io import InputError, read_jsonl, where
 
 PAIR_FIELDS = {"instruction": False, "input": True, "chosen": True, "rejected": True}
-SFT_FIELDS = {"instruction": False, "input": True, "output": True}
+SFT_FIELDS = {"instruction": False, "input": True, "output": True, "output_prefix": False}
 Messages = list[dict[str, str]]
 
 
@@ -164,24 +166,27 @@ def read_sft(path: str | os.PathLike) -> list[dict[str, Any]]:
     return _read(path, SFT_FIELDS, ("output",), ("completion",))
 
 
-def prompt_ids(tokenizer: Any, instruction: str, user: str) -> list[int]:
-    """Token ids of chat_template([system=instruction, user=input], add_generation_prompt)."""
+def prompt_ids(tokenizer: Any, instruction: str, user: str, prefix: str = "") -> list[int]:
+    """Token ids of chat_template([system=instruction, user=input], add_generation_prompt),
+    then `prefix` (the start of the response that the runner writes), as one text — the way the
+    sampler tokenizes a prompt and its scaffold."""
     messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
         {"role": "user", "content": user}]
-    return chat_ids(tokenizer, messages)
+    return chat_ids(tokenizer, messages, prefix)
 
 
-def chat_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """Token ids of chat_template(messages, add_generation_prompt)."""
+def chat_ids(tokenizer: Any, messages: Messages, prefix: str = "") -> list[int]:
+    """Token ids of chat_template(messages, add_generation_prompt) + `prefix`."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
 
 
 def prompt_tokens(tokenizer: Any, rec: dict[str, Any]) -> list[int]:
     """The prompt of a record from `read_pairs` / `read_sft`: templated for RAG-ProGuide fields
     and message lists, as written for a plain TRL prompt string."""
     if "input" in rec:
-        return prompt_ids(tokenizer, rec.get("instruction", ""), rec["input"])
+        return prompt_ids(tokenizer, rec.get("instruction", ""), rec["input"],
+                          rec.get("output_prefix", ""))
     if isinstance(rec["prompt"], str):
         return tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
     return chat_ids(tokenizer, rec["prompt"])
