@@ -174,10 +174,10 @@ def main() -> None:
             max_batch=b, cache_size=-(-(PROMPT_LEN + NEW_TOKENS) // ATTENTION_BLOCK) * ATTENTION_BLOCK,
             prefix_cache_mb=0))
         rows, seeds = prompts[:b], list(range(b))
-        sampler.generate(rows, params, seeds)                         # compile
-        res[f"prefill_s_b{b}"] = best_of(args.repeats, sampler.generate, rows, first,
+        sampler.generate_ids(rows, params, seeds)                         # compile
+        res[f"prefill_s_b{b}"] = best_of(args.repeats, sampler.generate_ids, rows, first,
                                          seeds)[0]
-        res[f"total_s_b{b}"], out = best_of(args.repeats, sampler.generate, rows, params,
+        res[f"total_s_b{b}"], out = best_of(args.repeats, sampler.generate_ids, rows, params,
                                             seeds)
         tokens = [c[0].token_ids for c in out]
         same = [a == h for a, h in zip(tokens, hf.get(f"tokens_b{b}", []))]

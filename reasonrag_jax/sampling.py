@@ -29,11 +29,12 @@ count between 64 and 2048 (and for none outside it), so every prefill call holds
 `max_batch` rows, and attention runs over fixed blocks of the cache
 (`decoder._cached_attention`); prompt KV is then the same bits whichever call computed it. On
 an AVX2-only Zen 3 (2026-11-30) this does not hold for SmolLM2's prefill: a row's log-probs
-moved by 1e-6..4e-5 nats (a 10-token continuation) between a call of one row and one of eight,
-with the prefix cache off as well; greedy tokens matched in every comparison made. Fixing it
-means prefill matmuls of one shape (fixed token tiles), not built. Row i, sample j, token t
-draws with key(seed_i, j) folded with t. Reported log-probs are of the chosen token under the
-model's unmodified distribution (temperature 1, no top-k/top-p), as DPO and scoring use it.
+moved by 1e-6..4e-5 nats (8 greedy forced-answer steps of 166-175-token prompts) between one
+`generate` call of all eight and a call per row, with the prefix cache off as well; the greedy
+tokens matched. Fixing it means prefill matmuls of one shape (fixed token tiles), not built.
+Row i, sample j, token t draws with key(seed_i, j) folded with t. Reported log-probs are of the
+chosen token under the model's unmodified distribution (temperature 1, no top-k/top-p), as DPO
+and scoring use it.
 
 On a mesh (several devices, or several processes of a pod) the weights are sharded by their
 logical axis names exactly as in training, the KV cache by rows over the batch axes and by KV
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -169,13 +171,6 @@ class SamplerStats:
         return self.padded_tokens / max(self.computed_tokens + self.padded_tokens, 1)
 
 
-class Request(NamedTuple):
-    """One sample of a submitted prompt: the caller's `key`, the prompt's seed, sample index."""
-    key: Any
-    seed: int
-    sample: int
-
-
 @dataclass
 class _Group:
     """Rows prefilled together: their tokens, the positions whose hidden states are wanted
@@ -228,9 +223,6 @@ class Sampler:
                              out_shardings=pool)() if num_pages else None)
         self._new_cache = jax.jit(functools.partial(KVCache.init, self.model_cfg),
                                   static_argnums=(0, 1), out_shardings=cache)
-        self._grow = jax.jit(lambda old, new: jax.tree.map(
-            lambda o, z: jax.lax.dynamic_update_slice(z, o, (0,) * z.ndim), old, new),
-            donate_argnums=(1,), out_shardings=cache)
         self._load = jax.jit(lambda pool, cache, pages: pool.load(cache, pages),
                              donate_argnums=(1,), out_shardings=cache)
         self._store = jax.jit(lambda pool, cache, rows, starts, pages:
@@ -453,43 +445,105 @@ class Sampler:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
-                 seeds: Sequence[int], n: int = 1) -> list[list[Completion]]:
-        """`n` completions per prompt (text or token ids); row i sample j depends only on
-        (prompt i, seeds[i], j)."""
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int],
+                 n: int = 1) -> list[list[Completion]]:
+        """`n` completions per prompt; row i sample j depends only on (prompt i, seeds[i], j)."""
+        return self.generate_ids([self.encode(p) for p in prompts], params, seeds, n)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                     seeds: Sequence[int], n: int = 1) -> list[list[Completion]]:
+        """`generate` on token ids (benchmarks and callers that tokenise themselves)."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt (a chat-templated prompt has at least one token)")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + params.max_new_tokens > self.config.cache_size:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens "
+                             f"{params.max_new_tokens} exceeds sampler.cache_size "
+                             f"{self.config.cache_size}")
+        if not prompts:
+            return []
+        # Requests (prompt, sample) queue per distinct prompt: identical prompts prefill once.
+        distinct: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        for i, ids in enumerate(prompts):
+            distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
+        queue = deque(distinct.items())
         results: list[list[Any]] = [[None] * n for _ in prompts]
-        session = self.session(params)
         try:
-            for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-                session.submit(prompt, seed, n, i)
-            while session.busy:
-                for i, j, completion in session.step():
-                    results[i][j] = completion
+            self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,
+                        self._cache_length(longest + params.max_new_tokens))
         finally:
-            session.close()
+            self._scratch.clear()
         return results
 
-    def session(self, params: SamplingParams) -> DecodeSession:
-        """Decode slots that stay open while the caller submits more requests (see
-        `DecodeSession`); `generate` is one session drained."""
-        return DecodeSession(self, params)
+    def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
+               results: list[list[Any]], size: int) -> None:
+        """Decode every queued request on `self.slots` rows, admitting waiting requests into
+        slots as rows finish; fills `results[i][j]`."""
+        d = self.slots
+        place, replicate = self._place_rows, self._replicate
+        state = DecodeState(self._new_cache(d, size),
+                            place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
+                            None, None, None)
+        owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
+        tokens: list[list[int]] = [[] for _ in range(d)]
+        logps: list[list[float]] = [[] for _ in range(d)]
+        pos, n_done = np.zeros(d, np.int32), np.zeros(d, np.int32)
+        seed_of, sample_of = np.zeros(d, np.uint64), np.zeros(d, np.int32)
+        eos = sorted(self.eos_ids) if not params.ignore_eos else []
+        eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
+        knobs = tuple(replicate(x) for x in (
+            np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
+            np.int32(params.max_new_tokens), eos))
+        while queue or any(o is not None for o in owner):
+            free = [s for s in range(d) if owner[s] is None]
+            # Admit when a quarter of the slots are free (a prefill call per freed row would be
+            # mostly padding), or when nothing else runs.
+            if queue and (len(free) == d or len(free) >= max(1, d // 4)):
+                state, placed = self._admit_requests(queue, free, state, size)
+                for s, (i, j), length in placed:
+                    owner[s], tokens[s], logps[s] = (i, j), [], []
+                    pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
+            done = np.asarray([o is None for o in owner])
+            words = global_array(seed_words(seed_of, sample_of),
+                                 NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
+            started = time.perf_counter()
+            state, tok, lp = self._decode(
+                self.chunk, self.params, state._replace(
+                    pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
+                words, knobs)
+            tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)
+            device_done = np.asarray(state.done)
+            self.stats.decode_s += time.perf_counter() - started
+            made = new_n - n_done
+            self.stats.decode_tokens += int(made.sum())
+            self.stats.decode_idle += d * int(made.max(initial=0)) - int(made.sum())
+            for s in range(d):
+                if owner[s] is None:
+                    continue
+                tokens[s] += tok[s, :made[s]].tolist()
+                logps[s] += lp[s, :made[s]].tolist()
+                pos[s] += made[s]
+                n_done[s] = new_n[s]
+                finished = self._finish(tokens[s], logps[s], params, bool(device_done[s]))
+                if finished is not None:
+                    i, j = owner[s]
+                    results[i][j] = finished
+                    owner[s] = None
 
-    def _admit_requests(self, queue: dict[tuple[int, ...], list[Request]], free: list[int],
-                        state: DecodeState, size: int
-                        ) -> tuple[DecodeState, list[tuple[int, Request, int]]]:
-        """Take requests off `queue` (prompt → its waiting requests, oldest first) for the
-        `free` slots, prefill their prompts from the prefix cache and copy each into its slots
-        → (state, [(slot, request, prompt length)])."""
-        picked: list[tuple[list[int], list[Request]]] = []
+    def _admit_requests(self, queue: deque, free: list[int], state: DecodeState, size: int
+                        ) -> tuple[DecodeState, list[tuple[int, tuple[int, int], int]]]:
+        """Take requests off `queue` for the `free` slots, prefill their prompts from the
+        prefix cache and copy each into its slots → (state, [(slot, request, prompt length)])."""
+        picked: list[tuple[list[int], list[tuple[int, int]]]] = []
         room = len(free)
         while queue and room:
-            ids, requests = next(iter(queue.items()))
+            ids, requests = queue[0]
             if len(requests) > room:
-                queue[ids] = requests[room:]
+                queue[0] = (ids, requests[room:])
             else:
-                del queue[ids]
+                queue.popleft()
             picked.append((list(ids), requests[:room]))
             room -= len(picked[-1][1])
         prompts = [ids for ids, _ in picked]
@@ -585,119 +639,3 @@ class Sampler:
                 scores[rows[row][0], rows[row][1]] = sums[r]
             self.stats.score_rows += len(group.rows)
         return scores
-
-
-class DecodeSession:
-    """The sampler's decode slots, open while the caller submits requests: `submit` queues a
-    prompt's `n` samples, `step` admits waiting requests into free slots, decodes one chunk of
-    every busy slot and returns the samples that finished.
-
-    Why a session and not one `generate` call per batch: a caller that makes its next request
-    from a finished one (the episode runner's next step of an episode) would otherwise wait for
-    the slowest row of the batch, with the finished rows' slots idle. Here a finished row's
-    slot takes the next waiting request at once. Rows do not depend on each other, the cache
-    length or the time a request joins (module docstring, with its AVX2 caveat on prefill
-    bits), so a request's completion is the same however the caller interleaves submits and
-    steps. Identical prompts waiting together
-    are prefilled once. The decode cache grows (whole attention blocks) when a longer prompt
-    arrives.
-    """
-
-    def __init__(self, sampler: Sampler, params: SamplingParams):
-        self.sampler, self.params = sampler, params
-        d = sampler.slots
-        self.queue: dict[tuple[int, ...], list[Request]] = {}   # prompt → waiting requests
-        self.size = 0                                             # decode cache slots per row
-        self.state: DecodeState | None = None
-        self.owner: list[Request | None] = [None] * d
-        self.tokens: list[list[int]] = [[] for _ in range(d)]
-        self.logps: list[list[float]] = [[] for _ in range(d)]
-        self.pos, self.n_done = np.zeros(d, np.int32), np.zeros(d, np.int32)
-        self.seed_of, self.sample_of = np.zeros(d, np.uint64), np.zeros(d, np.int32)
-        eos = sorted(sampler.eos_ids) if not params.ignore_eos else []
-        eos = np.asarray((eos + [-1] * sampler.max_eos)[:sampler.max_eos], np.int32)
-        self.knobs = tuple(sampler._replicate(x) for x in (
-            np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
-            np.int32(params.max_new_tokens), eos))
-
-    @property
-    def busy(self) -> bool:
-        """Requests waiting or decoding."""
-        return bool(self.queue) or any(o is not None for o in self.owner)
-
-    def submit(self, prompt: str | Sequence[int], seed: int, n: int, key: Any) -> None:
-        """Queue `n` samples of `prompt` (text or token ids); `step` returns them as
-        `(key, sample, Completion)`. Sample j depends only on (prompt, seed, j)."""
-        ids = tuple(self.sampler.encode(prompt) if isinstance(prompt, str) else prompt)
-        if not ids:
-            raise ValueError("empty prompt (a chat-templated prompt has at least one token)")
-        need = len(ids) + self.params.max_new_tokens
-        if need > self.sampler.config.cache_size:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens "
-                             f"{self.params.max_new_tokens} exceeds sampler.cache_size "
-                             f"{self.sampler.config.cache_size}")
-        self.size = max(self.size, self.sampler._cache_length(need))
-        self.queue.setdefault(ids, []).extend(
-            Request(key, int(seed) % 2**64, j) for j in range(n))
-
-    def step(self) -> list[tuple[Any, int, Completion]]:
-        """Admit waiting requests (when a quarter of the slots are free — a prefill call per
-        freed row would be mostly padding — or nothing else runs), decode one chunk, and
-        return the samples that finished."""
-        sm, d = self.sampler, self.sampler.slots
-        free = [s for s in range(d) if self.owner[s] is None]
-        if self.queue and (len(free) == d or len(free) >= max(1, d // 4)):
-            self._reserve()
-            self.state, placed = sm._admit_requests(self.queue, free, self.state, self.size)
-            for s, request, length in placed:
-                self.owner[s], self.tokens[s], self.logps[s] = request, [], []
-                self.pos[s], self.n_done[s] = length, 0
-                self.seed_of[s], self.sample_of[s] = request.seed, request.sample
-        if all(o is None for o in self.owner):
-            return []
-        place, replicate = sm._place_rows, sm._replicate
-        done = np.asarray([o is None for o in self.owner])
-        words = global_array(seed_words(self.seed_of, self.sample_of),
-                             NamedSharding(sm.mesh, PartitionSpec(None, *sm.rows.spec)))
-        started = time.perf_counter()
-        self.state, tok, lp = sm._decode(
-            sm.chunk, sm.params, self.state._replace(
-                pos=place(self.pos), done=replicate(done), n_done=replicate(self.n_done)),
-            words, self.knobs)
-        tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(self.state.n_done)
-        device_done = np.asarray(self.state.done)
-        sm.stats.decode_s += time.perf_counter() - started
-        made = new_n - self.n_done
-        sm.stats.decode_tokens += int(made.sum())
-        sm.stats.decode_idle += d * int(made.max(initial=0)) - int(made.sum())
-        finished = []
-        for s in range(d):
-            request = self.owner[s]
-            if request is None:
-                continue
-            self.tokens[s] += tok[s, :made[s]].tolist()
-            self.logps[s] += lp[s, :made[s]].tolist()
-            self.pos[s] += made[s]
-            self.n_done[s] = new_n[s]
-            completion = sm._finish(self.tokens[s], self.logps[s], self.params,
-                                    bool(device_done[s]))
-            if completion is not None:
-                finished.append((request.key, request.sample, completion))
-                self.owner[s] = None
-        return finished
-
-    def close(self) -> None:
-        """Drop the session's prefill scratch caches (the decode cache goes with the session)."""
-        self.sampler._scratch.clear()
-
-    def _reserve(self) -> None:
-        """A decode cache of `self.size` slots: made at the first admission, grown (contents
-        kept) when a longer prompt was submitted since."""
-        sm = self.sampler
-        if self.state is None:
-            self.state = DecodeState(sm._new_cache(sm.slots, self.size),
-                                     sm._place_rows(np.zeros((sm.slots, sm.model_cfg.vocab_size),
-                                                             np.float32)), None, None, None)
-        elif self.state.cache.k[0].shape[-1] < self.size:
-            self.state = self.state._replace(cache=sm._grow(self.state.cache,
-                                                            sm._new_cache(sm.slots, self.size)))

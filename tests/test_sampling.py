@@ -128,35 +128,6 @@ def test_rows_do_not_depend_on_batch_composition(sampler):
     assert other_seed[0][0].token_ids != alone[0][0].token_ids
 
 
-def test_requests_joining_a_decoding_session_equal_each_request_alone(model):
-    """What the episode runner relies on: a request submitted while others decode — here one
-    whose length makes the session's cache grow — and the rows already decoding get exactly the
-    tokens and log-probs each gets from a `generate` call of its own."""
-    s = Sampler(model, CharTokenizer(), SamplerConfig(**{**CONFIG.__dict__, "cache_size": 2048}),
-                chunk=4)
-    params = SamplingParams(max_new_tokens=20, temperature=1.1, ignore_eos=True)
-    long = "the long prompt " * 70                       # 1120 tokens: a larger cache
-    session = s.session(params)
-    session.submit(PROMPTS[0], 11, 2, "a")
-    got = {}
-    for _ in range(2):
-        got.update({(key, j): c for key, j, c in session.step()})
-    assert not got
-    before = session.state.cache.k[0].shape[-1]
-    session.submit(PROMPTS[2], 13, 1, "b")
-    session.submit(long, 17, 1, "c")
-    while session.busy:
-        got.update({(key, j): c for key, j, c in session.step()})
-    assert session.state.cache.k[0].shape[-1] > before
-    session.close()
-    alone = {**{("a", j): c for j, c in enumerate(s.generate([PROMPTS[0]], params, [11], 2)[0])},
-             ("b", 0): s.generate([PROMPTS[2]], params, [13])[0][0],
-             ("c", 0): s.generate([long], params, [17])[0][0]}
-    assert sorted(got) == sorted(alone)
-    for key, c in alone.items():
-        assert got[key].token_ids == c.token_ids and got[key].logprobs == c.logprobs, key
-
-
 def test_top_k_one_is_greedy(sampler):
     greedy = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10), [0, 1, 2])
     top1 = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1),
@@ -192,11 +163,11 @@ def test_stop_string_ending_inside_a_token(model):
     completes it is the last one returned."""
     s = Sampler(model, PairTokenizer(), CONFIG, chunk=8)
     params = SamplingParams(max_new_tokens=24, temperature=1.0, ignore_eos=True)
-    (full,), = s.generate([[5, 9, 13, 2]], params, [4])
+    (full,), = s.generate_ids([[5, 9, 13, 2]], params, [4])
     text = full.text
     end, stop = first_stop(text, (text[8:11],))
     assert end % 2 == 1                                      # inside token end // 2
-    (c,), = s.generate([[5, 9, 13, 2]], SamplingParams(
+    (c,), = s.generate_ids([[5, 9, 13, 2]], SamplingParams(
         max_new_tokens=24, temperature=1.0, ignore_eos=True, stop=(stop,)), [4])
     assert (c.text, c.finish_reason, c.stop_string) == (text[:end], "stop", stop)
     assert c.token_ids == full.token_ids[:end // 2 + 1]

@@ -1,14 +1,10 @@
 """Batched agentic-RAG episodes: one runner for evaluation, MCTS expansion and SPRE rollouts.
 
 Episodes are immutable values (an MCTS node keeps its own), and the runner advances many of
-them at once, each at its own state, through one decode session of the sampler
-(`sampling.DecodeSession`): after every decode chunk the steps whose generations came back are
-parsed, their queries retrieved (one `retriever.search` call), and their episodes' next steps
-scored for the guided scaffold choice (one `sampler.score` call) and submitted while the other
-rows keep decoding — no round waits for its slowest row. Randomness is derived from the row's
-seed and its step index only, so a row's trajectory does not depend on which other rows share
-its batch or when it joined (up to the last bits of prefill on some CPUs: `sampling`'s
-"Determinism").
+them at once, each at its own state: per round it makes at most one `sampler.score` call (the
+guided scaffold choice), one `sampler.generate` call and one `retriever.search` call, each
+batched over every row that needs it. Randomness is derived from the row's seed and its step
+index only, so a row's trajectory never depends on which other rows share its batch.
 """
 from __future__ import annotations
 
@@ -105,13 +101,13 @@ class Episode:
 
 @dataclass
 class RunnerStats:
-    """Where the runner's time goes (wall seconds per phase of a step, host code being the
+    """Where the runner's time goes (wall seconds per phase of `_advance`, host code being the
     rest) and how many steps of each kind it took: with the sampler's `SamplerStats`, the
     breakdown that says which part of an episode to make cheaper."""
     score_s: float = 0.0          # guided scaffold choice (sampler.score)
-    generate_s: float = 0.0       # decode session steps (their prefill included)
+    generate_s: float = 0.0       # sampler.generate
     retrieve_s: float = 0.0       # retriever.search
-    total_s: float = 0.0          # all of the runner's step code
+    total_s: float = 0.0          # all of `_advance`
     steps: Counter = field(default_factory=Counter)    # kind → steps taken
 
     @property
@@ -159,9 +155,8 @@ def runner_from_config(cfg: Config, policy: str, index_dir: str | Path) -> Episo
 class EpisodeRunner:
     """Advances batches of episodes through the protocol with a sampler and a retriever.
 
-    `sampler` needs `tokenizer` (chat template), `session(params)` (a `DecodeSession`) or
-    else `generate(prompts, params, seeds, n)`, and, in guided mode,
-    `score(prompts, continuations)`; `retriever` needs `search(queries, k)`.
+    `sampler` needs `tokenizer` (chat template), `generate(prompts, params, seeds, n)` and, in
+    guided mode, `score(prompts, continuations)`; `retriever` needs `search(queries, k)`.
     """
 
     def __init__(self, sampler: Any, retriever: Any, cfg: AgentConfig):
@@ -188,41 +183,29 @@ class EpisodeRunner:
                  k: int = 1) -> Iterator[tuple[int, int, Episode]]:
         """Yield `(episode index, rollout index, finished episode)` as rollouts end.
 
-        At most `cfg.batch_size` rollouts are in flight, and there is no round barrier: the
-        moment one step's generation comes back, its episode is advanced (retrieval included)
-        and its next step is submitted to the still-decoding session, so a long step never
-        holds short ones back and a finished rollout's place goes to the next at once.
+        At most `cfg.batch_size` rollouts are in flight; a finished one frees its slot for the
+        next at once, so long episodes do not hold short ones back.
         """
         queue = deque((i, r) for i in range(len(episodes)) for r in range(k))
-        session = self._session(temperature)
-        flight: dict[int, tuple[int, int, Episode, int]] = {}   # key → (i, r, episode, seed)
-        steps: dict[int, _Step] = {}
-        ready: list[int] = []                                   # keys whose next step is due
-        keys = iter(range(len(queue)))
+        flight: list[tuple[int, int, Episode, int]] = []
         while queue or flight:
             while queue and len(flight) < self.cfg.batch_size:
                 i, r = queue.popleft()
                 if episodes[i].done:
                     yield i, r, episodes[i]
                 else:
-                    key = next(keys)
-                    flight[key] = (i, r, episodes[i], derive_seed(seeds[i], r))
-                    ready.append(key)
-            if ready:
-                steps.update(self._begin(session, {key: flight[key][2:] for key in ready}, 1,
-                                         temperature))
-                ready = []
-            taken = self._collect(session, steps)
-            advanced = self._complete([steps.pop(key) for key in taken])
-            for key, (ep,) in zip(taken, advanced):
-                i, r, _, seed = flight[key]
+                    flight.append((i, r, episodes[i], derive_seed(seeds[i], r)))
+            if not flight:
+                continue
+            advanced = self._advance([f[2] for f in flight], [f[3] for f in flight], 1,
+                                     temperature)
+            kept = []
+            for (i, r, _, seed), (ep,) in zip(flight, advanced):
                 if ep.done:
-                    del flight[key]
                     yield i, r, ep
                 else:
-                    flight[key] = (i, r, ep, seed)
-                    ready.append(key)
-        session.close()
+                    kept.append((i, r, ep, seed))
+            flight = kept
 
     def finish(self, episodes: Sequence[Episode], temperature: float, seeds: Sequence[int],
                k: int = 1) -> list[list[Episode]]:
@@ -236,164 +219,93 @@ class EpisodeRunner:
 
     def _advance(self, episodes: Sequence[Episode], seeds: Sequence[int], n: int,
                  temperature: float) -> list[list[Episode]]:
-        """One protocol step for every episode, `n` alternatives each."""
-        session = self._session(temperature)
-        steps = self._begin(session, dict(enumerate(zip(episodes, seeds))), n, temperature)
-        while session.busy:
-            self._collect(session, steps)
-        session.close()
-        return self._complete([steps[i] for i in range(len(episodes))])
-
-    def _session(self, temperature: float) -> Any:
-        """The sampler's decode session for steps at `temperature`; a sampler without one (the
-        benchmark's peers, test doubles) gets `RoundSession`: one `generate` call per round."""
-        cfg = self.cfg
-        params = SamplingParams(max_new_tokens=cfg.max_step_tokens, temperature=temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, stop=P.CLOSING_TAGS)
-        if hasattr(self.sampler, "session"):
-            return self.sampler.session(params)
-        return RoundSession(self.sampler, params)
-
-    def _begin(self, session: Any, todo: dict[int, tuple[Episode, int]], n: int,
-               temperature: float) -> dict[int, _Step]:
-        """The next step of each `todo` episode (key → (episode, seed)): its prompt, the guided
-        scaffold choice (one `score` call for all of them), and its `n` generations submitted
-        to `session`; alternatives sharing a scaffold are `n` samples of one prompt."""
+        """One protocol step for every (unfinished) episode, `n` alternatives each."""
+        if not episodes:
+            return []
         started = time.perf_counter()
-        out: dict[int, _Step] = {}
-        for key, (ep, seed) in todo.items():
-            t = P.turn(ep.example.question, ep.steps, self.cfg.max_retrievals)
-            prompt = P.render(self.sampler.tokenizer, t.instruction, t.input)
-            out[key] = _Step(ep, t, prompt, derive_seed(seed, len(ep.steps)))
+        turns = [P.turn(ep.example.question, ep.steps, self.cfg.max_retrievals) for ep in episodes]
+        prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
+        seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
         clock = time.perf_counter()
-        self._scaffolds(list(out.values()), n, temperature)
+        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature)
         self.stats.score_s += time.perf_counter() - clock
-        for key, step in out.items():
-            groups: dict[str, list[int]] = {}
-            for alt, scaffold in enumerate(step.scaffolds):
-                groups.setdefault(scaffold, []).append(alt)
-            step.groups = groups
-            step.completions = [None] * n
-            for scaffold, alts in groups.items():
-                session.submit(step.prompt + scaffold, derive_seed(step.seed, _SALTS[scaffold]),
-                               len(alts), (key, scaffold))
-        self.stats.total_s += time.perf_counter() - started
-        return out
+        clock = time.perf_counter()
+        completions = self._generate(prompts, scaffolds, seeds, temperature)
+        self.stats.generate_s += time.perf_counter() - clock
 
-    def _collect(self, session: Any, steps: dict[int, _Step]) -> list[int]:
-        """One session step: its finished generations into `steps` → the keys whose every
-        alternative is now back."""
-        started = time.perf_counter()
-        taken = []
-        for (key, scaffold), j, completion in session.step():
-            step = steps[key]
-            step.completions[step.groups[scaffold][j]] = completion
-            if all(c is not None for c in step.completions):
-                taken.append(key)
-        elapsed = time.perf_counter() - started
-        self.stats.generate_s += elapsed
-        self.stats.total_s += elapsed
-        return taken
-
-    def _complete(self, steps: list[_Step]) -> list[list[Episode]]:
-        """The generated steps parsed, their queries retrieved (one `search` call), and each
-        episode advanced by each alternative."""
-        started = time.perf_counter()
-        rows: list[list[Step]] = []
-        for st in steps:
+        steps: list[list[Step]] = []
+        for t, prompt, row_scaffolds, row_logp, row_comps in zip(
+                turns, prompts, scaffolds, choice_logp, completions):
             row = []
-            for scaffold, logp, comp in zip(st.scaffolds, st.choice_logp, st.completions):
+            for scaffold, logp, comp in zip(row_scaffolds, row_logp, row_comps):
                 response = scaffold + comp.text
-                if st.turn.state == P.GROUNDING:
+                if t.state == P.GROUNDING:
                     kind, content = P.EVIDENCE, P.parse_evidence(response) or P.NO_EVIDENCE
-                elif st.turn.forced:
+                elif t.forced:
                     kind, content = P.ANSWER, P.parse_answer(response)
                 else:
                     kind, content = P.parse_reasoning(response)
-                row.append(Step(kind, st.turn.instruction, st.turn.input, st.prompt, response,
-                                content, float(logp + sum(comp.logprobs))))
-            rows.append(row)
+                row.append(Step(kind, t.instruction, t.input, prompt, response, content,
+                                float(logp + sum(comp.logprobs))))
+            steps.append(row)
 
-        queries = list(dict.fromkeys(s.content for row in rows for s in row
+        queries = list(dict.fromkeys(s.content for row in steps for s in row
                                      if s.kind == P.QUERY and s.content))
         clock = time.perf_counter()
         found = dict(zip(queries, self.retriever.search(queries, self.cfg.num_passages))) \
             if queries else {}
         self.stats.retrieve_s += time.perf_counter() - clock
-        self.stats.steps.update(s.kind for row in rows for s in row)
+        self.stats.steps.update(s.kind for row in steps for s in row)
         self.stats.total_s += time.perf_counter() - started
-        return [[st.episode.advance(replace(s, retrieved=tuple(found[s.content]))
-                                    if s.kind == P.QUERY and s.content else s) for s in row]
-                for st, row in zip(steps, rows)]
+        return [[ep.advance(replace(s, retrieved=tuple(found[s.content]))
+                            if s.kind == P.QUERY and s.content else s) for s in row]
+                for ep, row in zip(episodes, steps)]
 
-    def _scaffolds(self, steps: list[_Step], n: int, temperature: float) -> None:
-        """Per step and alternative: the text the runner writes before the model continues, and
+    def _scaffolds(self, turns: list[P.Turn], prompts: list[str], seeds: list[int], n: int,
+                   temperature: float) -> tuple[list[list[str]], list[list[float]]]:
+        """Per row and alternative: the text the runner writes before the model continues, and
         the log-prob of the model choosing it (guided reasoning only)."""
-        for st in steps:
-            st.scaffolds = [""] * n if self.cfg.mode == "free" else (
-                [P.EVIDENCE_SCAFFOLD if st.turn.state == P.GROUNDING else P.ANSWER_SCAFFOLD] * n)
-            st.choice_logp = [0.0] * n
         if self.cfg.mode == "free":
-            return
+            return [[""] * n for _ in turns], [[0.0] * n for _ in turns]
         options = (P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD)
-        choose = [st for st in steps if st.turn.state == P.REASONING and not st.turn.forced]
-        if not choose:
-            return
-        scores = self.sampler.score([st.prompt for st in choose], [list(options)] * len(choose))
-        for st, lp in zip(choose, np.asarray(scores, dtype=np.float64)):
+        choose = [i for i, t in enumerate(turns) if t.state == P.REASONING and not t.forced]
+        scores = self.sampler.score([prompts[i] for i in choose], [list(options)] * len(choose)) \
+            if choose else np.zeros((0, 2))
+        scaffolds = [[P.EVIDENCE_SCAFFOLD if t.state == P.GROUNDING else P.ANSWER_SCAFFOLD] * n
+                     for t in turns]
+        logps = [[0.0] * n for _ in turns]
+        for i, lp in zip(choose, np.asarray(scores, dtype=np.float64)):
             if temperature <= 0:
                 picks = [int(np.argmax(lp))] * n
             else:
                 z = lp / temperature
                 p = np.exp(z - z.max())
-                rng = np.random.default_rng(derive_seed(st.seed, _CHOICE_SALT))
+                rng = np.random.default_rng(derive_seed(seeds[i], _CHOICE_SALT))
                 picks = list(rng.choice(len(options), size=n, p=p / p.sum()))
-            st.scaffolds = [options[c] for c in picks]
-            st.choice_logp = [float(lp[c]) for c in picks]
+            scaffolds[i] = [options[c] for c in picks]
+            logps[i] = [float(lp[c]) for c in picks]
+        return scaffolds, logps
 
-
-@dataclass
-class _Step:
-    """A step being taken: the episode it extends, its turn and prompt, the row seed, the
-    chosen scaffolds with their choice log-probs, and the generations as they come back
-    (`groups`: scaffold → the alternatives that are its samples)."""
-    episode: Episode
-    turn: P.Turn
-    prompt: str
-    seed: int
-    scaffolds: list[str] = field(default_factory=list)
-    choice_logp: list[float] = field(default_factory=list)
-    groups: dict[str, list[int]] = field(default_factory=dict)
-    completions: list[Completion | None] = field(default_factory=list)
-
-
-class RoundSession:
-    """`sampling.DecodeSession`'s interface over a sampler that only has `generate`: each step
-    generates every waiting request, one call per sample count — the original's structure, one
-    batched generation per round over all active questions."""
-
-    def __init__(self, sampler: Any, params: SamplingParams):
-        self.sampler, self.params = sampler, params
-        self.waiting: list[tuple[str, int, int, Any]] = []
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting)
-
-    def submit(self, prompt: str, seed: int, n: int, key: Any) -> None:
-        self.waiting.append((prompt, seed, n, key))
-
-    def step(self) -> list[tuple[Any, int, Any]]:
-        by_n: dict[int, list[tuple[str, int, int, Any]]] = {}
-        for request in self.waiting:
-            by_n.setdefault(request[2], []).append(request)
-        self.waiting = []
-        out = []
-        for n, requests in sorted(by_n.items()):
-            results = self.sampler.generate([r[0] for r in requests], self.params,
-                                            [r[1] for r in requests], n=n)
-            out += [(r[3], j, c) for r, comps in zip(requests, results) for j, c in enumerate(comps)]
+    def _generate(self, prompts: list[str], scaffolds: list[list[str]], seeds: list[int],
+                  temperature: float) -> list[list[Completion]]:
+        """Completions after each (row, scaffold); alternatives sharing a scaffold are `n`
+        samples of one prompt. One sampler call per distinct group size (one when n = 1)."""
+        cfg = self.cfg
+        params = SamplingParams(max_new_tokens=cfg.max_step_tokens, temperature=temperature,
+                                top_p=cfg.top_p, top_k=cfg.top_k, stop=P.CLOSING_TAGS)
+        groups: dict[tuple[int, str], list[int]] = {}
+        for row, row_scaffolds in enumerate(scaffolds):
+            for alt, scaffold in enumerate(row_scaffolds):
+                groups.setdefault((row, scaffold), []).append(alt)
+        by_size: dict[int, list[tuple[int, str]]] = {}
+        for key, alts in groups.items():
+            by_size.setdefault(len(alts), []).append(key)
+        out: list[list[Any]] = [[None] * len(s) for s in scaffolds]
+        for size, keys in sorted(by_size.items()):
+            results = self.sampler.generate(
+                [prompts[row] + scaffold for row, scaffold in keys], params,
+                [derive_seed(seeds[row], _SALTS[scaffold]) for row, scaffold in keys], n=size)
+            for key, comps in zip(keys, results):
+                for alt, comp in zip(groups[key], comps):
+                    out[key[0]][alt] = comp
         return out
-
-    def close(self) -> None:
-        pass
