@@ -2,7 +2,7 @@
 log P("So the answer is <answer>") on each question's first reasoning prompt.
 
 Why: in guided mode that difference decides whether a policy searches at all, and a short SFT
-can leave it on either side (the demo's SFT flipped with its data order), so check it on
+can leave it on either side (the demo's flipped with its forced-answer records), so check it on
 training or dev questions before spending evaluation and MCTS on a checkpoint.
 
     python bench/first_choice.py --run runs/demo3 --checkpoint runs/demo3/ckpt/sft --split sft
@@ -31,11 +31,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.split == "test":
         raise SystemExit("first_choice: check training or dev questions, not the test split")
-    runner = runner_from_config(load_config(), args.checkpoint, args.run / "index")
+    cfg = load_config()
+    runner = runner_from_config(cfg, args.checkpoint, args.run / "index")
     examples = read_qa(args.run / "data" / f"{args.split}.jsonl")[:args.questions]
-    tokenizer = runner.sampler.tokenizer
-    prompts = [P.render(tokenizer, P.INSTRUCTION, P.reasoning_input(ex.question, []))
-               for ex in examples]
+    turns = [P.turn(ex.question, (), cfg.agent.max_retrievals) for ex in examples]  # as the runner
+    prompts = [P.render(runner.sampler.tokenizer, t.instruction, t.input) for t in turns]
     scores = runner.sampler.score(prompts, [[P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD]] * len(prompts))
     diff = scores[:, 0] - scores[:, 1]
     print_result({"checkpoint": args.checkpoint, "split": args.split,
