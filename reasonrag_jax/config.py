@@ -186,6 +186,7 @@ class DemoConfig:
     sft_questions: int = 300        # gold chains of these questions make the SFT set
     sft_epochs: int = 1
     sft_learning_rate: float = 5e-5
+    sft_seed: int = 0               # SFT data order (`train.seed` of the SFT stage)
     mcts_questions: int = 48        # searched for PRL / ORL pairs
     max_pairs: int = 0              # pairs each of ORL and PRL train on, at most (0: all)
     dpo_epochs: int = 2

@@ -57,6 +57,23 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     return settings
 
 
+def stored_settings(text: str) -> dict[str, Any]:
+    """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
+    versions also wrote the preset table, and trained the SFT with data-order seed 0."""
+    stored = json.loads(text)
+    stored.get("demo", {}).pop("presets", None)
+    stored.get("demo", {}).setdefault("sft_seed", 0)
+    return stored
+
+
+def sft_config(cfg: Config) -> Config:
+    """The SFT stage's training config: the demo's epochs, learning rate and data order."""
+    demo = cfg.demo
+    return _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
+                         f"train.learning_rate={demo.sft_learning_rate}",
+                         f"train.seed={demo.sft_seed}"])
+
+
 def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Path]:
     """corpus + the four disjoint question splits (written once; test is written last)."""
     from reasonrag_jax.data.synthetic import write_splits
@@ -126,8 +143,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marker, settings = out / "demo_config.json", run_settings(cfg)
-    stored = json.loads(marker.read_text()) if marker.exists() else settings
-    stored.get("demo", {}).pop("presets", None)     # written by earlier versions
+    stored = stored_settings(marker.read_text()) if marker.exists() else settings
     if stored != settings:
         raise InputError(f"{out}: holds a demo run with other settings (see {marker}); "
                          "use another --out")
@@ -155,9 +171,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
             tmp.unlink(missing_ok=True)
             append_jsonl(tmp, records)
             tmp.replace(sft_data)
-        sft_cfg = _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
-                                f"train.learning_rate={demo.sft_learning_rate}"])
-        sft_ckpt = run_sft(sft_cfg, sft_data, out / "ckpt" / "sft", None)
+        sft_ckpt = run_sft(sft_config(cfg), sft_data, out / "ckpt" / "sft", None)
     with stage("eval SFT", timings, timings_path):
         run_eval(cfg, data["test"], index, str(sft_ckpt), out / "eval" / "sft")
     ckpts = {"Base": None, "SFT": str(sft_ckpt)}

@@ -79,6 +79,27 @@ def test_a_run_is_tied_to_its_resolved_settings_not_to_other_presets():
     assert "presets" not in run_settings(ablation)["demo"]
 
 
+def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
+    from pathlib import Path
+
+    from reasonrag_jax.demo import run_settings, sft_config, stored_settings
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
+                      ["demo.sft_seed=7", "train.seed=3"])
+    sft = sft_config(cfg).train
+    assert (sft.objective, sft.seed, sft.learning_rate, sft.epochs) == (
+        "sft", 7, cfg.demo.sft_learning_rate, cfg.demo.sft_epochs)
+    # A run written before `demo.sft_seed` existed trained with seed 0 and resumes as such.
+    old = run_settings(cfg)
+    del old["demo"]["sft_seed"]
+    old["demo"]["presets"] = {}
+    text = json.dumps(old)
+    assert stored_settings(text) != run_settings(cfg)
+    assert stored_settings(text) == run_settings(load_config(
+        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=0",
+                                                                     "train.seed=3"]))
+
+
 def test_orl_and_prl_get_the_same_number_of_pairs_sampled_from_the_whole_file(tmp_path):
     from reasonrag_jax.demo import _equal_budget
     from reasonrag_jax.io import append_jsonl, read_jsonl
