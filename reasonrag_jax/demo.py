@@ -59,10 +59,10 @@ def run_settings(cfg: Config) -> dict[str, Any]:
 
 def stored_settings(text: str) -> dict[str, Any]:
     """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
-    versions also wrote the preset table, and trained the SFT with data-order seed 0."""
+    versions also wrote the preset table, and ordered the SFT data by `train.seed`."""
     stored = json.loads(text)
     stored.get("demo", {}).pop("presets", None)
-    stored.get("demo", {}).setdefault("sft_seed", 0)
+    stored.get("demo", {}).setdefault("sft_seed", stored.get("train", {}).get("seed", 0))
     return stored
 
 

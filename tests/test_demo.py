@@ -89,14 +89,14 @@ def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
     sft = sft_config(cfg).train
     assert (sft.objective, sft.seed, sft.learning_rate, sft.epochs) == (
         "sft", 7, cfg.demo.sft_learning_rate, cfg.demo.sft_epochs)
-    # A run written before `demo.sft_seed` existed trained with seed 0 and resumes as such.
+    # A run written before `demo.sft_seed` existed ordered its SFT data by `train.seed`.
     old = run_settings(cfg)
     del old["demo"]["sft_seed"]
     old["demo"]["presets"] = {}
     text = json.dumps(old)
     assert stored_settings(text) != run_settings(cfg)
     assert stored_settings(text) == run_settings(load_config(
-        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=0",
+        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",
                                                                      "train.seed=3"]))
 
 
