@@ -7,15 +7,18 @@ SPRE rollout starts from. A call runs in two parts:
 
 - **Prefill from the prefix cache.** Identical prompts are computed once. Each prompt starts
   from its longest cached prefix of full pages (`prefix_cache`) and only the rest is prefilled,
-  rows of similar length together, at most `prefill_tokens` token slots per device call; the new
-  full pages are stored for later prompts. `score` first prefills the prompts, then scores every
+  rows of similar length together, at most `prefill_tokens` token slots per device call, a long
+  remainder in one more call rather than as padding (`call_length`); the new full pages are
+  stored for later prompts. `score` first prefills the prompts, then scores every
   continuation from the prompt's pages, so a guided choice reads its prompt once and the
   generation after the chosen scaffold starts from the same pages.
-- **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `chunk` tokens per
-  device call inside a `lax.while_loop`; stop strings are matched on the host on the decoded
-  text, exact whatever the tokenisation. A row that stops frees its slot at once and waiting
-  requests are prefilled into free slots, so short rows never wait for long ones. `n` samples
-  of a prompt share its prefill (cache rows are gathered).
+- **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
+  tokens per device call inside a `lax.while_loop`; stop strings are matched on the host on the
+  decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
+  small chunk wastes few steps; the host's work per call is small next to one step). A row
+  that stops frees its slot at once and waiting requests are prefilled into free slots, so
+  short rows never wait for long ones. `n` samples of a prompt share its prefill (cache rows
+  are gathered).
 
 Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
 recompile; the weights live in the decoder's serving layout (per-layer arrays, see
@@ -31,7 +34,9 @@ count between 64 and 2048 (and for none outside it), so every prefill call holds
 an AVX2-only Zen 3 (2026-11-30) this does not hold for SmolLM2's prefill: a row's log-probs
 moved by 1e-6..4e-5 nats (8 greedy forced-answer steps of 166-175-token prompts) between one
 `generate` call of all eight and a call per row, with the prefix cache off as well; the greedy
-tokens matched. Fixing it means prefill matmuls of one shape (fixed token tiles), not built.
+tokens matched. Nor on a Sapphire Rapids Xeon (AVX-512, 2026-12-01): a 300-token prompt's 12
+greedy log-probs moved by up to 6e-6 between a call alone and a call of 16 rows (before
+`call_length`; same tokens). Fixing it means prefill matmuls of one shape (fixed token tiles), not built.
 Row i, sample j, token t draws with key(seed_i, j) folded with t. Reported log-probs are of the
 chosen token under the model's unmodified distribution (temperature 1, no top-k/top-p), as DPO
 and scoring use it.
@@ -131,6 +136,16 @@ def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: ja
     return jax.lax.cond(temperature > 0.0, sample, greedy, logits).astype(jnp.int32)
 
 
+def call_length(need: int, buckets: Sequence[int]) -> int:
+    """Token slots per row of a prefill call whose longest row has `need` tokens left: the
+    smallest bucket holding them, unless the largest bucket below `need` plus a call for the
+    rest holds fewer slots (300 tokens: 256 + 48 slots, not 384). A second call costs one more
+    read of the weights, far less than computing the padding it saves."""
+    whole = bucket(need, buckets)
+    below = max((x for x in buckets if x < need), default=whole)
+    return below if below + bucket(need - below, buckets) < whole else whole
+
+
 # Rows × length of a call whose matmuls give each row the same bits (see the module docstring).
 MIN_CALL_TOKENS = 64
 
@@ -186,12 +201,14 @@ class Sampler:
     """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
 
     def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
-                 chunk: int = 16, mesh: Mesh | None = None,
+                 mesh: Mesh | None = None,
                  rules: Sequence[tuple[str, Any]] | None = None):
         self.config = cfg = config or SamplerConfig()
         if cfg.cache_size % ATTENTION_BLOCK:
             raise ValueError(f"sampler.cache_size {cfg.cache_size} must be a multiple of "
                              f"{ATTENTION_BLOCK}")
+        if cfg.decode_chunk < 1:
+            raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
             raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
         self.tokenizer = tokenizer
@@ -207,7 +224,7 @@ class Sampler:
         self.rows_3d = NamedSharding(self.mesh, batch_spec(self.rules, 3))
         self.cache_sharding = self._cache_sharding()
         self.params = self._place_params(model)
-        self.chunk = chunk
+        self.chunk = cfg.decode_chunk
         self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -403,8 +420,8 @@ class Sampler:
         self.stats.cached_tokens += sum(start)
         while any(s < e for s, e in zip(start, ends)):
             need = max(e - s for s, e in zip(start, ends))
-            t = bucket(need, cfg.prefill_buckets)
-            t = max(min(t, cfg.prefill_tokens // b), -(-MIN_CALL_TOKENS // b),
+            t = max(min(call_length(need, cfg.prefill_buckets), cfg.prefill_tokens // b),
+                    -(-MIN_CALL_TOKENS // b),
                     max(e - f for e, f, s in zip(ends, first, start) if s < e))
             tokens = np.full((b, t), self.pad_id, np.int32)
             positions = np.zeros((b, t), np.int32)

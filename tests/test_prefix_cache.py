@@ -18,7 +18,8 @@ from test_sampling import CharTokenizer
 
 P = 4
 CONFIG = SamplerConfig(cache_size=256, batch_buckets=(1, 2, 4, 8), max_batch=8,
-                       prefill_buckets=(32, 64), page_size=P, prefix_cache_mb=1)
+                       prefill_buckets=(32, 64), page_size=P, prefix_cache_mb=1,
+                       decode_chunk=4)
 SYSTEM = "You answer questions. Be brief and exact, always. "
 PROMPTS = [SYSTEM + "Who wrote it?", SYSTEM + "Where is it?", SYSTEM + "Who wrote it? Why",
            "Unrelated prompt with no shared start"]
@@ -97,8 +98,8 @@ SAMPLED = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9)
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_cached_and_uncached_give_the_same_bits(model, params):
-    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0), chunk=4)
-    cached = Sampler(model, CharTokenizer(), CONFIG, chunk=4)
+    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0))
+    cached = Sampler(model, CharTokenizer(), CONFIG)
     seeds = [11, 12, 13, 14]
     want = outputs(plain, PROMPTS, seeds, params, n=2)
     assert outputs(cached, PROMPTS, seeds, params, n=2) == want        # cold cache
@@ -113,11 +114,10 @@ def test_cached_and_uncached_give_the_same_bits(model, params):
 
 def test_eviction_under_a_tiny_budget_changes_nothing(model):
     page = 2 * 2 * 2 * 16 * P * 4                  # layers × K/V × KV heads × head_dim × P × f32
-    tiny = Sampler(model, CharTokenizer(), dataclasses.replace(
-        CONFIG, prefix_cache_mb=1), chunk=4)
+    tiny = Sampler(model, CharTokenizer(), CONFIG)
     tiny.index = PrefixIndex(num_pages=3, page_size=P)           # 3 pages: constant eviction
     assert page * 3 < 2**20
-    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0), chunk=4)
+    plain = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, prefix_cache_mb=0))
     seeds = [1, 2, 3, 4]
     want = outputs(plain, PROMPTS, seeds, SAMPLED)
     for _ in range(2):
@@ -128,7 +128,7 @@ def test_eviction_under_a_tiny_budget_changes_nothing(model):
 def test_more_requests_than_slots_refill_finished_slots(model):
     """12 requests on 8 decode slots with budgets that end rows at different times: every
     request still equals its run alone."""
-    s = Sampler(model, CharTokenizer(), CONFIG, chunk=4)
+    s = Sampler(model, CharTokenizer(), CONFIG)
     prompts = [f"{SYSTEM} question number {i}" for i in range(6)]
     together = outputs(s, prompts, list(range(6)), SAMPLED, n=2)
     for i in (0, 5):

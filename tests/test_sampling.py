@@ -1,6 +1,7 @@
 """Sampler: greedy = an uncached argmax loop, sampling = an uncached loop with the same keys,
 per-row seeds, n samples sharing one prefill, exact stop strings, EOS, scoring, no recompiles
 inside a bucket, a sharded mesh = one device, and SmolLM2 greedy = transformers `generate`."""
+import dataclasses
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ from flax import nnx
 from conftest import TINY
 from reasonrag_jax.config import SamplerConfig
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
-from reasonrag_jax.sampling import Sampler, SamplingParams, row_keys, seed_words
+from reasonrag_jax.sampling import Sampler, SamplingParams, call_length, row_keys, seed_words
 
 
 class CharTokenizer:
@@ -46,7 +47,7 @@ class PairTokenizer(CharTokenizer):
 
 PROMPTS = ["Hello there, model", "Why?", "The quick brown fox jumps"]
 CONFIG = SamplerConfig(cache_size=256, batch_buckets=(1, 2, 4, 8), max_batch=8,
-                       prefill_buckets=(32, 64), page_size=4, prefix_cache_mb=1)
+                       prefill_buckets=(32, 64), page_size=4, prefix_cache_mb=1, decode_chunk=8)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def model(tiny_llama_cfg):
 
 @pytest.fixture(scope="module")
 def sampler(model):
-    return Sampler(model, CharTokenizer(), CONFIG, chunk=8)
+    return Sampler(model, CharTokenizer(), CONFIG)
 
 
 WIDTH = 64
@@ -128,6 +129,19 @@ def test_rows_do_not_depend_on_batch_composition(sampler):
     assert other_seed[0][0].token_ids != alone[0][0].token_ids
 
 
+def test_decode_chunk_changes_no_bits(model, sampler):
+    """How many tokens a decode call makes before the host matches stops and refills rows
+    changes when a row's slot is reused, never its tokens or log-probs: 9 rows on 8 slots, rows
+    stopping at different tokens, one token per call against the configured 8."""
+    params = SamplingParams(max_new_tokens=14, temperature=1.1, stop=("e", "Q"))
+    every_token = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_chunk=1))
+    want = sampler.generate(PROMPTS, params, seeds=[21, 22, 23], n=3)
+    got = every_token.generate(PROMPTS, params, seeds=[21, 22, 23], n=3)
+    assert [[(c.token_ids, c.logprobs) for c in row] for row in got] == [
+        [(c.token_ids, c.logprobs) for c in row] for row in want]
+    lengths = {len(c.token_ids) for row in want for c in row}
+    assert len(lengths) > 2 and max(lengths) > CONFIG.decode_chunk      # slots refill mid-call
+
 def test_top_k_one_is_greedy(sampler):
     greedy = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10), [0, 1, 2])
     top1 = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1),
@@ -161,7 +175,7 @@ def test_stop_strings_end_the_text_right_after_the_first_stop(sampler):
 def test_stop_string_ending_inside_a_token(model):
     """Text ends right after the stop string even when that is mid-token; the token that
     completes it is the last one returned."""
-    s = Sampler(model, PairTokenizer(), CONFIG, chunk=8)
+    s = Sampler(model, PairTokenizer(), CONFIG)
     params = SamplingParams(max_new_tokens=24, temperature=1.0, ignore_eos=True)
     (full,), = s.generate_ids([[5, 9, 13, 2]], params, [4])
     text = full.text
@@ -178,7 +192,7 @@ def test_eos_ends_a_row(model, sampler):
     (full,), = sampler.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8), [0])
     eos = full.token_ids[3]
     ids = full.token_ids[:full.token_ids.index(eos) + 1]
-    s = Sampler(model, CharTokenizer(eos_token_id=eos), CONFIG, chunk=8)
+    s = Sampler(model, CharTokenizer(eos_token_id=eos), CONFIG)
     (c,), = s.generate([PROMPTS[0]], SamplingParams(max_new_tokens=8), [0])
     assert (c.token_ids, c.finish_reason, c.stop_string) == (ids, "eos", None)
     assert c.text == CharTokenizer().decode(ids[:-1])
@@ -200,7 +214,7 @@ def test_score_is_the_summed_continuation_logprob(model, sampler):
 
 
 def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_cfg):
-    s = Sampler(model, CharTokenizer(), CONFIG, chunk=8)
+    s = Sampler(model, CharTokenizer(), CONFIG)
     params = SamplingParams(max_new_tokens=8, temperature=0.7)
     s.generate(PROMPTS[:3], params, [0, 1, 2])
     compiled = s.compilations
@@ -212,7 +226,7 @@ def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_
     s.update_params(state)
     after = s.generate(PROMPTS[:3], params, [0, 1, 2])
     assert s.compilations == compiled
-    fresh = Sampler(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)), CharTokenizer(), CONFIG, chunk=8)
+    fresh = Sampler(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)), CharTokenizer(), CONFIG)
     assert [c[0].token_ids for c in after] == [
         c[0].token_ids for c in fresh.generate(PROMPTS[:3], params, [0, 1, 2])]
 
@@ -222,7 +236,7 @@ def sampler_outputs(mesh=None) -> dict:
     untied head) on `mesh`: what the sharded and multi-process tests compare with one device."""
     cfg = DecoderConfig(**TINY, rope_theta=1e4, tie_word_embeddings=False, qkv_bias=True,
                         model_type="qwen2")
-    s = Sampler(Decoder(cfg, rngs=nnx.Rngs(5)), CharTokenizer(), CONFIG, chunk=8, mesh=mesh)
+    s = Sampler(Decoder(cfg, rngs=nnx.Rngs(5)), CharTokenizer(), CONFIG, mesh=mesh)
     greedy = s.generate(PROMPTS, SamplingParams(max_new_tokens=20), [0, 1, 2])
     sampled = s.generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95),
                          [4, 5, 6], n=3)
@@ -300,3 +314,17 @@ def test_prefill_groups_keep_padding_rows_under_a_quarter(sampler):
 
     assert sizes(5) == [4, 1]
     assert sizes(7) == [7]
+
+
+def test_a_long_remainder_goes_in_a_second_call_rather_than_as_padding(model):
+    """Buckets (16, 32, 64, 128, 256, 384): 300 tokens take 256 + 48 slots, not 384 (checked on
+    the sampler's padding counter, two 300-token prompts); 20 tokens stay one call of 32, since
+    16 + 16 saves nothing."""
+    buckets = (16, 32, 48, 64, 128, 256, 384)
+    assert [call_length(n, buckets) for n in (300, 44, 20, 16, 130, 1000)] == [
+        256, 48, 32, 16, 128, 1152]            # 1000: 384 + 768 slots save nothing over 1152
+    s = Sampler(model, CharTokenizer(), dataclasses.replace(
+        CONFIG, cache_size=512, prefill_buckets=buckets, prefix_cache_mb=0))
+    s.generate_ids([[1 + i % 90] * 300 for i in range(2)], SamplingParams(max_new_tokens=1),
+                   [0, 1])
+    assert (s.stats.computed_tokens, s.stats.padded_tokens) == (600, 2 * 4)
