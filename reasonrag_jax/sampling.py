@@ -36,7 +36,8 @@ moved by 1e-6..4e-5 nats (8 greedy forced-answer steps of 166-175-token prompts)
 `generate` call of all eight and a call per row, with the prefix cache off as well; the greedy
 tokens matched. Nor on a Sapphire Rapids Xeon (AVX-512, 2026-12-01): a 300-token prompt's 12
 greedy log-probs moved by up to 6e-6 between a call alone and a call of 16 rows (before
-`call_length`; same tokens). Fixing it means prefill matmuls of one shape (fixed token tiles), not built.
+`call_length`; same tokens). Fixing it means prefill matmuls of one shape (fixed token tiles),
+not built.
 Row i, sample j, token t draws with key(seed_i, j) folded with t. Reported log-probs are of the
 chosen token under the model's unmodified distribution (temperature 1, no top-k/top-p), as DPO
 and scoring use it.
@@ -224,7 +225,6 @@ class Sampler:
         self.rows_3d = NamedSharding(self.mesh, batch_spec(self.rules, 3))
         self.cache_sharding = self._cache_sharding()
         self.params = self._place_params(model)
-        self.chunk = cfg.decode_chunk
         self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
         self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -527,7 +527,7 @@ class Sampler:
                                  NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
             started = time.perf_counter()
             state, tok, lp = self._decode(
-                self.chunk, self.params, state._replace(
+                self.config.decode_chunk, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
                 words, knobs)
             tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)
