@@ -1,12 +1,13 @@
 """MCTS bookkeeping: the batched array tree against one Python object per node.
 
-One iteration is what `search` does between sampler calls in every tree: `select` a node by
-UCT, bring the leaves to the host, `grow` (add the child with its value and back the value up in
-one jitted call), bring the children to the host — the calls and host round trips exactly as
-`search` makes them. The peer is the original's structure: a `Node` object with a list of children, and
-a Python loop over the B trees. Both get the same values and terminal flags; trees grow to 64
-simulations (65 nodes, 2 children). The peer is pure Python and runs in this process (no thread
-pool or cache for the two sides to share).
+One iteration is what `search` does between sampler calls in every tree: `grow` (add the child
+with its value, back the value up and select the next node by UCT, in one jitted call), then
+bring the children and the next leaves to the host — the call and host round trip exactly as
+`search` makes them (plus the one `select` a search starts with). The peer is the original's
+structure: a `Node` object with a list of children, and a Python loop over the B trees. Both
+get the same values and terminal flags; trees grow to 64 simulations (65 nodes, 2 children). The
+peer is pure Python and runs in this process (no thread pool or cache for the two sides to
+share).
 
 `bookkeeping_fraction` is the share of a real small `generate` run's wall time (SmolLM2, guided,
 synthetic questions) spent in those tree calls, timed by wrapping them during the run;
@@ -80,22 +81,22 @@ def schedule(b: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.random((SIMULATIONS, b)) < 0.2)
 
 
-def search_iteration(tree: T.Tree, c_uct: jax.Array, rows: np.ndarray, at_node: np.ndarray,
-                     nodes: np.ndarray, values: np.ndarray, terminal: np.ndarray) -> T.Tree:
+def search_iteration(tree: T.Tree, leaf: np.ndarray, c_uct: jax.Array, rows: np.ndarray,
+                     at_node: np.ndarray, nodes: np.ndarray, values: np.ndarray,
+                     terminal: np.ndarray) -> tuple[T.Tree, np.ndarray]:
     """One iteration of `reasonrag_jax.mcts.search.search` without the sampler: the same tree
-    calls with the same host round trips (the selected leaves come back to the host to look up
-    their episodes; the new children come back to be filed in the table). `at_node[b, node]`
-    stands in for that table's `done` flags, `nodes` for its host-side node counts."""
+    call with the same host round trip (the new children come back to be filed in the table,
+    the next leaves to look up their episodes). `at_node[b, node]` stands in for that table's
+    `done` flags, `nodes` for its host-side node counts."""
     room = nodes < tree.parent.shape[1]
-    leaf = np.asarray(T.select(tree, c_uct))
     at_end = at_node[rows, leaf]
     valid = room & ~at_end
     kind = np.where(terminal, T.KINDS.index("answer"), T.KINDS.index("query")).astype(np.int32)
-    tree, child = T.grow(tree, leaf, kind, values, terminal, valid, room & at_end)
-    child = np.asarray(child)
+    tree, child, leaf = T.grow(tree, leaf, kind, values, terminal, valid, room & at_end, c_uct)
+    child, leaf = jax.device_get((child, leaf))
     nodes += child >= 0
     at_node[rows[valid], child[valid]] = terminal[valid]
-    return tree
+    return tree, leaf
 
 
 def time_jax(b: int, repeats: int) -> float:
@@ -108,8 +109,10 @@ def time_jax(b: int, repeats: int) -> float:
         nodes = np.ones(b, np.int64)
         jax.block_until_ready(tree)
         start = time.perf_counter()
+        leaf = np.asarray(T.select(tree, c))        # once per search, as `search` does
         for i in range(SIMULATIONS):
-            tree = search_iteration(tree, c, rows, at_node, nodes, values[i], terminal[i])
+            tree, leaf = search_iteration(tree, leaf, c, rows, at_node, nodes, values[i],
+                                          terminal[i])
         jax.block_until_ready(tree)
         best = min(best, time.perf_counter() - start)
     return 1e3 * best / SIMULATIONS

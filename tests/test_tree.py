@@ -82,6 +82,21 @@ def test_batched_tree_matches_python_trees(sequences, max_children):
         assert np.asarray(tree.parent[j, :n]).tolist() == parents
 
 
+def iterations(tree, c, kinds, rewards, terminals):
+    """Iterations as `search` runs them: one `select`, then per iteration one `grow` that adds
+    the new child under the selected leaf (a selected answer node, or the leaf of a full tree,
+    is backed up again instead) and selects the next leaf.
+    → (final tree, selected leaf [steps, B], new child [steps, B])."""
+    leaf, leaves, children = T.select(tree, c), [], []
+    for kind, reward, terminal in zip(kinds, rewards, terminals):
+        at_end = tree.terminal[jnp.arange(leaf.shape[0]), leaf]
+        leaves.append(np.asarray(leaf))
+        tree, child, leaf = T.grow(tree, leaf, kind, reward, terminal, ~at_end,
+                                   jnp.ones_like(at_end), c)
+        children.append(np.asarray(child))
+    return tree, np.stack(leaves), np.stack(children)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.sampled_from([(2, 10), (3, 6)]))
 def test_iteration_matches_python_search(seed, shape):
@@ -94,10 +109,10 @@ def test_iteration_matches_python_search(seed, shape):
     tree = T.init(b, num_nodes, max_children)
     roots = [Node() for _ in range(b)]
     nodes = [[r] for r in roots]
-    for i in range(steps):
-        tree, leaf, child = T.iteration(tree, jnp.full((b,), 0.7), jnp.full((b,), 2, jnp.int32),
-                                        jnp.asarray(rewards[i]), jnp.asarray(terminal[i]))
-        leaf, child = np.asarray(leaf), np.asarray(child)
+    tree, leaves, children = iterations(tree, jnp.full((b,), 0.7),
+                                        [jnp.full((b,), 2, jnp.int32)] * steps,
+                                        jnp.asarray(rewards), jnp.asarray(terminal))
+    for i, (leaf, child) in enumerate(zip(leaves, children)):
         for j in range(b):
             node = py_select(roots[j], 0.7, max_children)
             assert nodes[j].index(node) == int(leaf[j])
@@ -157,14 +172,10 @@ def test_answer_node_is_selected_again_by_hand():
     """
     script = [(3, 0.9, True), (1, 0.1, False)] + [(1, 0.5, False)] * 5 + [(2, 0.2, False)]
     tree = T.init(1, 9, 2)
-    leaves, children = [], []
-    for kind, reward, terminal in script:
-        tree, leaf, child = T.iteration(tree, jnp.ones(1), jnp.array([kind]),
-                                        jnp.array([reward], jnp.float32), jnp.array([terminal]))
-        leaves.append(int(leaf[0]))
-        children.append(int(child[0]))
-    assert leaves == [0, 0, 1, 1, 1, 1, 1, 2]
-    assert children == [1, 2, -1, -1, -1, -1, -1, 3]
+    kinds, rewards, terminals = ([jnp.array([x]) for x in column] for column in zip(*script))
+    tree, leaves, children = iterations(tree, jnp.ones(1), kinds, rewards, terminals)
+    assert leaves[:, 0].tolist() == [0, 0, 1, 1, 1, 1, 1, 2]
+    assert children[:, 0].tolist() == [1, 2, -1, -1, -1, -1, -1, 3]
     assert int(tree.num_nodes[0]) == 4
     assert np.asarray(tree.visits[0, :4]).tolist() == [8, 6, 2, 1]
     np.testing.assert_allclose(np.asarray(tree.q_value[0, :4]), [0.7125, 0.9, 0.15, 0.2],

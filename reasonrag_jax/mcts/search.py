@@ -2,7 +2,8 @@
 
 Each iteration, for all B questions at once: select a node in every tree (UCT, arrays) → expand
 it by one protocol step with ONE batched `runner.expand` (retrieval included for query steps) →
-value the new nodes with ONE batched value-function call (SPRE rollouts) → back the values up.
+value the new nodes with ONE batched value-function call (SPRE rollouts) → back the values up
+and select the next nodes in ONE tree call (`tree.grow`).
 Selection is standard UCT (`tree.select`): an answer node competes with its siblings like any
 other node. A selected answer node cannot grow; its own value is backed up again (no new node),
 so when answering is right its visits and its ancestors' values keep growing towards it.
@@ -24,6 +25,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -73,11 +75,11 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
     rollouts = np.zeros(b, np.int64)
     rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
     nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
+    leaf = np.asarray(T.select(tree, c_uct))
     for it in range(cfg.max_rollouts):
         room = nodes < n
         if not room.any():
             break
-        leaf = np.asarray(T.select(tree, c_uct))
         at_end = np.array([table[i][leaf[i]].done for i in range(b)])
         grow = [i for i in range(b) if room[i] and not at_end[i]]
         it_seeds = [derive_seed(seeds[i], it) for i in grow]
@@ -90,8 +92,8 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
             value[i], kind[i] = valuation.values[j], T.KINDS.index(ep.steps[-1].kind)
             terminal[i], valid[i] = ep.done, True
             rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
-        tree, child = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end)
-        child = np.asarray(child)
+        tree, child, leaf = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end, c_uct)
+        child, leaf = jax.device_get((child, leaf))
         nodes += child >= 0
         for j, (i, ep) in enumerate(zip(grow, new)):
             table[i][int(child[i])] = ep

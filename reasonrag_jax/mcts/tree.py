@@ -116,22 +116,15 @@ backup = _per_tree(_one_backup)       # (tree, node, value, valid) -> tree
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def grow(tree: Tree, leaf, kind, reward, terminal, valid, revisit) -> tuple[Tree, jax.Array]:
-    """Everything after an expansion, in one call (one dispatch, no host round trip between
-    adding and backing up): add each valid new child under its leaf, then back up the child's
-    reward — or, where a terminal leaf was selected again (`revisit`), that leaf's own reward.
-    → (tree, new child per tree or -1)."""
+def grow(tree: Tree, leaf, kind, reward, terminal, valid, revisit, c_uct
+         ) -> tuple[Tree, jax.Array, jax.Array]:
+    """Everything between two expansions in one call, so a search iteration costs one dispatch
+    and one host round trip: add each valid new child under its leaf, back up the child's
+    reward — or, where a terminal leaf was selected again (`revisit`), that leaf's own reward —
+    then select the next leaf of every grown tree. → (tree, new child per tree or -1, next leaf)."""
     tree, child = add_child(tree, leaf, kind, reward, terminal, valid)
     rows = jnp.arange(leaf.shape[0])
     node = jnp.where(child >= 0, child, leaf)
-    return backup(tree, node, tree.reward[rows, node], (child >= 0) | revisit), child
+    tree = backup(tree, node, tree.reward[rows, node], (child >= 0) | revisit)
+    return tree, child, select(tree, c_uct)
 
-
-def iteration(tree: Tree, c_uct, kind, reward, terminal) -> tuple[Tree, jax.Array, jax.Array]:
-    """One whole iteration with given statistics for the new children (tests drive trees by
-    hand with it): select, then `grow`; where no child is added (a terminal node selected
-    again, or a full tree) the selected node's own value is backed up again."""
-    leaf = select(tree, c_uct)
-    at_end = tree.terminal[jnp.arange(leaf.shape[0]), leaf]
-    tree, child = grow(tree, leaf, kind, reward, terminal, ~at_end, jnp.ones_like(at_end))
-    return tree, leaf, child
