@@ -22,7 +22,10 @@ SPRE rollout starts from. A call runs in two parts:
 
 Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
 recompile; the weights live in the decoder's serving layout (per-layer arrays, see
-`decoder.forward`).
+`decoder.forward`). The jitted programs belong to the (model config, mesh layout), not to a
+sampler (`_Programs`): the demo's stages each load a policy and make a sampler, and every one
+after the first re-traces nothing it already ran (tracing and lowering the unrolled 30-layer
+programs took about 75 s of a cold 13-minute `make quick`).
 
 Determinism: a row's output is meant to depend only on (its prompt, its seed, the sampling
 parameters) — never on the other rows, the cache length of the call, or what was cached.
@@ -64,8 +67,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.config import MeshConfig, SamplerConfig, bucket
-from reasonrag_jax.models.decoder import (ATTENTION_BLOCK, Decoder, KVCache, forward, logits,
-                                          unstack_layers)
+from reasonrag_jax.models.decoder import (ATTENTION_BLOCK, Decoder, DecoderConfig, KVCache,
+                                          forward, logits, unstack_layers)
 from reasonrag_jax.prefix_cache import PagePool, PrefixIndex, page_bytes
 from reasonrag_jax.sharding import (batch_spec, batch_ways, fitted_spec, global_array, make_mesh,
                                     state_shardings)
@@ -198,104 +201,52 @@ class _Group:
     pages: list[list[int]]
 
 
-class Sampler:
-    """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
+@functools.cache
+def _programs(model_cfg: DecoderConfig, pad_id: int, shardings: _Shardings, num_pages: int,
+              page_size: int) -> _Programs:
+    """The one `_Programs` of this layout in the process (the arguments are hashable)."""
+    return _Programs(model_cfg, pad_id, shardings, num_pages, page_size)
 
-    def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
-                 mesh: Mesh | None = None,
-                 rules: Sequence[tuple[str, Any]] | None = None):
-        self.config = cfg = config or SamplerConfig()
-        if cfg.cache_size % ATTENTION_BLOCK:
-            raise ValueError(f"sampler.cache_size {cfg.cache_size} must be a multiple of "
-                             f"{ATTENTION_BLOCK}")
-        if cfg.decode_chunk < 1:
-            raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
-        if cfg.prefill_tokens < MIN_CALL_TOKENS:
-            raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
-        self.tokenizer = tokenizer
-        self.graphdef = nnx.graphdef(model)
-        self.model_cfg = model.cfg
-        self.mesh = mesh or make_mesh(MeshConfig(shape={"data": 1}), jax.devices()[:1])
-        self.rules = MeshConfig().rules if rules is None else rules
-        self.row_multiple = batch_ways(self.mesh, self.rules)   # rows are padded to a multiple
-        self.slots = -(-cfg.max_batch // self.row_multiple) * self.row_multiple
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.rows = NamedSharding(self.mesh, batch_spec(self.rules, 1))
-        self.rows_2d = NamedSharding(self.mesh, batch_spec(self.rules, 2))
-        self.rows_3d = NamedSharding(self.mesh, batch_spec(self.rules, 3))
-        self.cache_sharding = self._cache_sharding()
-        self.params = self._place_params(model)
-        self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
-        self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.compilations = 0   # traced programs (tests assert no recompiles inside a bucket)
-        self.stats = SamplerStats()
-        self._scratch: dict[tuple[int, int], KVCache] = {}   # a call's prefill caches, reused
-        num_pages = cfg.prefix_cache_mb * 2**20 // page_bytes(model.cfg, cfg.page_size)
-        self.index = PrefixIndex(num_pages, cfg.page_size) if num_pages else None
-        rows, rows_2d, rows_3d, cache, replicated = (
-            self.rows, self.rows_2d, self.rows_3d, self.cache_sharding, self.replicated)
-        pool = self._pool_sharding()
-        self.pool = (jax.jit(functools.partial(PagePool.init, model.cfg, num_pages, cfg.page_size),
-                             out_shardings=pool)() if num_pages else None)
-        self._new_cache = jax.jit(functools.partial(KVCache.init, self.model_cfg),
-                                  static_argnums=(0, 1), out_shardings=cache)
-        self._load = jax.jit(lambda pool, cache, pages: pool.load(cache, pages),
-                             donate_argnums=(1,), out_shardings=cache)
-        self._store = jax.jit(lambda pool, cache, rows, starts, pages:
-                              pool.store(cache, rows, starts, pages),
-                              donate_argnums=(0,), out_shardings=pool)
-        self._extend = jax.jit(self._extend_fn, donate_argnums=(1, 2),
-                               out_shardings=(cache, rows_3d))
-        self._admit = jax.jit(self._admit_fn, donate_argnums=(1, 2),
-                              out_shardings=(cache, rows_2d))
-        self._decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
-                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
-                                                          replicated), replicated, replicated))
-        self._logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
 
-    def _cache_sharding(self) -> KVCache:
-        """Rows over the batch axes, KV heads over the tensor axis where they divide it; the
-        slot axis (None) is never sharded, as a decode step writes one slot of every row."""
-        cfg = self.model_cfg
-        names = (("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim"))
-        shape = (self.row_multiple, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
-        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
-                for n in names)
-        return KVCache(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
+class _Shardings(NamedTuple):
+    """Where a sampler's arrays live: rows split over the batch shards ([rows], [rows, x],
+    [rows, x, y]), replicated values, the KV cache and the page pool."""
+    rows: NamedSharding
+    rows_2d: NamedSharding
+    rows_3d: NamedSharding
+    replicated: NamedSharding
+    cache: KVCache
+    pool: PagePool
 
-    def _pool_sharding(self) -> PagePool:
-        """Pages replicated over the batch axes (any row may read any page), KV heads over the
-        tensor axis as in the cache."""
-        cfg = self.model_cfg
-        shape = (1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
-        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
-                for n in ((None, "kv_heads", "head_dim", None), (None, "kv_heads", None,
-                                                                 "head_dim")))
-        return PagePool(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
 
-    def _place_rows(self, x: np.ndarray) -> jax.Array:
-        """A host array whose leading axis is rows, split over the batch shards."""
-        return global_array(x, NamedSharding(self.mesh, batch_spec(self.rules, np.ndim(x))))
+class _Programs:
+    """A sampler's jitted device programs, for one model config and mesh layout. They hold no
+    weights (params are arguments), so samplers of every policy of that architecture share
+    them, and with them JAX's trace and compile caches."""
 
-    def _place_params(self, model: Decoder) -> dict[str, Any]:
-        """The model's weights in the serving layout, each layer's arrays sharded like the
-        stacked training parameter they come from (its spec minus the `layers` axis)."""
-        stacked = state_shardings(nnx.state(model, nnx.Param), self.mesh, self.rules)
-        params = unstack_layers(model.params())
-        per_layer = {n: NamedSharding(self.mesh, PartitionSpec(*stacked[n].spec[1:]))
-                     for n in params["layers"][0]}
-        shardings = {**{n: stacked[n] for n in params if n != "layers"},
-                     "layers": tuple(per_layer for _ in params["layers"])}
-        return jax.tree.map(global_array, params, shardings)
+    def __init__(self, model_cfg: DecoderConfig, pad_id: int, shardings: _Shardings,
+                 num_pages: int, page_size: int):
+        self.model_cfg, self.pad_id = model_cfg, pad_id
+        self.compilations = 0   # programs traced
+        rows, rows_2d, rows_3d, replicated, cache, pool = shardings
+        self.new_pool = jax.jit(functools.partial(PagePool.init, model_cfg, num_pages, page_size),
+                                out_shardings=pool)
+        self.new_cache = jax.jit(functools.partial(KVCache.init, model_cfg),
+                                 static_argnums=(0, 1), out_shardings=cache)
+        self.load = jax.jit(lambda pool, cache, pages: pool.load(cache, pages),
+                            donate_argnums=(1,), out_shardings=cache)
+        self.store = jax.jit(lambda pool, cache, rows, starts, pages:
+                             pool.store(cache, rows, starts, pages),
+                             donate_argnums=(0,), out_shardings=pool)
+        self.extend = jax.jit(self._extend_fn, donate_argnums=(1, 2),
+                              out_shardings=(cache, rows_3d))
+        self.admit = jax.jit(self._admit_fn, donate_argnums=(1, 2),
+                             out_shardings=(cache, rows_2d))
+        self.decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
+                              out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
+                                                         replicated), replicated, replicated))
+        self.logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
 
-    def update_params(self, state: nnx.State) -> None:
-        """Swap in new weights of the same shapes (no recompilation); cached KV is dropped."""
-        self.params = self._place_params(nnx.merge(self.graphdef, state))
-        if self.index is not None:
-            self.index.clear()
-
-    # ------------------------------------------------------------------ device programs
     def _extend_fn(self, params, cache, out, tokens, positions, take, keep):
         """Rows' next tokens at `positions` into `cache`; where `keep`, `out` gets the hidden
         states at call indices `take` [B, W] (the positions whose logits the caller wants)."""
@@ -349,6 +300,97 @@ class Sampler:
         self.compilations += 1
         lp = jax.nn.log_softmax(logits(self.model_cfg, params, hidden))
         return jnp.sum(jnp.take_along_axis(lp, targets[:, :, None], axis=-1)[..., 0] * mask, -1)
+
+
+class Sampler:
+    """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
+
+    def __init__(self, model: Decoder, tokenizer: Any, config: SamplerConfig | None = None,
+                 mesh: Mesh | None = None,
+                 rules: Sequence[tuple[str, Any]] | None = None):
+        self.config = cfg = config or SamplerConfig()
+        if cfg.cache_size % ATTENTION_BLOCK:
+            raise ValueError(f"sampler.cache_size {cfg.cache_size} must be a multiple of "
+                             f"{ATTENTION_BLOCK}")
+        if cfg.decode_chunk < 1:
+            raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
+        if cfg.prefill_tokens < MIN_CALL_TOKENS:
+            raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
+        self.tokenizer = tokenizer
+        self.graphdef = nnx.graphdef(model)
+        self.model_cfg = model.cfg
+        self.mesh = mesh or make_mesh(MeshConfig(shape={"data": 1}), jax.devices()[:1])
+        self.rules = MeshConfig().rules if rules is None else rules
+        self.row_multiple = batch_ways(self.mesh, self.rules)   # rows are padded to a multiple
+        self.slots = -(-cfg.max_batch // self.row_multiple) * self.row_multiple
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.rows = NamedSharding(self.mesh, batch_spec(self.rules, 1))
+        self.rows_2d = NamedSharding(self.mesh, batch_spec(self.rules, 2))
+        self.rows_3d = NamedSharding(self.mesh, batch_spec(self.rules, 3))
+        self.cache_sharding = self._cache_sharding()
+        self.params = self._place_params(model)
+        self.eos_ids = {i for i in (tokenizer.eos_token_id, model.cfg.eos_token_id) if i is not None}
+        self.max_eos = max(1, len(self.eos_ids))   # EOS ids are an argument: fixed shape
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.stats = SamplerStats()
+        self._scratch: dict[tuple[int, int], KVCache] = {}   # a call's prefill caches, reused
+        num_pages = cfg.prefix_cache_mb * 2**20 // page_bytes(model.cfg, cfg.page_size)
+        self.index = PrefixIndex(num_pages, cfg.page_size) if num_pages else None
+        self.programs = _programs(self.model_cfg, self.pad_id, _Shardings(
+            self.rows, self.rows_2d, self.rows_3d, self.replicated, self.cache_sharding,
+            self._pool_sharding()), num_pages, cfg.page_size)
+        self.pool = self.programs.new_pool() if num_pages else None
+        self._new_cache = self.programs.new_cache
+        self._load, self._store = self.programs.load, self.programs.store
+        self._extend, self._admit = self.programs.extend, self.programs.admit
+        self._decode, self._logprobs = self.programs.decode, self.programs.logprobs
+
+    @property
+    def compilations(self) -> int:
+        """Programs traced so far by the samplers of this layout (tests assert no recompiles
+        inside a bucket)."""
+        return self.programs.compilations
+
+    def _cache_sharding(self) -> KVCache:
+        """Rows over the batch axes, KV heads over the tensor axis where they divide it; the
+        slot axis (None) is never sharded, as a decode step writes one slot of every row."""
+        cfg = self.model_cfg
+        names = (("batch", "kv_heads", "head_dim", None), ("batch", "kv_heads", None, "head_dim"))
+        shape = (self.row_multiple, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
+                for n in names)
+        return KVCache(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
+
+    def _pool_sharding(self) -> PagePool:
+        """Pages replicated over the batch axes (any row may read any page), KV heads over the
+        tensor axis as in the cache."""
+        cfg = self.model_cfg
+        shape = (1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+        k, v = (NamedSharding(self.mesh, fitted_spec(n, shape, self.mesh, self.rules))
+                for n in ((None, "kv_heads", "head_dim", None), (None, "kv_heads", None,
+                                                                 "head_dim")))
+        return PagePool(k=(k,) * cfg.num_layers, v=(v,) * cfg.num_layers)
+
+    def _place_rows(self, x: np.ndarray) -> jax.Array:
+        """A host array whose leading axis is rows, split over the batch shards."""
+        return global_array(x, NamedSharding(self.mesh, batch_spec(self.rules, np.ndim(x))))
+
+    def _place_params(self, model: Decoder) -> dict[str, Any]:
+        """The model's weights in the serving layout, each layer's arrays sharded like the
+        stacked training parameter they come from (its spec minus the `layers` axis)."""
+        stacked = state_shardings(nnx.state(model, nnx.Param), self.mesh, self.rules)
+        params = unstack_layers(model.params())
+        per_layer = {n: NamedSharding(self.mesh, PartitionSpec(*stacked[n].spec[1:]))
+                     for n in params["layers"][0]}
+        shardings = {**{n: stacked[n] for n in params if n != "layers"},
+                     "layers": tuple(per_layer for _ in params["layers"])}
+        return jax.tree.map(global_array, params, shardings)
+
+    def update_params(self, state: nnx.State) -> None:
+        """Swap in new weights of the same shapes (no recompilation); cached KV is dropped."""
+        self.params = self._place_params(nnx.merge(self.graphdef, state))
+        if self.index is not None:
+            self.index.clear()
 
     # ------------------------------------------------------------------ prefill
     def _recycle(self, cache: KVCache) -> None:

@@ -19,6 +19,7 @@ from flax import nnx
 from conftest import TINY
 from reasonrag_jax.config import SamplerConfig
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
+from reasonrag_jax import sampling
 from reasonrag_jax.sampling import Sampler, SamplingParams, call_length, row_keys, seed_words
 
 
@@ -213,7 +214,9 @@ def test_score_is_the_summed_continuation_logprob(model, sampler):
     assert got.shape == (2, 3) and got[0, 2] == -np.inf     # ragged rows padded with -inf
 
 
-def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_cfg):
+def test_no_recompile_inside_a_bucket_after_update_params_or_in_a_new_sampler(model,
+                                                                            tiny_llama_cfg):
+    sampling._programs.cache_clear()                   # earlier tests traced this layout too
     s = Sampler(model, CharTokenizer(), CONFIG)
     params = SamplingParams(max_new_tokens=8, temperature=0.7)
     s.generate(PROMPTS[:3], params, [0, 1, 2])
@@ -227,8 +230,10 @@ def test_no_recompile_inside_a_bucket_and_after_update_params(model, tiny_llama_
     after = s.generate(PROMPTS[:3], params, [0, 1, 2])
     assert s.compilations == compiled
     fresh = Sampler(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(4)), CharTokenizer(), CONFIG)
+    traced = fresh.compilations
     assert [c[0].token_ids for c in after] == [
         c[0].token_ids for c in fresh.generate(PROMPTS[:3], params, [0, 1, 2])]
+    assert fresh.compilations == traced                # another sampler traces nothing again
 
 
 def sampler_outputs(mesh=None) -> dict:

@@ -8,7 +8,7 @@ from reasonrag_jax.io import InputError
 from reasonrag_jax.config import bucket
 from reasonrag_jax.train.data import (batch_arrays, encode_pairs, encode_sft,
                                       read_pairs, read_sft, truncate)
-from reasonrag_jax.train.trainer import batch_rows
+from reasonrag_jax.train.trainer import batch_rows, fitted_batch_size
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,16 @@ def test_buckets_and_batches(tokenizer):
     rows = np.concatenate([batch_rows(s, 5, 2, 0) for s in range(3)])
     assert len(rows) == 6 and set(rows[:5].tolist()) == {0, 1, 2, 3, 4}
     np.testing.assert_array_equal(batch_rows(4, 5, 2, 0), batch_rows(4, 5, 2, 0))
+
+
+def test_a_batch_never_repeats_a_unit_when_there_are_fewer_units_than_a_batch():
+    assert fitted_batch_size(4, 1, 2) == 2                 # 2 pairs: one step of 2, not [a b a b]
+    assert fitted_batch_size(8, 2, 3) == 4                 # 2 micro-batches (or shards) of 2
+    assert fitted_batch_size(8, 4, 3) == 4
+    assert fitted_batch_size(4, 1, 10) == 4                # enough units: the configured batch
+    assert fitted_batch_size(8, 8, 3) == 8
+    rows = batch_rows(0, 2, fitted_batch_size(4, 1, 2), 0)
+    assert sorted(rows.tolist()) == [0, 1]
 
 
 def test_length_grouped_batches_cover_the_epoch_with_similar_lengths():

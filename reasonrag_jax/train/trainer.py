@@ -87,6 +87,15 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int,
     return order[k * batch_size:(k + 1) * batch_size]
 
 
+def fitted_batch_size(batch_size: int, multiple: int, n_units: int) -> int:
+    """`batch_size`, or with fewer training units than that, the fewest rows that hold them all
+    and still split into the step's micro-batches over the batch shards (a multiple of
+    `multiple`). A full batch of a few units would wrap (`batch_rows`): every repeated unit is
+    computed again and counts twice in the mean. The quick demo's DPO stage on 2 pairs at
+    `batch_size` 4 took 44 s, at 2 rows 33 s (AVX2 EPYC, 2026-12-01)."""
+    return min(batch_size, -(-n_units // multiple) * multiple)
+
+
 def split_units(n_units: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training units, held-out units), each sorted: ⌈fraction · n_units⌉ units held out by a
     permutation seeded by `seed` alone, so the split is the same for any batch size, mesh or
@@ -363,9 +372,14 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     del model
     data = load_data(tokenizer, data_path, objective, tc.max_length)
     train_units, val_units = split_units(data.n_units, tc.val_fraction, tc.seed)
-    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / tc.batch_size)
     mesh = make_mesh(cfg.mesh)
     _check_batching(cfg, mesh)
+    rows = fitted_batch_size(tc.batch_size, tc.grad_accum * batch_ways(mesh, cfg.mesh.rules),
+                             len(train_units))
+    if rows != tc.batch_size:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, batch_size=rows))
+        tc = cfg.train
+    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / tc.batch_size)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
