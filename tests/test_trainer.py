@@ -237,6 +237,22 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_policy):
     assert record["step"] == bad - 1 and record["config"]["train"]["learning_rate"] == 1e30
 
 
+def test_fewer_pairs_than_a_batch_train_each_pair_once_a_step(tmp_path, tiny_policy,
+                                                               monkeypatch):
+    batches = []
+
+    def spy(*args, **kwargs):
+        batches.append(real(*args, **kwargs))
+        return batches[-1]
+
+    real = trainer.batch_rows
+    monkeypatch.setattr(trainer, "batch_rows", spy)
+    cfg = tiny_config(batch_size=8, max_steps=0, epochs=2)
+    trainer.run_train(cfg, write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "few",
+                      str(tiny_policy))
+    assert [sorted(b.tolist()) for b in batches] == [list(range(len(PAIRS)))] * 2
+
+
 def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     records = tmp_path / "sft.jsonl"
     records.write_text("".join(json.dumps({"instruction": p["instruction"], "input": p["input"],

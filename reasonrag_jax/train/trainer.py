@@ -374,19 +374,18 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     train_units, val_units = split_units(data.n_units, tc.val_fraction, tc.seed)
     mesh = make_mesh(cfg.mesh)
     _check_batching(cfg, mesh)
-    rows = fitted_batch_size(tc.batch_size, tc.grad_accum * batch_ways(mesh, cfg.mesh.rules),
-                             len(train_units))
-    if rows != tc.batch_size:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, batch_size=rows))
-        tc = cfg.train
-    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / tc.batch_size)
+    # The configured batch size stays in the config (and so in checkpoints and resume checks).
+    step_rows = fitted_batch_size(tc.batch_size,
+                                  tc.grad_accum * batch_ways(mesh, cfg.mesh.rules),
+                                  len(train_units))
+    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / step_rows)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         ckpt.write_policy_card(out, decoder_cfg, tokenizer, str(base))
     log.info("%s: %d examples (%d truncated to %d tokens, %d held out), %d steps of %d, mesh %s",
              objective, data.n_units, data.encoded.truncated, tc.max_length, len(val_units),
-             total, tc.batch_size, dict(mesh.shape))
+             total, step_rows, dict(mesh.shape))
 
     optimizer = make_optimizer(tc, total)
     place = placement(mesh, cfg.mesh.rules, state, optimizer)
@@ -406,7 +405,7 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
                                                 val_units.tolist())
     step_fn = make_train_step(graphdef, optimizer, tc, objective, place)
     _loop(cfg, out, objective, data, val, logps_fn, place, step_fn, mngr, params, opt_state,
-          start, total)
+          start, total, step_rows)
     if lead:
         plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
     return out
@@ -431,9 +430,10 @@ def evaluate(logps_fn: Any, params: Any, val: TrainData, tc: TrainConfig, object
 
 def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainData | None,
           logps_fn: Any, place: Placement, step_fn: Any, mngr: ocp.CheckpointManager,
-          params: Any, opt_state: Any, start: int, total: int) -> None:
-    """Steps `start`..`total`: batch, step, NaN check, held-out eval (periodic saves and the last
-    step), log, save; a SIGTERM / Ctrl-C saves the step in flight and stops (KeyboardInterrupt)."""
+          params: Any, opt_state: Any, start: int, total: int, step_rows: int) -> None:
+    """Steps `start`..`total` of `step_rows` rows: batch, step, NaN check, held-out eval (periodic
+    saves and the last step), log, save; a SIGTERM / Ctrl-C saves the step in flight and stops
+    (KeyboardInterrupt)."""
     tc = cfg.train
     lead = jax.process_index() == 0
     lr = lr_schedule(tc, total)
@@ -452,7 +452,7 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainDat
     try:
         for s in bar:
             began = time.perf_counter()
-            rows = batch_rows(s, data.n_units, tc.batch_size, tc.seed, data.encoded.lengths)
+            rows = batch_rows(s, data.n_units, step_rows, tc.seed, data.encoded.lengths)
             tokens, segments = batch_arrays(data.encoded, rows, tc.length_buckets)
             ref_lp = data.ref[rows] if data.ref is not None else \
                 np.zeros((len(rows), data.encoded.completions), np.float32)
