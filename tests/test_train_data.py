@@ -107,9 +107,10 @@ def test_buckets_and_batches(tokenizer):
     np.testing.assert_array_equal(batch_rows(4, 5, 2, 0), batch_rows(4, 5, 2, 0))
 
 
-def test_a_batch_never_repeats_a_unit_when_there_are_fewer_units_than_a_batch():
+def test_a_batch_shrinks_to_the_units_when_there_are_fewer_than_a_batch():
     assert fitted_batch_size(4, 1, 2) == 2                 # 2 pairs: one step of 2, not [a b a b]
-    assert fitted_batch_size(8, 2, 3) == 4                 # 2 micro-batches (or shards) of 2
+    assert fitted_batch_size(8, 2, 3) == 4                 # 2 micro-batches (or shards) of 2:
+                                                           # one unit still fills the 4th row
     assert fitted_batch_size(8, 4, 3) == 4
     assert fitted_batch_size(4, 1, 10) == 4                # enough units: the configured batch
     assert fitted_batch_size(8, 8, 3) == 8

@@ -90,9 +90,10 @@ def batch_rows(step: int, n_units: int, batch_size: int, seed: int,
 def fitted_batch_size(batch_size: int, multiple: int, n_units: int) -> int:
     """`batch_size`, or with fewer training units than that, the fewest rows that hold them all
     and still split into the step's micro-batches over the batch shards (a multiple of
-    `multiple`). A full batch of a few units would wrap (`batch_rows`): every repeated unit is
-    computed again and counts twice in the mean. The quick demo's DPO stage on 2 pairs at
-    `batch_size` 4 took 44 s, at 2 rows 33 s (AVX2 EPYC, 2026-12-01)."""
+    `multiple`; only to fill that multiple does a unit repeat). A full batch of a few units
+    would wrap (`batch_rows`): every repeated unit is computed again and counts twice in the
+    mean. The quick demo's DPO stage on 2 pairs at `batch_size` 4 took 44 s, at 2 rows 33 s
+    (AVX2 EPYC, 2026-12-01)."""
     return min(batch_size, -(-n_units // multiple) * multiple)
 
 
