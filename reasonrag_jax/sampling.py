@@ -201,13 +201,6 @@ class _Group:
     pages: list[list[int]]
 
 
-@functools.cache
-def _programs(model_cfg: DecoderConfig, pad_id: int, shardings: _Shardings, num_pages: int,
-              page_size: int) -> _Programs:
-    """The one `_Programs` of this layout in the process (the arguments are hashable)."""
-    return _Programs(model_cfg, pad_id, shardings, num_pages, page_size)
-
-
 class _Shardings(NamedTuple):
     """Where a sampler's arrays live: rows split over the batch shards ([rows], [rows, x],
     [rows, x, y]), replicated values, the KV cache and the page pool."""
@@ -302,6 +295,9 @@ class _Programs:
         return jnp.sum(jnp.take_along_axis(lp, targets[:, :, None], axis=-1)[..., 0] * mask, -1)
 
 
+_programs = functools.cache(_Programs)   # one `_Programs` per layout in the process
+
+
 class Sampler:
     """Text in, completions out, for any `Decoder`; see the module docstring for the design."""
 
@@ -340,10 +336,6 @@ class Sampler:
             self.rows, self.rows_2d, self.rows_3d, self.replicated, self.cache_sharding,
             self._pool_sharding()), num_pages, cfg.page_size)
         self.pool = self.programs.new_pool() if num_pages else None
-        self._new_cache = self.programs.new_cache
-        self._load, self._store = self.programs.load, self.programs.store
-        self._extend, self._admit = self.programs.extend, self.programs.admit
-        self._decode, self._logprobs = self.programs.decode, self.programs.logprobs
 
     @property
     def compilations(self) -> int:
@@ -441,7 +433,7 @@ class Sampler:
         cfg, p = self.config, self.config.page_size
         started = time.perf_counter()
         b = self._rows_bucket(len(group.rows))
-        cache = self._scratch.pop((b, size), None) or self._new_cache(b, size)
+        cache = self._scratch.pop((b, size), None) or self.programs.new_cache(b, size)
         if any(group.pages):
             # Few table widths (few programs); a padded entry copies a page past the row's
             # prefix, into slots its own tokens overwrite before anything reads them.
@@ -450,7 +442,7 @@ class Sampler:
             table = np.zeros((b, width), np.int32)
             for r, pages in enumerate(group.pages):
                 table[r, :len(pages)] = pages
-            cache = self._load(self.pool, cache, self._place_rows(table))
+            cache = self.programs.load(self.pool, cache, self._place_rows(table))
             self.index.release([x for pages in group.pages for x in pages])
         start = [len(pages) * p for pages in group.pages] + [0] * (b - len(group.rows))
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
@@ -482,7 +474,7 @@ class Sampler:
                 self.stats.computed_tokens += n
                 self.stats.padded_tokens += t - n
                 start[r] += n
-            cache, out = self._extend(self.params, cache, out, *map(
+            cache, out = self.programs.extend(self.params, cache, out, *map(
                 self._place_rows, (tokens, positions, take, keep)))
         if self.index is not None:
             stores = self.index.allocate([(t, len(pg), len(t) // p)
@@ -494,8 +486,8 @@ class Sampler:
                 pages[:] = self.index.num_pages          # padding: past the pool, dropped
                 rows[:len(entries)], starts[:len(entries)], pages[:len(entries)] = \
                     np.asarray(entries, np.int32).T
-                self.pool = self._store(self.pool, cache, *map(self._replicate,
-                                                               (rows, starts, pages)))
+                self.pool = self.programs.store(self.pool, cache, *map(
+                    self._replicate, (rows, starts, pages)))
         jax.block_until_ready(out)
         self.stats.prefill_s += time.perf_counter() - started
         return cache, out
@@ -542,7 +534,7 @@ class Sampler:
         slots as rows finish; fills `results[i][j]`."""
         d = self.slots
         place, replicate = self._place_rows, self._replicate
-        state = DecodeState(self._new_cache(d, size),
+        state = DecodeState(self.programs.new_cache(d, size),
                             place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
                             None, None, None)
         owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
@@ -568,7 +560,7 @@ class Sampler:
             words = global_array(seed_words(seed_of, sample_of),
                                  NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
             started = time.perf_counter()
-            state, tok, lp = self._decode(
+            state, tok, lp = self.programs.decode(
                 self.config.decode_chunk, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
                 words, knobs)
@@ -618,8 +610,8 @@ class Sampler:
                     slots[k], parent[k] = slot, r
                     placed.append((slot, request, len(prompts[row])))
                     k += 1
-            new_cache, last = self._admit(self.params, state.cache, state.logits, cache, hidden,
-                                          *map(self._replicate, (slots, parent)))
+            new_cache, last = self.programs.admit(self.params, state.cache, state.logits, cache,
+                                                  hidden, *map(self._replicate, (slots, parent)))
             state = state._replace(cache=new_cache, logits=last)
             self._recycle(cache)
         return state, placed
@@ -692,8 +684,8 @@ class Sampler:
                 mask[r, :len(c)] = 1.0
             if b_head > b:
                 hidden = jnp.pad(hidden, ((0, b_head - b), (0, 0), (0, 0)))
-            sums = np.asarray(self._logprobs(self.params, hidden,
-                                             *map(self._place_rows, (targets, mask))))
+            sums = np.asarray(self.programs.logprobs(self.params, hidden,
+                                                     *map(self._place_rows, (targets, mask))))
             for r, row in enumerate(group.rows):
                 scores[rows[row][0], rows[row][1]] = sums[r]
             self.stats.score_rows += len(group.rows)
