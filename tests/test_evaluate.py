@@ -108,6 +108,14 @@ def test_run_eval_wiring_and_settings_guard(tmp_path, monkeypatch):
     assert summary == approx(EXPECTED) and loaded == ["ckpt"]
     assert E.run_eval(cfg, dataset, tmp_path / "index", "ckpt", tmp_path / "out") == summary
     assert loaded == ["ckpt"]                   # resumed with nothing left: no model loaded
+    monkeypatch.chdir(tmp_path)                 # a local checkpoint: relative == absolute
+    (tmp_path / "local").mkdir()
+    E.run_eval(cfg, dataset, tmp_path / "index", "local", tmp_path / "out2")
+    marker = tmp_path / "out2" / "run.json"     # as written before: the path as given
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "policy": "local"}))
+    for spec in (str(tmp_path / "local"), "local"):
+        assert E.run_eval(cfg, dataset, tmp_path / "index", spec, "out2") == summary
+    assert loaded == ["ckpt", "local"]
     with pytest.raises(InputError, match="other settings"):
         E.run_eval(cfg, dataset, tmp_path / "index", "other", tmp_path / "out")
 

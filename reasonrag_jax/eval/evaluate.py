@@ -106,6 +106,19 @@ def evaluate(runner: EpisodeRunner | None, examples: Sequence[QAExample], out: P
 
 
 
+def _policy_identity(policy: str) -> str:
+    """A local checkpoint by its absolute path, so a relative and an absolute `--out` resume
+    the same run; a model name (e.g. `embedded`) as written."""
+    return str(Path(policy).resolve()) if Path(policy).exists() else str(policy)
+
+
+def _stored_run(marker: Path) -> dict[str, Any]:
+    """The run a marker describes; markers written before `_policy_identity` hold the policy
+    relative to the working directory."""
+    run = json.loads(marker.read_text())
+    return {**run, "policy": _policy_identity(run["policy"])}
+
+
 def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None,
              out: Path) -> dict[str, Any]:
     """Evaluate `checkpoint` (default `cfg.model.policy`) on `dataset`; returns the summary."""
@@ -114,9 +127,9 @@ def run_eval(cfg: Config, dataset: Path, index_dir: Path, checkpoint: str | None
     policy = checkpoint or cfg.model.policy
     agent = {k: v for k, v in dataclasses.asdict(cfg.agent).items() if k != "batch_size"}
     run = {"dataset": str(dataset.resolve()), "index": str(Path(index_dir).resolve()),
-           "policy": str(policy), "agent": agent, "seed": cfg.seed}
+           "policy": _policy_identity(policy), "agent": agent, "seed": cfg.seed}
     marker, done = out / "run.json", resume_keys(out / "traces.jsonl", "id")
-    if done and marker.exists() and json.loads(marker.read_text()) != run:
+    if done and marker.exists() and _stored_run(marker) != run:
         raise InputError(f"{out}: holds traces of a run with other settings (see {marker}); "
                          "use another --out")
     if lead_process():
