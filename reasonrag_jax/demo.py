@@ -217,7 +217,8 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
         with stage(f"eval {row}", timings, timings_path):
             run_eval(cfg, data["test"], index, ckpts[row], out / "eval" / row.lower())
 
-    scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower())
+    scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower(),
+                                cfg.agent.max_retrievals)
               for row in ROWS if row in ckpts}
     results = summarize(scores, demo.resamples)
     results.update(pairs=budget, pairs_found=found, pair_overlap=overlap, pair_mix=mix,
@@ -231,13 +232,14 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     return results
 
 
-def per_question(examples: list[Any], eval_dir: Path) -> dict[str, Any]:
+def per_question(examples: list[Any], eval_dir: Path, cap: int) -> dict[str, Any]:
     """Per-question scores of one eval run, in `examples` order: metric → list, and hop
-    counts and retrievals alongside."""
+    counts, retrievals and whether the search ran to the retrieval `cap` alongside."""
     rows = {o["id"]: o for _, o in read_jsonl(eval_dir / "traces.jsonl")}
     ordered = [rows[ex.id] for ex in examples]
     out: dict[str, Any] = {m: [r["metrics"][m] for r in ordered] for m in METRICS}
     out["retrievals"] = [r["retrievals"] for r in ordered]
+    out["capped"] = [r["retrievals"] >= cap for r in ordered]
     out["hops"] = [r.get("hops") for r in ordered]
     return out
 
@@ -256,6 +258,7 @@ def summarize(scores: dict[str, dict[str, Any]], resamples: int) -> dict[str, An
         entry["by_hops"] = {str(h): {m: _ci([v for v, k in zip(s[m], s["hops"]) if k == h],
                                             resamples) for m in ("em", "retrievals")}
                             for h in hops}
+        entry["stopping"] = {h: _stopping(s, h) for h in ("all", *map(str, hops))}
         methods[row] = entry
     diffs = {f"{a}-{b}": {m: dataclasses.asdict(paired_ci(scores[a][m], scores[b][m],
                                                           resamples=resamples))
@@ -263,6 +266,15 @@ def summarize(scores: dict[str, dict[str, Any]], resamples: int) -> dict[str, An
              for a, b in DIFFERENCES if a in scores and b in scores}
     n = len(next(iter(scores.values()))["em"]) if scores else 0
     return {"questions": n, "methods": methods, "differences": diffs}
+
+
+def _stopping(s: dict[str, Any], hops: str) -> dict[str, float]:
+    """The stop/continue decision in aggregate: the share of questions answered without a
+    retrieval and the share whose search ran to the cap (a forced answer)."""
+    rows = [i for i, h in enumerate(s["hops"]) if hops == "all" or str(h) == hops]
+    n = max(len(rows), 1)
+    return {"at_once": sum(s["retrievals"][i] == 0 for i in rows) / n,
+            "at_cap": sum(bool(s["capped"][i]) for i in rows) / n}
 
 
 def _cell(c: dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
@@ -292,6 +304,15 @@ def results_table(results: dict[str, Any]) -> str:
     for name, d in results["differences"].items():
         lines.append(f"| {name.replace('-', ' − ')} | " + " | ".join(
             [_cell(d[k]) for k in METRICS] + [_cell(d["retrievals"], 1.0, 2)]) + " |")
+    scopes = ["all", *hops]
+    lines += ["", "| Answered at once / at the retrieval cap (%) | "
+              + " | ".join(h if h == "all" else f"{h}-hop" for h in scopes) + " |",
+              "|" + "---|" * (len(scopes) + 1)]
+    for row in (r for r in ROWS if r in methods):
+        stop = methods[row]["stopping"]
+        lines.append(f"| {row} | " + " | ".join(
+            f"{100 * stop[h]['at_once']:.0f} / {100 * stop[h]['at_cap']:.0f}" for h in scopes)
+            + " |")
     mix, overlap = results.get("pair_mix", {}), results.get("pair_overlap", {})
     lr = results.get("learning_rate")
     lines += ["", f"{results['questions']} held-out synthetic test questions, greedy decoding; "

@@ -24,13 +24,17 @@ def test_demo_splits_are_disjoint(tmp_path):
 def test_table_has_intervals_and_paired_differences(tmp_path):
     # 4 questions (hops 1, 1, 2, 2). EM: Base 0 0 0 0, SFT 1 0 0 0, ORL 1 0 1 0, PRL 1 1 1 0.
     em = {"Base": [0, 0, 0, 0], "SFT": [1, 0, 0, 0], "ORL": [1, 0, 1, 0], "PRL": [1, 1, 1, 0]}
-    scores = {row: {"em": v, "f1": v, "acc": v, "retrievals": [1, 1, 2, 2], "hops": [1, 1, 2, 2]}
-              for row, v in em.items()}
+    scores = {row: {"em": v, "f1": v, "acc": v, "retrievals": [1, 1, 2, 2], "hops": [1, 1, 2, 2],
+                    "capped": [False, False, True, True]} for row, v in em.items()}
+    scores["Base"].update(retrievals=[0, 0, 0, 2], capped=[False, False, False, True])
     results = summarize(scores, resamples=500)
     assert results["questions"] == 4
     prl = results["methods"]["PRL"]
     assert prl["em"]["mean"] == 0.75 and prl["by_hops"]["1"]["em"]["mean"] == 1.0
     assert prl["by_hops"]["2"]["retrievals"]["mean"] == 2.0
+    assert results["methods"]["Base"]["stopping"] == {
+        "all": {"at_once": 0.75, "at_cap": 0.25}, "1": {"at_once": 1.0, "at_cap": 0.0},
+        "2": {"at_once": 0.5, "at_cap": 0.5}}
     # PRL − SFT per question: 0 1 1 0 → mean 0.5; a resample's mean lies in [0, 1]
     d = results["differences"]["PRL-SFT"]["em"]
     assert d["mean"] == 0.5 and 0.0 <= d["low"] <= 0.5 <= d["high"] <= 1.0
@@ -38,6 +42,8 @@ def test_table_has_intervals_and_paired_differences(tmp_path):
     table = results_table(results)
     assert "| PRL | 75.0 [" in table and "| PRL − ORL | 25.0 [" in table
     assert table.count("\n| ") >= 8                    # 4 rows + 3 differences + headers
+    assert "| Base | 75 / 25 | 100 / 0 | 50 / 50 |" in table
+    assert "| PRL | 0 / 50 | 0 / 0 | 0 / 100 |" in table
     json.dumps(results)                                # results.json is plain JSON
     plot_results(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
