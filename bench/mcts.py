@@ -92,8 +92,8 @@ def search_iteration(tree: T.Tree, leaf: np.ndarray, c_uct: jax.Array, rows: np.
     at_end = at_node[rows, leaf]
     valid = room & ~at_end
     kind = np.where(terminal, T.KINDS.index("answer"), T.KINDS.index("query")).astype(np.int32)
-    tree, child, leaf = T.grow(tree, leaf, kind, values, terminal, valid, room & at_end, c_uct)
-    child, leaf = jax.device_get((child, leaf))
+    tree, grown = T.grow(tree, leaf, kind, values, terminal, valid, room & at_end, c_uct)
+    child, leaf = np.asarray(grown)
     nodes += child >= 0
     at_node[rows[valid], child[valid]] = terminal[valid]
     return tree, leaf

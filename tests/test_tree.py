@@ -91,8 +91,8 @@ def iterations(tree, c, kinds, rewards, terminals):
     for kind, reward, terminal in zip(kinds, rewards, terminals):
         at_end = tree.terminal[jnp.arange(leaf.shape[0]), leaf]
         leaves.append(np.asarray(leaf))
-        tree, child, leaf = T.grow(tree, leaf, kind, reward, terminal, ~at_end,
-                                   jnp.ones_like(at_end), c)
+        tree, (child, leaf) = T.grow(tree, leaf, kind, reward, terminal, ~at_end,
+                                     jnp.ones_like(at_end), c)
         children.append(np.asarray(child))
     return tree, np.stack(leaves), np.stack(children)
 

@@ -25,7 +25,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -92,8 +91,8 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
             value[i], kind[i] = valuation.values[j], T.KINDS.index(ep.steps[-1].kind)
             terminal[i], valid[i] = ep.done, True
             rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
-        tree, child, leaf = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end, c_uct)
-        child, leaf = jax.device_get((child, leaf))
+        tree, grown = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end, c_uct)
+        child, leaf = np.asarray(grown)
         nodes += child >= 0
         for j, (i, ep) in enumerate(zip(grow, new)):
             table[i][int(child[i])] = ep

@@ -46,32 +46,33 @@ def init(batch: int, num_nodes: int, max_children: int) -> Tree:
                 num_nodes=jnp.ones((batch,), jnp.int32))
 
 
-def _per_tree(fn):
-    """vmap a single-tree function over the batch axis, then jit it."""
-    return jax.jit(jax.vmap(fn))
-
-
-def _one_select(t: Tree, c_uct: jax.Array) -> jax.Array:
-    """The node to expand: descend from the root while the node is non-terminal and has all C
-    children, to the child of highest UCT (unvisited first; first child on ties).
+@jax.jit
+def select(t: Tree, c_uct: jax.Array) -> jax.Array:
+    """The node to expand in every tree: descend from the root while the node is non-terminal
+    and has all C children, to the child of highest UCT (unvisited first; first child on ties).
 
     Standard UCT, as in the original code: a terminal (answer) child competes like any other,
     so a good answer keeps being chosen and the caller backs its own value up again, which
-    pulls its ancestors' values towards it instead of diluting them with the siblings' search."""
+    pulls its ancestors' values towards it instead of diluting them with the siblings' search.
+    Batched by hand like `backup`: the loop runs until the deepest descent ends, and trees
+    that stopped keep their node."""
+    rows = jnp.arange(t.parent.shape[0])
 
-    def descend(node):
-        return ~t.terminal[node] & jnp.all(t.children[node] >= 0)
+    def descending(node):
+        return ~t.terminal[rows, node] & jnp.all(t.children[rows, node] >= 0, axis=-1)
 
     def step(node):
-        kids = t.children[node]
-        safe = jnp.maximum(kids, 0)
-        n = jnp.maximum(t.visits[node], 1).astype(jnp.float32)
-        kv = t.visits[safe].astype(jnp.float32)
-        q = t.value_sum[safe] / jnp.maximum(kv, 1.0)
-        score = jnp.where(kv == 0, jnp.inf, q + c_uct * jnp.sqrt(jnp.log(n) / jnp.maximum(kv, 1.0)))
-        return kids[jnp.argmax(score)]            # every slot is filled here
+        kids = t.children[rows, node]                                   # [B, C], all filled
+        n = jnp.maximum(t.visits[rows, node], 1).astype(jnp.float32)[:, None]
+        kv = jnp.take_along_axis(t.visits, kids, axis=1).astype(jnp.float32)
+        q = jnp.take_along_axis(t.value_sum, kids, axis=1) / jnp.maximum(kv, 1.0)
+        score = jnp.where(kv == 0, jnp.inf,
+                          q + c_uct[:, None] * jnp.sqrt(jnp.log(n) / jnp.maximum(kv, 1.0)))
+        best = jnp.take_along_axis(kids, jnp.argmax(score, axis=1)[:, None], axis=1)[:, 0]
+        return jnp.where(descending(node), best, node)
 
-    return jax.lax.while_loop(descend, step, jnp.int32(ROOT))
+    return jax.lax.while_loop(lambda node: jnp.any(descending(node)), step,
+                              jnp.full(rows.shape, ROOT, jnp.int32))
 
 
 def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.Array]:
@@ -91,40 +92,44 @@ def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.
     return t, jnp.where(ok, node, -1)
 
 
-def _one_backup(t: Tree, node, value, valid) -> Tree:
-    """Add one visit and `value` to `node` and every ancestor.
+@jax.jit
+def backup(t: Tree, node: jax.Array, value: jax.Array, valid: jax.Array) -> Tree:
+    """Add one visit and `value` to `node` and every ancestor, in every tree where `valid`.
 
-    The loop walks parent pointers carrying only the node and an on-path mask; the statistics
-    are then updated in one vectorised add (a loop carrying the whole tree costs 3x more).
-    """
+    Written for the whole batch rather than vmapped: the loop carries only the B current nodes
+    and the two statistics arrays, and adds into one element per tree a step. A vmapped loop
+    re-selects its whole carry every step, and a loop that builds an on-path mask touches all N
+    nodes a step; both cost more at B = 256 (`bench/mcts.py`)."""
+    rows = jnp.arange(node.shape[0])
 
     def body(carry):
-        n, path = carry
-        return t.parent[n], path | (jnp.arange(path.shape[0]) == n)
+        n, visits, value_sum = carry
+        live, at = n >= 0, jnp.maximum(n, 0)
+        return (jnp.where(live, t.parent[rows, at], -1),
+                visits.at[rows, at].add(live.astype(jnp.int32)),
+                value_sum.at[rows, at].add(jnp.where(live, value, 0.0)))
 
-    start = jnp.where(valid, node, -1)
-    _, path = jax.lax.while_loop(lambda c: c[0] >= 0, body,
-                                 (start, jnp.zeros(t.parent.shape, bool)))
-    return t.replace(visits=t.visits + path.astype(jnp.int32),
-                     value_sum=t.value_sum + jnp.where(path, value, 0.0))
+    _, visits, value_sum = jax.lax.while_loop(
+        lambda carry: jnp.any(carry[0] >= 0), body,
+        (jnp.where(valid, node, -1), t.visits, t.value_sum))
+    return t.replace(visits=visits, value_sum=value_sum)
 
 
-# All arguments are batched: [B] per tree.
-select = _per_tree(_one_select)       # (tree, c_uct) -> node
-add_child = _per_tree(_one_add)       # (tree, parent, kind, reward, terminal, valid) -> tree, node
-backup = _per_tree(_one_backup)       # (tree, node, value, valid) -> tree
+# (tree, parent, kind, reward, terminal, valid), each [B] -> (tree, node [B])
+add_child = jax.jit(jax.vmap(_one_add))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def grow(tree: Tree, leaf, kind, reward, terminal, valid, revisit, c_uct
-         ) -> tuple[Tree, jax.Array, jax.Array]:
+         ) -> tuple[Tree, jax.Array]:
     """Everything between two expansions in one call, so a search iteration costs one dispatch
     and one host round trip: add each valid new child under its leaf, back up the child's
     reward — or, where a terminal leaf was selected again (`revisit`), that leaf's own reward —
-    then select the next leaf of every grown tree. → (tree, new child per tree or -1, next leaf)."""
+    then select the next leaf of every grown tree. → (tree, [2, B]: the new child per tree or
+    -1, and the next leaf), the two stacked so that they come to the host in one transfer."""
     tree, child = add_child(tree, leaf, kind, reward, terminal, valid)
     rows = jnp.arange(leaf.shape[0])
     node = jnp.where(child >= 0, child, leaf)
     tree = backup(tree, node, tree.reward[rows, node], (child >= 0) | revisit)
-    return tree, child, select(tree, c_uct)
+    return tree, jnp.stack([child, select(tree, c_uct)])
 
