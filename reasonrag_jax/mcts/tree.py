@@ -62,7 +62,7 @@ def select(t: Tree, c_uct: jax.Array) -> jax.Array:
         return ~t.terminal[rows, node] & jnp.all(t.children[rows, node] >= 0, axis=-1)
 
     def step(node):
-        kids = t.children[rows, node]                                   # [B, C], all filled
+        kids = t.children[rows, node]               # [B, C], all filled where descending
         n = jnp.maximum(t.visits[rows, node], 1).astype(jnp.float32)[:, None]
         kv = jnp.take_along_axis(t.visits, kids, axis=1).astype(jnp.float32)
         q = jnp.take_along_axis(t.value_sum, kids, axis=1) / jnp.maximum(kv, 1.0)
@@ -96,10 +96,10 @@ def _one_add(t: Tree, parent, kind, reward, terminal, valid) -> tuple[Tree, jax.
 def backup(t: Tree, node: jax.Array, value: jax.Array, valid: jax.Array) -> Tree:
     """Add one visit and `value` to `node` and every ancestor, in every tree where `valid`.
 
-    Written for the whole batch rather than vmapped: the loop carries only the B current nodes
-    and the two statistics arrays, and adds into one element per tree a step. A vmapped loop
-    re-selects its whole carry every step, and a loop that builds an on-path mask touches all N
-    nodes a step; both cost more at B = 256 (`bench/mcts.py`)."""
+    Written for the whole batch rather than vmapped: the loop carries the B current nodes and
+    the two statistics arrays and adds into one element per tree a step. A vmapped loop
+    re-selects its whole carry every step; the vmapped on-path-mask loop this replaces took
+    about 1.5x as long at B = 256 (`bench/mcts.py`)."""
     rows = jnp.arange(node.shape[0])
 
     def body(carry):
