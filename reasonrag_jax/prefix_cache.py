@@ -10,8 +10,10 @@ longest stored prefix, as vLLM's automatic prefix caching does.
 Two halves:
 - `PrefixIndex` (host): which page holds which prefix. A page of P tokens is keyed by a hash of
   (the key of the page before it, its P tokens), so a key names a whole prefix; a lookup walks a
-  prompt's pages in order and stops at the first one not stored. Only full pages are shared: a
-  prompt's last partial page is recomputed (at most P - 1 tokens).
+  prompt's pages in order and stops at the first one not stored. A prompt's last, partial page
+  is stored too, keyed by its m < P tokens: the next prompt of a guided step is the same prompt
+  plus a scaffold, and without its tail it would recompute up to P - 1 tokens of every scored
+  row and every generation after the choice (on the e2e bench, most of those calls' tokens).
 - `PagePool` (device): the pages themselves, with pure functions that copy a row's pages into a
   KV cache (`load`) and a cache row's full pages into the pool (`store`).
 
@@ -74,24 +76,41 @@ class PrefixIndex:
             out.append(prev)
         return out
 
-    def match(self, tokens: Sequence[int], max_pages: int) -> list[int]:
-        """Page ids of the longest stored prefix of `tokens`, at most `max_pages` pages, held
-        until `release`. Found pages become the most recently used, deepest first, so a
+    @staticmethod
+    def tail_key(prev: bytes, tokens: Sequence[int]) -> bytes:
+        """Key of a partial page: its tokens after the prefix named by `prev` (the key of the
+        full page before it, or b"" for the first page); never equal to a full page's key."""
+        return hashlib.blake2b(prev + np.asarray(tokens, np.int64).tobytes(), digest_size=16,
+                               person=b"tail").digest()
+
+    def match(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
+        """(page ids, tokens they hold) of the longest stored prefix of `tokens[:max_tokens]`:
+        full pages, then at most one partial page (the longest stored tail of the next page),
+        held until `release`. Found pages become the most recently used, deepest first, so a
         prefix's first pages outlive its later ones (a later page is useless without them)."""
-        found = []
-        for key in self.keys(tokens, max_pages):
+        p = self.page_size
+        found: list[tuple[bytes, int]] = []
+        for key in self.keys(tokens, min(max_tokens, len(tokens)) // p):
             page = self.pages.get(key)
             if page is None:
                 break
             found.append((key, page))
+        cached = len(found) * p
+        prev = found[-1][0] if found else b""
+        for m in range(min(p - 1, max_tokens - cached, len(tokens) - cached), 0, -1):
+            key = self.tail_key(prev, tokens[cached:cached + m])
+            if key in self.pages:
+                found.append((key, self.pages[key]))
+                cached += m
+                break
         for key, _ in reversed(found):
             self.pages.move_to_end(key)
-        self.hits += len(found) * self.page_size
+        self.hits += cached
         self.looked_up += len(tokens)
         pages = [page for _, page in found]
         for page in pages:
             self.refs[page] = self.refs.get(page, 0) + 1
-        return pages
+        return pages, cached
 
     def release(self, pages: Sequence[int]) -> None:
         """The pages of a `match` have been copied: they may be evicted again."""
@@ -109,19 +128,25 @@ class PrefixIndex:
                 return True
         return False
 
-    def allocate(self, rows: Sequence[tuple[Sequence[int], int, int]]
-                 ) -> list[list[tuple[int, int]]]:
-        """Pages for every row's full pages `first..count-1` (`rows`: (tokens, first, count))
-        that are not stored yet, evicting least recently used pages when none is free → per
-        row `[(page index in its tokens, page id)]`, for the caller to fill (`PagePool.store`)
-        before anything else reads the pool. Pages handed out by this call are never evicted by
-        it (one store must not write a page twice); past that budget the rest is not stored."""
+    def allocate(self, rows: Sequence[tuple[Sequence[int], int]]) -> list[list[tuple[int, int]]]:
+        """Pages for every row's full pages from `first` on and its partial last page (`rows`:
+        (tokens, first)) that are not stored yet, evicting least recently used pages when none
+        is free → per row `[(page index in its tokens, page id)]`, for the caller to fill
+        (`PagePool.store`) before anything else reads the pool. Pages handed out by this call
+        are never evicted by it (one store must not write a page twice); past that budget the
+        rest is not stored."""
         out: list[list[tuple[int, int]]] = []
         fresh: set[int] = set()
-        for tokens, first, count in rows:
+        p = self.page_size
+        for tokens, first in rows:
+            full = self.keys(tokens, len(tokens) // p)
+            wanted = [(i, key) for i, key in enumerate(full) if i >= first]
+            if len(tokens) % p:
+                tail = tokens[len(full) * p:]
+                wanted.append((len(full), self.tail_key(full[-1] if full else b"", tail)))
             row = []
-            for i, key in enumerate(self.keys(tokens, count)):
-                if i < first or key in self.pages:
+            for i, key in wanted:
+                if key in self.pages:
                     continue
                 if not self.free and not self._evict(fresh):
                     break

@@ -6,12 +6,14 @@ step scores two scaffolds after and then continues, the node prompt that every M
 SPRE rollout starts from. A call runs in two parts:
 
 - **Prefill from the prefix cache.** Identical prompts are computed once. Each prompt starts
-  from its longest cached prefix of full pages (`prefix_cache`) and only the rest is prefilled,
+  from its longest cached prefix (`prefix_cache`: full pages, then a partial last page) and
+  only the rest is prefilled,
   rows of similar length together, at most `prefill_tokens` token slots per device call, a long
   remainder in one more call rather than as padding (`call_length`); the new full pages are
   stored for later prompts. `score` first prefills the prompts, then scores every
   continuation from the prompt's pages, so a guided choice reads its prompt once and the
-  generation after the chosen scaffold starts from the same pages.
+  generation after the chosen scaffold starts from the scored row's pages (one token to
+  compute: the last, whose logits start the decode).
 - **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
   tokens per device call inside a `lax.while_loop`; stop strings are matched on the host on the
   decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
@@ -199,6 +201,7 @@ class _Group:
     first: list[int]
     width: list[int]
     pages: list[list[int]]
+    cached: list[int]          # tokens those pages hold (the last page may be partial)
 
 
 class _Shardings(NamedTuple):
@@ -310,6 +313,8 @@ class Sampler:
                              f"{ATTENTION_BLOCK}")
         if cfg.decode_chunk < 1:
             raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
+        if ATTENTION_BLOCK % cfg.page_size:
+            raise ValueError(f"sampler.page_size {cfg.page_size} must divide {ATTENTION_BLOCK}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
             raise ValueError(f"sampler.prefill_tokens must be at least {MIN_CALL_TOKENS}")
         self.tokenizer = tokenizer
@@ -408,9 +413,11 @@ class Sampler:
         until its group has copied them); rows are then grouped by the length left to compute,
         longest first, so a group's rows need about the same call length (little padding),
         as many as fit `prefill_tokens` and the decode slots."""
-        cfg, p = self.config, self.config.page_size
-        pages = [self.index.match(t, f // p) if self.index else [] for t, f in zip(tokens, first)]
-        left = [len(t) - len(pg) * p for t, pg in zip(tokens, pages)]
+        cfg = self.config
+        found = [self.index.match(t, len(t)) if self.index else ([], 0) for t in tokens]
+        # The wanted positions are computed, whatever the cache holds of them.
+        start = [min(c, f) for (_, c), f in zip(found, first)]
+        left = [len(t) - s for t, s in zip(tokens, start)]
         order = sorted(range(len(tokens)), key=lambda i: -left[i])
         while order:
             length = bucket(min(left[order[0]], cfg.prefill_tokens), cfg.prefill_buckets)
@@ -422,7 +429,8 @@ class Sampler:
                 take = max(b for b in (1, *cfg.batch_buckets) if b <= take)
             rows, order = order[:take], order[take:]
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
-                         [width[i] for i in rows], [pages[i] for i in rows])
+                         [width[i] for i in rows], [found[i][0] for i in rows],
+                         [found[i][1] for i in rows])
 
     def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
         """The group's rows into a scratch cache of `size` slots, from their cached pages, in
@@ -444,7 +452,8 @@ class Sampler:
                 table[r, :len(pages)] = pages
             cache = self.programs.load(self.pool, cache, self._place_rows(table))
             self.index.release([x for pages in group.pages for x in pages])
-        start = [len(pages) * p for pages in group.pages] + [0] * (b - len(group.rows))
+        start = [min(c, f) for c, f in zip(group.cached, group.first)] + \
+            [0] * (b - len(group.rows))
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
         first = group.first + [0] * (b - len(group.rows))
         w = bucket(max(group.width), (1, 8, 16, 32, 64))
@@ -477,8 +486,8 @@ class Sampler:
             cache, out = self.programs.extend(self.params, cache, out, *map(
                 self._place_rows, (tokens, positions, take, keep)))
         if self.index is not None:
-            stores = self.index.allocate([(t, len(pg), len(t) // p)
-                                          for t, pg in zip(group.tokens, group.pages)])
+            stores = self.index.allocate([(t, c // p)
+                                          for t, c in zip(group.tokens, group.cached)])
             entries = [(r, i * p, page) for r, row in enumerate(stores) for i, page in row]
             if entries:
                 n = bucket(len(entries), (8, 32, 128, 512, 2048))

@@ -29,40 +29,59 @@ def test_rows_sharing_a_prefix_share_its_pages_and_diverge_after_it():
     index = PrefixIndex(num_pages=16, page_size=P)
     a = list(range(100, 112))                       # 3 full pages
     b = a[:8] + [7, 7, 7, 7, 9]                     # shares 2 pages, then diverges
-    assert index.match(a, 3) == []
-    (stored_a,) = index.allocate([(a, 0, 3)])
+    assert index.match(a, 12) == ([], 0)
+    (stored_a,) = index.allocate([(a, 0)])
     assert [i for i, _ in stored_a] == [0, 1, 2]
-    found = index.match(b, 3)
+    found, cached = index.match(b, 12)
     index.release(found)
-    assert found == [page for _, page in stored_a[:2]]          # page table row b: p0 p1 …
-    (stored_b,) = index.allocate([(b, len(found), 3)])
-    assert [i for i, _ in stored_b] == [2]                      # … and one page of its own
-    assert stored_b[0][1] not in {page for _, page in stored_a}
-    table = {tuple(r): index.match(r, 3) for r in (a, b)}
+    assert found == [page for _, page in stored_a[:2]] and cached == 8   # page table row b: p0 p1 …
+    (stored_b,) = index.allocate([(b, 2)])
+    assert [i for i, _ in stored_b] == [2, 3]                   # … a page of its own and a tail
+    assert not {page for _, page in stored_b} & {page for _, page in stored_a}
+    table = {tuple(r): index.match(r, 12)[0] for r in (a, b)}
     assert table[tuple(a)][:2] == table[tuple(b)][:2] and table[tuple(a)][2] != table[tuple(b)][2]
     # A page's key is its whole prefix: the same tokens after another prefix are another page.
-    assert index.match(b[4:8] + b[:4], 2) == []
+    assert index.match(b[4:8] + b[:4], 8) == ([], 0)
+
+
+def test_a_partial_last_page_serves_prompts_that_extend_it():
+    index = PrefixIndex(num_pages=16, page_size=P)
+    prompt = list(range(10))                        # 2 full pages + a tail of 2 tokens
+    (stored,) = index.allocate([(prompt, 0)])
+    assert [i for i, _ in stored] == [0, 1, 2]
+    tail = stored[2][1]
+    # prompt + scaffold: the two full pages, then the tail (2 of the third page's 4 tokens).
+    assert index.match(prompt + [50, 51, 52], 13) == ([p for _, p in stored], 10)
+    assert index.match(prompt, 10) == ([p for _, p in stored], 10)
+    # Capped below the tail, or a different tail: the full pages only.
+    assert index.match(prompt, 9) == ([p for _, p in stored[:2]], 8)
+    assert index.match(prompt[:9] + [77], 10) == ([p for _, p in stored[:2]], 8)
+    # The scored row stores its third page in full (the tail stays a page of its own).
+    (row,) = index.allocate([(prompt + [50, 51, 52], 2)])
+    assert [i for i, _ in row] == [2, 3] and tail not in {p for _, p in row}
+    found, cached = index.match(prompt + [50, 51, 52, 60], 14)
+    assert cached == 13 and found == [p for _, p in stored[:2]] + [p for _, p in row]
 
 
 def test_least_recently_used_pages_go_first_and_held_pages_never():
     index = PrefixIndex(num_pages=3, page_size=P)
     a = [1] * 8
-    index.allocate([(a, 0, 2)])                          # a0 a1
-    index.allocate([([2] * 4, 0, 1)])                    # b0: the pool is full
-    index.release(index.match(a, 2))                     # use a: LRU order is now b0 a1 a0
-    (stored,) = index.allocate([([3] * 4, 0, 1)])        # c0 evicts b0, the least recent
-    assert len(stored) == 1 and index.match([2] * 4, 1) == []
-    held = index.match(a, 2)                             # order c0 a1 a0, a's pages held
-    index.allocate([([4] * 4, 0, 1)])                    # d0 evicts c0
-    (stored,) = index.allocate([([5] * 4, 0, 1)])        # e0: only d0 is not held
-    assert len(stored) == 1 and index.match([4] * 4, 1) == []
-    assert not index.allocate([([6] * 8, 0, 2)])[0][1:]  # one call never evicts its own page
+    index.allocate([(a, 0)])                             # a0 a1
+    index.allocate([([2] * 4, 0)])                       # b0: the pool is full
+    index.release(index.match(a, 8)[0])                  # use a: LRU order is now b0 a1 a0
+    (stored,) = index.allocate([([3] * 4, 0)])           # c0 evicts b0, the least recent
+    assert len(stored) == 1 and index.match([2] * 4, 4) == ([], 0)
+    held, _ = index.match(a, 8)                          # order c0 a1 a0, a's pages held
+    index.allocate([([4] * 4, 0)])                       # d0 evicts c0
+    (stored,) = index.allocate([([5] * 4, 0)])           # e0: only d0 is not held
+    assert len(stored) == 1 and index.match([4] * 4, 4) == ([], 0)
+    assert not index.allocate([([6] * 8, 0)])[0][1:]     # one call never evicts its own page
     index.release(held)
-    index.release(index.match(a, 2))
+    index.release(index.match(a, 8)[0])
     # Deepest first on use: a1 was touched before a0, so a1 goes first and a keeps its start.
-    index.allocate([([7] * 4, 0, 1)])
-    index.allocate([([8] * 4, 0, 1)])
-    assert len(index.match(a, 2)) == 1
+    index.allocate([([7] * 4, 0)])
+    index.allocate([([8] * 4, 0)])
+    assert index.match(a, 8)[1] == 4
 
 
 def test_pages_round_trip_between_pool_and_cache(tiny_llama_cfg):
@@ -107,9 +126,21 @@ def test_cached_and_uncached_give_the_same_bits(model, params):
     assert cached.stats.cached_tokens > 0
     alone = outputs(cached, PROMPTS[2:3], seeds[2:3], params, n=2)      # a row alone
     assert alone == want[2:3]
+    # The same full pages and a tail of the same length as a stored prompt's, other tokens.
+    cut = len(PROMPTS[0]) // P * P
+    assert len(PROMPTS[0]) - cut > 1
+    twin = [PROMPTS[0][:cut] + "#" + PROMPTS[0][cut + 1:]]
+    assert outputs(cached, twin, seeds[:1], params, n=2) == \
+        outputs(plain, twin, seeds[:1], params, n=2)
     assert cached.stats.hit_rate > 0.5
     scores = [["Paris", "the answer"], ["x"], ["Who wrote", "Be"], ["shared"]]
     np.testing.assert_array_equal(cached.score(PROMPTS, scores), plain.score(PROMPTS, scores))
+    # A guided step: the generation after a scored continuation computes one token (the last,
+    # for its logits) and gives what an uncached run gives.
+    after = [p + conts[0] for p, conts in zip(PROMPTS, scores)]
+    before = cached.stats.computed_tokens
+    assert outputs(cached, after, seeds, params, n=2) == outputs(plain, after, seeds, params, n=2)
+    assert cached.stats.computed_tokens - before == len(after)
 
 
 def test_eviction_under_a_tiny_budget_changes_nothing(model):
