@@ -43,13 +43,13 @@ class ModelConfig:
 class SamplerConfig:
     """The sampler's shapes and its prefix cache.
 
-    cache_size: KV slots per row (prompt + new tokens), a multiple of the attention block (256);
+    cache_size: KV slots per row (prompt + new tokens), a multiple of the attention block (128);
     max_batch: decode rows, always this many (finished rows are refilled from the queue);
     batch_buckets: row counts of prefill calls; prefill_tokens: at most this many token slots
     (rows × length) per prefill call, and prefill_buckets the lengths; prefix_cache_mb: device
-    memory for cached prompt pages (0: no prefix reuse); page_size: tokens per page;
-    decode_chunk: tokens per decode call, after which the host matches stop strings and refills
-    finished rows.
+    memory for cached prompt pages (0: no prefix reuse); page_size: tokens per page, a divisor
+    of the attention block; decode_chunk: tokens per decode call, after which the host matches
+    stop strings and refills finished rows.
     """
     cache_size: int = 2048
     max_batch: int = 32

@@ -3,7 +3,7 @@
 Evaluation, MCTS expansion and SPRE rollouts re-read the same prompt prefixes all the time: the
 system prompt of every step, the prompt a guided step scores two scaffolds after and then
 continues, the node prompt that every child and every rollout of an MCTS node starts from. The
-sampler keeps the KV of every full page of prompt tokens it computes in a page pool (device
+sampler keeps the KV of every page of prompt tokens it computes in a page pool (device
 arrays `[pages, ...]`, the layout paged-attention kernels read) and starts a new prompt from the
 longest stored prefix, as vLLM's automatic prefix caching does.
 
@@ -15,7 +15,7 @@ Two halves:
   plus a scaffold, and without its tail it would recompute up to P - 1 tokens of every scored
   row and every generation after the choice (on the e2e bench, most of those calls' tokens).
 - `PagePool` (device): the pages themselves, with pure functions that copy a row's pages into a
-  KV cache (`load`) and a cache row's full pages into the pool (`store`).
+  KV cache (`load`) and a cache row's pages into the pool (`store`).
 
 Pages are copied into a row's own cache rather than attended in place: on XLA:CPU a gather of
 pages inside every attention layer would double the KV traffic of each decode step, while a
@@ -83,21 +83,21 @@ class PrefixIndex:
         return hashlib.blake2b(prev + np.asarray(tokens, np.int64).tobytes(), digest_size=16,
                                person=b"tail").digest()
 
-    def match(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
-        """(page ids, tokens they hold) of the longest stored prefix of `tokens[:max_tokens]`:
-        full pages, then at most one partial page (the longest stored tail of the next page),
-        held until `release`. Found pages become the most recently used, deepest first, so a
-        prefix's first pages outlive its later ones (a later page is useless without them)."""
+    def match(self, tokens: Sequence[int]) -> tuple[list[int], int]:
+        """(page ids, tokens they hold) of the longest stored prefix of `tokens`: full pages,
+        then at most one partial page (the longest stored tail of the next page), held until
+        `release`. Found pages become the most recently used, deepest first, so a prefix's
+        first pages outlive its later ones (a later page is useless without them)."""
         p = self.page_size
         found: list[tuple[bytes, int]] = []
-        for key in self.keys(tokens, min(max_tokens, len(tokens)) // p):
+        for key in self.keys(tokens, len(tokens) // p):
             page = self.pages.get(key)
             if page is None:
                 break
             found.append((key, page))
         cached = len(found) * p
         prev = found[-1][0] if found else b""
-        for m in range(min(p - 1, max_tokens - cached, len(tokens) - cached), 0, -1):
+        for m in range(min(p - 1, len(tokens) - cached), 0, -1):
             key = self.tail_key(prev, tokens[cached:cached + m])
             if key in self.pages:
                 found.append((key, self.pages[key]))

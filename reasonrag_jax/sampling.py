@@ -9,7 +9,7 @@ SPRE rollout starts from. A call runs in two parts:
   from its longest cached prefix (`prefix_cache`: full pages, then a partial last page) and
   only the rest is prefilled,
   rows of similar length together, at most `prefill_tokens` token slots per device call, a long
-  remainder in one more call rather than as padding (`call_length`); the new full pages are
+  remainder in one more call rather than as padding (`call_length`); the new pages are
   stored for later prompts. `score` first prefills the prompts, then scores every
   continuation from the prompt's pages, so a guided choice reads its prompt once and the
   generation after the chosen scaffold starts from the scored row's pages (one token to
@@ -414,7 +414,7 @@ class Sampler:
         longest first, so a group's rows need about the same call length (little padding),
         as many as fit `prefill_tokens` and the decode slots."""
         cfg = self.config
-        found = [self.index.match(t, len(t)) if self.index else ([], 0) for t in tokens]
+        found = [self.index.match(t) if self.index else ([], 0) for t in tokens]
         # The wanted positions are computed, whatever the cache holds of them.
         start = [min(c, f) for (_, c), f in zip(found, first)]
         left = [len(t) - s for t, s in zip(tokens, start)]
@@ -436,7 +436,7 @@ class Sampler:
         """The group's rows into a scratch cache of `size` slots, from their cached pages, in
         calls of at most
         `prefill_tokens` token slots → (cache, hidden [rows, W, H] at positions
-        first..first+width-1 of each row). Stores the rows' new full pages. The caller hands
+        first..first+width-1 of each row). Stores the rows' new pages. The caller hands
         the cache back with `_recycle` once it has copied what it needs."""
         cfg, p = self.config, self.config.page_size
         started = time.perf_counter()

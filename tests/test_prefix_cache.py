@@ -29,19 +29,19 @@ def test_rows_sharing_a_prefix_share_its_pages_and_diverge_after_it():
     index = PrefixIndex(num_pages=16, page_size=P)
     a = list(range(100, 112))                       # 3 full pages
     b = a[:8] + [7, 7, 7, 7, 9]                     # shares 2 pages, then diverges
-    assert index.match(a, 12) == ([], 0)
+    assert index.match(a) == ([], 0)
     (stored_a,) = index.allocate([(a, 0)])
     assert [i for i, _ in stored_a] == [0, 1, 2]
-    found, cached = index.match(b, 12)
+    found, cached = index.match(b)
     index.release(found)
     assert found == [page for _, page in stored_a[:2]] and cached == 8   # page table row b: p0 p1 …
     (stored_b,) = index.allocate([(b, 2)])
     assert [i for i, _ in stored_b] == [2, 3]                   # … a page of its own and a tail
     assert not {page for _, page in stored_b} & {page for _, page in stored_a}
-    table = {tuple(r): index.match(r, 12)[0] for r in (a, b)}
+    table = {tuple(r): index.match(r)[0] for r in (a, b)}
     assert table[tuple(a)][:2] == table[tuple(b)][:2] and table[tuple(a)][2] != table[tuple(b)][2]
     # A page's key is its whole prefix: the same tokens after another prefix are another page.
-    assert index.match(b[4:8] + b[:4], 8) == ([], 0)
+    assert index.match(b[4:8] + b[:4]) == ([], 0)
 
 
 def test_a_partial_last_page_serves_prompts_that_extend_it():
@@ -51,15 +51,15 @@ def test_a_partial_last_page_serves_prompts_that_extend_it():
     assert [i for i, _ in stored] == [0, 1, 2]
     tail = stored[2][1]
     # prompt + scaffold: the two full pages, then the tail (2 of the third page's 4 tokens).
-    assert index.match(prompt + [50, 51, 52], 13) == ([p for _, p in stored], 10)
-    assert index.match(prompt, 10) == ([p for _, p in stored], 10)
-    # Capped below the tail, or a different tail: the full pages only.
-    assert index.match(prompt, 9) == ([p for _, p in stored[:2]], 8)
-    assert index.match(prompt[:9] + [77], 10) == ([p for _, p in stored[:2]], 8)
+    assert index.match(prompt + [50, 51, 52]) == ([p for _, p in stored], 10)
+    assert index.match(prompt) == ([p for _, p in stored], 10)
+    # Shorter than the tail, or another tail: the full pages only.
+    assert index.match(prompt[:9]) == ([p for _, p in stored[:2]], 8)
+    assert index.match(prompt[:9] + [77]) == ([p for _, p in stored[:2]], 8)
     # The scored row stores its third page in full (the tail stays a page of its own).
     (row,) = index.allocate([(prompt + [50, 51, 52], 2)])
     assert [i for i, _ in row] == [2, 3] and tail not in {p for _, p in row}
-    found, cached = index.match(prompt + [50, 51, 52, 60], 14)
+    found, cached = index.match(prompt + [50, 51, 52, 60])
     assert cached == 13 and found == [p for _, p in stored[:2]] + [p for _, p in row]
 
 
@@ -68,20 +68,20 @@ def test_least_recently_used_pages_go_first_and_held_pages_never():
     a = [1] * 8
     index.allocate([(a, 0)])                             # a0 a1
     index.allocate([([2] * 4, 0)])                       # b0: the pool is full
-    index.release(index.match(a, 8)[0])                  # use a: LRU order is now b0 a1 a0
+    index.release(index.match(a)[0])                  # use a: LRU order is now b0 a1 a0
     (stored,) = index.allocate([([3] * 4, 0)])           # c0 evicts b0, the least recent
-    assert len(stored) == 1 and index.match([2] * 4, 4) == ([], 0)
-    held, _ = index.match(a, 8)                          # order c0 a1 a0, a's pages held
+    assert len(stored) == 1 and index.match([2] * 4) == ([], 0)
+    held, _ = index.match(a)                          # order c0 a1 a0, a's pages held
     index.allocate([([4] * 4, 0)])                       # d0 evicts c0
     (stored,) = index.allocate([([5] * 4, 0)])           # e0: only d0 is not held
-    assert len(stored) == 1 and index.match([4] * 4, 4) == ([], 0)
+    assert len(stored) == 1 and index.match([4] * 4) == ([], 0)
     assert not index.allocate([([6] * 8, 0)])[0][1:]     # one call never evicts its own page
     index.release(held)
-    index.release(index.match(a, 8)[0])
+    index.release(index.match(a)[0])
     # Deepest first on use: a1 was touched before a0, so a1 goes first and a keeps its start.
     index.allocate([([7] * 4, 0)])
     index.allocate([([8] * 4, 0)])
-    assert index.match(a, 8)[1] == 4
+    assert index.match(a)[1] == 4
 
 
 def test_pages_round_trip_between_pool_and_cache(tiny_llama_cfg):
@@ -165,3 +165,9 @@ def test_more_requests_than_slots_refill_finished_slots(model):
     for i in (0, 5):
         assert outputs(s, prompts[i:i + 1], [i], SAMPLED, n=2) == together[i:i + 1]
     assert s.stats.decode_tokens > 0
+
+
+def test_a_page_size_that_does_not_divide_the_attention_block_is_refused(model):
+    """A partial last page is stored as a whole page: it must never run past a cache."""
+    with pytest.raises(ValueError, match="page_size 12 must divide 128"):
+        Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, page_size=12))
