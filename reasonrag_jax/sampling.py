@@ -443,10 +443,10 @@ class Sampler:
         b = self._rows_bucket(len(group.rows))
         cache = self._scratch.pop((b, size), None) or self.programs.new_cache(b, size)
         if any(group.pages):
-            # Few table widths (few programs); a padded entry copies a page past the row's
-            # prefix, into slots its own tokens overwrite before anything reads them.
-            width = min(bucket(max(map(len, group.pages)), (4, 8, 16, 32, 64, 128)),
-                        cfg.cache_size // p)
+            # Few table widths (few programs), never past the call's cache (its rows fit it);
+            # a padded entry copies a page past the row's prefix, into slots its own tokens
+            # overwrite before anything reads them.
+            width = min(bucket(max(map(len, group.pages)), (4, 8, 16, 32, 64, 128)), size // p)
             table = np.zeros((b, width), np.int32)
             for r, pages in enumerate(group.pages):
                 table[r, :len(pages)] = pages

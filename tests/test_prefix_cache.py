@@ -171,3 +171,18 @@ def test_a_page_size_that_does_not_divide_the_attention_block_is_refused(model):
     """A partial last page is stored as a whole page: it must never run past a cache."""
     with pytest.raises(ValueError, match="page_size 12 must divide 128"):
         Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, page_size=12))
+
+
+def test_a_long_cached_prefix_loads_into_a_shorter_call_cache(model):
+    """A call's cache is sized to its rows (1,536 slots here), not to `cache_size` (2,048): a
+    prompt of 68 cached pages must load into it (the page table once got 128 pages, 2,048
+    slots, and the copy failed)."""
+    config = dataclasses.replace(CONFIG, cache_size=2048, page_size=16, prefix_cache_mb=8,
+                                 prefill_buckets=(64, 256, 1024))
+    cached = Sampler(model, CharTokenizer(), config)
+    plain = Sampler(model, CharTokenizer(), dataclasses.replace(config, prefix_cache_mb=0))
+    prompt = SYSTEM * 22                                # 1,100 tokens: 68 full pages
+    cached.generate([prompt], GREEDY, [0])
+    longer = [prompt + " and more"]
+    assert outputs(cached, longer, [0], GREEDY) == outputs(plain, longer, [0], GREEDY)
+    assert cached.stats.cached_tokens >= 1088
