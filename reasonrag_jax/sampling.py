@@ -7,13 +7,12 @@ SPRE rollout starts from. A call runs in two parts:
 
 - **Prefill from the prefix cache.** Identical prompts are computed once. Each prompt starts
   from its longest cached prefix (`prefix_cache`: full pages, then a partial last page) and
-  only the rest is prefilled,
-  rows of similar length together, at most `prefill_tokens` token slots per device call, a long
-  remainder in one more call rather than as padding (`call_length`); the new pages are
-  stored for later prompts. `score` first prefills the prompts, then scores every
-  continuation from the prompt's pages, so a guided choice reads its prompt once and the
-  generation after the chosen scaffold starts from the scored row's pages (one token to
-  compute: the last, whose logits start the decode).
+  only the rest is prefilled, rows of similar length together, at most `prefill_tokens` token
+  slots per device call, a long remainder in one more call rather than as padding
+  (`call_length`); the new pages are stored for later prompts. `score` first prefills the
+  prompts, then scores every continuation from the prompt's pages, so a guided choice reads its
+  prompt once and the generation after the chosen scaffold starts from the scored row's pages
+  (one token to compute: the last, whose logits start the decode).
 - **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
   tokens per device call inside a `lax.while_loop`; stop strings are matched on the host on the
   decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
@@ -201,7 +200,8 @@ class _Group:
     first: list[int]
     width: list[int]
     pages: list[list[int]]
-    cached: list[int]          # tokens those pages hold (the last page may be partial)
+    start: list[int]           # first position computed: the cached tokens, or the first
+                               # wanted position if the cache holds it too
 
 
 class _Shardings(NamedTuple):
@@ -430,12 +430,11 @@ class Sampler:
             rows, order = order[:take], order[take:]
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
                          [width[i] for i in rows], [found[i][0] for i in rows],
-                         [found[i][1] for i in rows])
+                         [start[i] for i in rows])
 
     def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
         """The group's rows into a scratch cache of `size` slots, from their cached pages, in
-        calls of at most
-        `prefill_tokens` token slots → (cache, hidden [rows, W, H] at positions
+        calls of at most `prefill_tokens` token slots → (cache, hidden [rows, W, H] at positions
         first..first+width-1 of each row). Stores the rows' new pages. The caller hands
         the cache back with `_recycle` once it has copied what it needs."""
         cfg, p = self.config, self.config.page_size
@@ -452,8 +451,7 @@ class Sampler:
                 table[r, :len(pages)] = pages
             cache = self.programs.load(self.pool, cache, self._place_rows(table))
             self.index.release([x for pages in group.pages for x in pages])
-        start = [min(c, f) for c, f in zip(group.cached, group.first)] + \
-            [0] * (b - len(group.rows))
+        start = group.start + [0] * (b - len(group.rows))
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
         first = group.first + [0] * (b - len(group.rows))
         w = bucket(max(group.width), (1, 8, 16, 32, 64))
@@ -486,8 +484,9 @@ class Sampler:
             cache, out = self.programs.extend(self.params, cache, out, *map(
                 self._place_rows, (tokens, positions, take, keep)))
         if self.index is not None:
-            stores = self.index.allocate([(t, c // p)
-                                          for t, c in zip(group.tokens, group.cached)])
+            # From the page the row started computing in; pages already stored are skipped.
+            stores = self.index.allocate([(t, s // p)
+                                          for t, s in zip(group.tokens, group.start)])
             entries = [(r, i * p, page) for r, row in enumerate(stores) for i, page in row]
             if entries:
                 n = bucket(len(entries), (8, 32, 128, 512, 2048))

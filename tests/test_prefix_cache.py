@@ -68,10 +68,10 @@ def test_least_recently_used_pages_go_first_and_held_pages_never():
     a = [1] * 8
     index.allocate([(a, 0)])                             # a0 a1
     index.allocate([([2] * 4, 0)])                       # b0: the pool is full
-    index.release(index.match(a)[0])                  # use a: LRU order is now b0 a1 a0
+    index.release(index.match(a)[0])                     # use a: LRU order is now b0 a1 a0
     (stored,) = index.allocate([([3] * 4, 0)])           # c0 evicts b0, the least recent
     assert len(stored) == 1 and index.match([2] * 4) == ([], 0)
-    held, _ = index.match(a)                          # order c0 a1 a0, a's pages held
+    held, _ = index.match(a)                             # order c0 a1 a0, a's pages held
     index.allocate([([4] * 4, 0)])                       # d0 evicts c0
     (stored,) = index.allocate([([5] * 4, 0)])           # e0: only d0 is not held
     assert len(stored) == 1 and index.match([4] * 4) == ([], 0)
