@@ -28,20 +28,18 @@ sampler (`_Programs`): the demo's stages each load a policy and make a sampler, 
 after the first re-traces nothing it already ran (tracing and lowering the unrolled 30-layer
 programs took about 75 s of a cold 13-minute `make quick`).
 
-Determinism: a row's output is meant to depend only on (its prompt, its seed, the sampling
-parameters) — never on the other rows, the cache length of the call, or what was cached.
-Measured on XLA:CPU of an AVX-512 machine, a matmul gives a row the same bits for every row
-count between 64 and 2048 (and for none outside it), so every prefill call holds
+Determinism: a row's output depends only on (its prompt, its seed, the sampling parameters) —
+never on the other rows, the cache length of the call, or what was cached. On XLA:CPU a matmul
+gives a row the same bits for every row count between 64 and 2048 (measured on an AVX-512 Xeon,
+where no row count outside it did, and on Zen 5), so every prefill call holds
 64..`prefill_tokens` token slots, every decode step and every logits head runs on exactly
-`max_batch` rows, and attention runs over fixed blocks of the cache
-(`decoder._cached_attention`); prompt KV is then the same bits whichever call computed it. On
-an AVX2-only Zen 3 (2026-11-30) this does not hold for SmolLM2's prefill: a row's log-probs
-moved by 1e-6..4e-5 nats (8 greedy forced-answer steps of 166-175-token prompts) between one
-`generate` call of all eight and a call per row, with the prefix cache off as well; the greedy
-tokens matched. Nor on a Sapphire Rapids Xeon (AVX-512, 2026-12-01): a 300-token prompt's 12
-greedy log-probs moved by up to 6e-6 between a call alone and a call of 16 rows (before
-`call_length`; same tokens). Fixing it means prefill matmuls of one shape (fixed token tiles),
-not built.
+`max_batch` rows, and attention runs over fixed blocks of the cache, with no shape-dependent
+reduction and a floor on its query rows (`decoder._cached_attention`); prompt KV is then the
+same bits whichever call computed it. Before that attention (2026-12-02), SmolLM2's log-probs
+moved by up to 4e-5 between a prompt alone, in a batch, prefilled in chunks or from the prefix
+cache, on every CPU measured (AVX2 Zen 3, Sapphire Rapids, Zen 5; greedy tokens always
+matched); on the Zen 5 they are now equal to the bit (`tests/test_sampling.py`); the other two
+were not re-measured.
 Row i, sample j, token t draws with key(seed_i, j) folded with t. Reported log-probs are of the
 chosen token under the model's unmodified distribution (temperature 1, no top-k/top-p), as DPO
 and scoring use it.
@@ -462,7 +460,7 @@ class Sampler:
         while any(s < e for s, e in zip(start, ends)):
             need = max(e - s for s, e in zip(start, ends))
             t = max(min(call_length(need, cfg.prefill_buckets), cfg.prefill_tokens // b),
-                    -(-MIN_CALL_TOKENS // b),
+                    -(-MIN_CALL_TOKENS // b), 2,      # one position is a decode step's shape
                     max(e - f for e, f, s in zip(ends, first, start) if s < e))
             tokens = np.full((b, t), self.pad_id, np.int32)
             positions = np.zeros((b, t), np.int32)

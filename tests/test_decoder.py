@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from reasonrag_jax.models.decoder import PRESETS, Decoder, DecoderConfig, KVCache
+from reasonrag_jax.models.decoder import PRESETS, Decoder, DecoderConfig, KVCache, _cached_attention
 from reasonrag_jax.models.weights import load_hf_dir
 
 
@@ -121,6 +121,32 @@ def variants(cfg):
         return lambda s: nnx.merge(graphdef, s)(tokens, positions)[0]
 
     return with_cfg, state
+
+
+def test_cached_attention_gives_a_position_the_same_bits_in_every_call_shape():
+    """SmolLM2's attention shapes (3 KV heads, 3 query heads each, head_dim 64): positions
+    300..319 alone, beside another row, in chunks of 20 or 64 positions, or inside one call of
+    all 320 — the bits the prefix cache and batch-independence rest on. On XLA:CPU a single
+    row, a short chunk and a `jnp.sum` over the block each once changed the last bits."""
+    rng = np.random.default_rng(0)
+    groups, d, size = 3, 64, 512
+    keys = rng.standard_normal((1, 3, d, size)).astype(np.float32)
+    values = rng.standard_normal((1, 3, size, d)).astype(np.float32)
+    q = rng.standard_normal((1, 3, groups, 320, d)).astype(np.float32)
+    attend = jax.jit(lambda q, k, v, p: _cached_attention(q, k, v, p, groups, 0.125))
+
+    def positions(rows, first, last=320):
+        t = last - first
+        out = attend(np.repeat(q[:, :, :, first:last], rows, 0).reshape(rows, 3, groups * t, d),
+                     np.repeat(keys, rows, 0), np.repeat(values, rows, 0),
+                     np.tile(first + np.arange(t, dtype=np.int32), (rows, 1)))
+        return np.asarray(out).reshape(rows, 3, groups, t, d)[0]
+
+    whole = positions(2, 0)
+    for rows, first, last in ((1, 0, 320), (1, 300, 320), (2, 300, 320), (4, 256, 320),
+                              (8, 300, 320), (4, 304, 320), (16, 316, 320), (4, 312, 316)):
+        np.testing.assert_array_equal(positions(rows, first, last), whole[:, :, first:last],
+                                      err_msg=f"{rows} rows, positions {first}..{last - 1}")
 
 
 def test_remat_is_exact_and_in_the_traced_program(tiny_llama_cfg):

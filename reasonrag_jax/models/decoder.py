@@ -324,6 +324,8 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
 # (2026-11-30, SmolLM2-135M, position 300-1000) a 16-row step took 170-250 ms against 235-300,
 # a 32-row step 290-540 against 500-720; prefill speed did not change. 64 was slower again.
 ATTENTION_BLOCK = 128
+# Query rows per KV head below which a prefill call's attention is padded (`_cached_attention`).
+MIN_QUERY_ROWS = 64
 
 
 def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
@@ -342,9 +344,27 @@ def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, position
     A block past a row's position is fully masked: its probabilities are exactly 0 and the
     running max does not move, so it adds exactly nothing.
     q: [B, K, G*T, D]; keys: [B, K, D, S]; values: [B, K, S, D]; positions: [B, T].
+
+    Every prefill call must give a position the same bits whatever else the call holds, and
+    XLA:CPU picks kernels by shape (AVX-512 Zen 5, 2026-12-02, SmolLM2's shapes): `jnp.sum`
+    over a block was vectorised per call shape, and the p·V matmul of fewer than ~50 query
+    rows per KV head took another kernel than a longer one; each moved log-probs by ~1e-5, so a
+    prompt prefilled alone, in chunks or from cached pages differed from the same prompt in a
+    batch. So the probabilities' sum comes out of the p·V matmul, as a column of ones after V,
+    and a prefill call of few positions is padded to `MIN_QUERY_ROWS` query rows per KV head
+    (a decode step, T = 1, keeps its own shape: it is only ever compared with itself, and the
+    sampler never prefills one position at a time).
     """
     b, kh, gt, d = q.shape
     t = gt // groups
+    if t > 1 and gt < MIN_QUERY_ROWS:
+        tt = -(-MIN_QUERY_ROWS // groups)        # the last position repeated: same blocks
+        q = q.reshape(b, kh, groups, t, d)
+        q = jnp.concatenate([q, jnp.repeat(q[:, :, :, -1:], tt - t, axis=3)], axis=3)
+        positions = jnp.concatenate([positions, jnp.repeat(positions[:, -1:], tt - t, 1)], 1)
+        out = _cached_attention(q.reshape(b, kh, groups * tt, d), keys, values, positions,
+                                groups, scale)
+        return out.reshape(b, kh, groups, tt, d)[:, :, :, :t].reshape(b, kh, gt, d)
     neg = jnp.finfo(jnp.float32).min
     size = keys.shape[-1]
     if size % ATTENTION_BLOCK:      # the sampler's caches never are; a hand-made one may be
@@ -364,11 +384,12 @@ def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, position
         s = jnp.where(visible[:, None, None], s, neg)
         new_top = jnp.maximum(top, jnp.max(s, axis=-1, keepdims=True))
         p = jnp.exp(s - new_top)
+        # The probabilities' sum from the p·V matmul, not a `jnp.sum` (see the docstring).
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
         pv = jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kh, gt, -1).astype(v.dtype), v,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.float32).reshape(b, kh, groups, t, d + 1)
         rescale = jnp.exp(top - new_top)
-        return (new_top, total * rescale + jnp.sum(p, axis=-1, keepdims=True),
-                out * rescale + pv.reshape(b, kh, groups, t, d))
+        return (new_top, total * rescale + pv[..., d:], out * rescale + pv[..., :d])
 
     shape = (b, kh, groups, t)
     init = (jnp.full((*shape, 1), neg, jnp.float32), jnp.zeros((*shape, 1), jnp.float32),
