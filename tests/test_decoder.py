@@ -124,10 +124,10 @@ def variants(cfg):
 
 
 def test_cached_attention_gives_a_position_the_same_bits_in_every_call_shape():
-    """SmolLM2's attention shapes (3 KV heads, 3 query heads each, head_dim 64): positions
-    300..319 alone, beside another row, in chunks of 20 or 64 positions, or inside one call of
-    all 320 — the bits the prefix cache and batch-independence rest on. On XLA:CPU a single
-    row, a short chunk and a `jnp.sum` over the block each once changed the last bits."""
+    """SmolLM2's attention shapes (3 KV heads, 3 query heads each, head_dim 64): late positions
+    alone or beside other rows, in calls of 4 to 320 positions, get the bits of one call of all
+    320 — what the prefix cache and batch-independence rest on. On XLA:CPU a `jnp.sum` over
+    the block (a row alone, any chunk) and the p·V matmul of a short chunk once changed them."""
     rng = np.random.default_rng(0)
     groups, d, size = 3, 64, 512
     keys = rng.standard_normal((1, 3, d, size)).astype(np.float32)
