@@ -199,6 +199,9 @@ class DemoConfig:
     dpo_batch_size: int = 0         # pairs per DPO update (0: train.batch_size)
     dpo_learning_rates: tuple[float, ...] = (5e-6,)   # candidates; several: chosen on dev
     dev_questions: int = 0          # dev split for the learning-rate choice (0: no dev split)
+    # ORL and PRL trained again at the chosen learning rate with each of these seeds (the equal
+    # cut's sample and the DPO data order) and evaluated on test: PRL − ORL per seed and over seeds
+    replicate_seeds: tuple[int, ...] = ()
     test_questions: int = 100
     resamples: int = 2000           # bootstrap resamples per confidence interval
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)

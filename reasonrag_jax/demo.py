@@ -5,8 +5,10 @@ gold chains → MCTS + SPRE pairs with the SFT policy → DPO on process pairs (
 pairs (ORL), the same number of pairs and the same settings, at each candidate learning rate
 (several: the one with the best mean dev EM of ORL and PRL is kept; nothing is tuned on test)
 → eval every policy on the test questions → table with 95 % bootstrap intervals and paired
-differences (`results.md`, `results.json`, `results.png`). Each stage writes its own resumable
-output under `out/`, so re-running the command continues where it stopped. One seed.
+differences (`results.md`, `results.json`, `results.png`). `demo.replicate_seeds` trains and
+evaluates ORL and PRL again with other DPO seeds, so PRL − ORL comes with its seed-to-seed spread.
+Each stage writes its own resumable output under `out/`, so re-running the command continues
+where it stopped.
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ def run_settings(cfg: Config) -> dict[str, Any]:
     return settings
 
 
+def same_run(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a run directory written with `stored` settings can be resumed with `settings`.
+    Replicate seeds may differ: each adds its own files and changes none of the others, so a
+    finished run can gain a seed without redoing SFT and MCTS."""
+    def without_replicates(s: dict[str, Any]) -> dict[str, Any]:
+        return {**s, "demo": {k: v for k, v in s["demo"].items() if k != "replicate_seeds"}}
+    return without_replicates(stored) == without_replicates(settings)
+
+
 def stored_settings(text: str) -> dict[str, Any]:
     """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
     versions also wrote the preset table, and ordered the SFT data by `train.seed`."""
@@ -72,6 +83,15 @@ def sft_config(cfg: Config) -> Config:
     return _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
                          f"train.learning_rate={demo.sft_learning_rate}",
                          f"train.seed={demo.sft_seed}"])
+
+
+def dpo_config(cfg: Config, learning_rate: float, seed: int) -> Config:
+    """A DPO stage's training config: the demo's epochs and batch, one learning rate, and the
+    data-order seed."""
+    demo = cfg.demo
+    return _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
+                         f"train.learning_rate={learning_rate}", f"train.seed={seed}",
+                         f"train.batch_size={demo.dpo_batch_size or cfg.train.batch_size}"])
 
 
 def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Path]:
@@ -140,11 +160,15 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     if quick or preset:
         cfg = apply_preset(cfg, preset or "quick")
     demo = cfg.demo
+    if cfg.train.seed in demo.replicate_seeds or len(set(demo.replicate_seeds)) < len(
+            demo.replicate_seeds):
+        raise ValueError(f"demo.replicate_seeds {list(demo.replicate_seeds)}: each must differ "
+                         f"from the others and from train.seed ({cfg.train.seed})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     marker, settings = out / "demo_config.json", run_settings(cfg)
     stored = stored_settings(marker.read_text()) if marker.exists() else settings
-    if stored != settings:
+    if not same_run(stored, settings):
         raise InputError(f"{out}: holds a demo run with other settings (see {marker}); "
                          "use another --out")
     write_json_atomic(marker, settings)
@@ -195,9 +219,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
               " (no siblings whose labels differ): ORL/PRL not trained")
     dev_em: dict[float, float] = {}
     for lr in lrs:
-        dpo_cfg = _reload(cfg, ["train.objective=dpo", f"train.epochs={demo.dpo_epochs}",
-                                f"train.learning_rate={lr}",
-                                f"train.batch_size={demo.dpo_batch_size or cfg.train.batch_size}"])
+        dpo_cfg = dpo_config(cfg, lr, cfg.train.seed)
         tag = f"lr{lr:g}" if len(lrs) > 1 else ""
         for row in ("ORL", "PRL"):
             with stage(f"DPO {row} {tag}".strip(), timings, timings_path):
@@ -217,13 +239,33 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
         with stage(f"eval {row}", timings, timings_path):
             run_eval(cfg, data["test"], index, ckpts[row], out / "eval" / row.lower())
 
-    scores = {row: per_question(read_qa(data["test"]), out / "eval" / row.lower(),
-                                cfg.agent.max_retrievals)
+    for seed in demo.replicate_seeds if lrs else ():
+        seeded = {row: f.with_name(f"{f.stem}.seed{seed}.jsonl") for row, f in files.items()}
+        _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), seeded["PRL"],
+                      seeded["ORL"], demo.max_pairs, seed)
+        for row in ("ORL", "PRL"):
+            name = f"{row.lower()}.seed{seed}"
+            with stage(f"DPO {row} seed {seed}", timings, timings_path):
+                ckpt = run_train(dpo_config(cfg, lr, seed), seeded[row], out / "ckpt" / name,
+                                 str(sft_ckpt))
+            with stage(f"eval {row} seed {seed}", timings, timings_path):
+                run_eval(cfg, data["test"], index, str(ckpt), out / "eval" / name)
+
+    examples = read_qa(data["test"])
+    scores = {row: per_question(examples, out / "eval" / row.lower(), cfg.agent.max_retrievals)
               for row in ROWS if row in ckpts}
     results = summarize(scores, demo.resamples)
+    if lrs and demo.replicate_seeds:
+        by_seed = {str(cfg.train.seed): {row: scores[row] for row in ("ORL", "PRL")}}
+        by_seed.update({str(seed): {row: per_question(examples, out / "eval" /
+                                                      f"{row.lower()}.seed{seed}",
+                                                      cfg.agent.max_retrievals)
+                                    for row in ("ORL", "PRL")}
+                        for seed in demo.replicate_seeds})
+        results["by_seed"] = seed_summary(by_seed, demo.resamples)
     results.update(pairs=budget, pairs_found=found, pair_overlap=overlap, pair_mix=mix,
                    pair_gap_quartiles=gaps, search=search, learning_rate=lr, dev_mean_em=dev_em,
-                   timings=timings, seeds=1)
+                   timings=timings, seeds=1 + len(demo.replicate_seeds) if lrs else 1)
     table = results_table(results)
     (out / "results.md").write_text(table)
     write_json_atomic(out / "results.json", results)
@@ -266,6 +308,22 @@ def summarize(scores: dict[str, dict[str, Any]], resamples: int) -> dict[str, An
              for a, b in DIFFERENCES if a in scores and b in scores}
     n = len(next(iter(scores.values()))["em"]) if scores else 0
     return {"questions": n, "methods": methods, "differences": diffs}
+
+
+def seed_summary(by_seed: dict[str, dict[str, dict[str, Any]]], resamples: int
+                 ) -> dict[str, Any]:
+    """Per DPO seed (`by_seed`: seed → ORL / PRL per-question scores) and over the seeds: each
+    method's EM and the paired PRL − ORL difference of EM and retrievals, with 95 % intervals.
+    Over seeds a question's score is its mean over the seeds, so the interval is still one over
+    questions, with each question's seed-to-seed noise averaged first."""
+    def entry(s: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**{row: _ci(s[row]["em"], resamples) for row in ("ORL", "PRL")},
+                "PRL-ORL": {m: dataclasses.asdict(paired_ci(s["PRL"][m], s["ORL"][m],
+                                                            resamples=resamples))
+                            for m in ("em", "retrievals")}}
+    mean = {row: {m: np.mean([s[row][m] for s in by_seed.values()], axis=0).tolist()
+                  for m in ("em", "retrievals")} for row in ("ORL", "PRL")}
+    return {"seeds": {seed: entry(s) for seed, s in by_seed.items()}, "mean": entry(mean)}
 
 
 def _stopping(s: dict[str, Any], hops: str) -> dict[str, float]:
@@ -317,7 +375,9 @@ def results_table(results: dict[str, Any]) -> str:
     lr = results.get("learning_rate")
     lines += ["", f"{results['questions']} held-out synthetic test questions, greedy decoding; "
               "mean [95 % bootstrap interval over questions]; differences are paired bootstrap "
-              "intervals on the same questions. One seed.",
+              "intervals on the same questions. "
+              + (f"DPO seed {next(iter(results['by_seed']['seeds']))} (other seeds below)."
+                 if results.get("by_seed") else "One seed."),
               f"ORL and PRL each trained on {results.get('pairs', 0)} preference pairs "
               f"(PRL {mix.get('PRL', {})}, ORL {mix.get('ORL', {})}; mined before the "
               f"equal cut: {results.get('pairs_found', {})}; of the ORL pairs "
@@ -336,7 +396,24 @@ def results_table(results: dict[str, Any]) -> str:
             f"the root tried both ({search['root_answer_vs_query']} trees), answering at once "
             f"had the higher value in {100 * search['root_answer_preferred']:.0f} %. Reward-gap "
             f"quartiles of the pairs: PRL {gaps.get('PRL')}, ORL {gaps.get('ORL')}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _seed_lines(results.get("by_seed"))) + "\n"
+
+
+def _seed_lines(by_seed: dict[str, Any] | None) -> list[str]:
+    """The replicate table: ORL / PRL EM and PRL − ORL per DPO seed and over the seeds."""
+    if not by_seed:
+        return []
+    lines = ["", "| DPO seed | ORL EM | PRL EM | PRL − ORL EM | PRL − ORL retrievals |",
+             "|---|---|---|---|---|"]
+    rows = [*by_seed["seeds"].items(), (f"mean of {len(by_seed['seeds'])} seeds", by_seed["mean"])]
+    for seed, e in rows:
+        d = e["PRL-ORL"]
+        lines.append(f"| {seed} | {_cell(e['ORL'])} | {_cell(e['PRL'])} | {_cell(d['em'])} | "
+                     f"{_cell(d['retrievals'], 1.0, 2)} |")
+    lines += ["", "Each seed draws its own equal cut of the pairs and DPO data order (the same "
+              "trees, learning rate and test questions); over seeds, a question's score is its "
+              "mean over the seeds, and the interval is over questions."]
+    return lines
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:

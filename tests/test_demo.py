@@ -7,8 +7,8 @@ import pytest
 
 from reasonrag_jax.config import DemoConfig, load_config
 from reasonrag_jax.data.qa import read_qa
-from reasonrag_jax.demo import apply_preset, plot_results, results_table, stage, summarize, \
-    write_demo_data
+from reasonrag_jax.demo import apply_preset, plot_results, results_table, same_run, \
+    seed_summary, stage, summarize, write_demo_data
 
 
 def test_demo_splits_are_disjoint(tmp_path):
@@ -65,6 +65,7 @@ def test_presets_keep_the_experiment_disjoint_and_powered():
     ablation = apply_preset(cfg, "ablation").demo
     assert ablation.mcts_questions >= 150 and ablation.test_questions >= 300
     assert ablation.dev_questions > 0 and len(ablation.dpo_learning_rates) > 1
+    assert ablation.replicate_seeds                    # ORL and PRL with two seeds each
     assert apply_preset(cfg, "quick").demo.test_questions < cfg.demo.test_questions
     with pytest.raises(ValueError, match="unknown demo preset"):
         apply_preset(cfg, "nope")
@@ -160,3 +161,53 @@ def test_stage_times_add_up_over_the_pieces_of_a_run(tmp_path):
     with stage("SFT", resumed, path):
         time.sleep(0.2)
     assert json.loads(path.read_text())["SFT"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_prl_minus_orl_per_seed_and_over_seeds():
+    """Over seeds a question scores its mean over the seeds; the difference is paired."""
+    def run(orl, prl):
+        return {row: {"em": v, "retrievals": [2 * x for x in v]}
+                for row, v in (("ORL", orl), ("PRL", prl))}
+    by_seed = {"0": run([1, 0, 0, 0], [1, 1, 0, 0]), "1": run([0, 0, 1, 0], [1, 1, 1, 0])}
+    s = seed_summary(by_seed, resamples=500)
+    assert s["seeds"]["0"]["PRL-ORL"]["em"]["mean"] == 0.25
+    assert s["seeds"]["1"]["PRL-ORL"]["em"]["mean"] == 0.5
+    # per question, ORL means 0.5 0 0.5 0 and PRL means 1 1 0.5 0: PRL − ORL 0.5 1 0 0
+    mean = s["mean"]
+    assert (mean["ORL"]["mean"], mean["PRL"]["mean"]) == (0.25, 0.625)
+    d = mean["PRL-ORL"]["em"]
+    assert d["mean"] == 0.375 and 0.0 <= d["low"] < 0.375 < d["high"] <= 0.75
+    assert mean["PRL-ORL"]["retrievals"]["mean"] == 0.75
+    em = {"Base": [0] * 4, "SFT": [0] * 4, "ORL": [1, 0, 0, 0], "PRL": [1, 1, 0, 0]}
+    results = summarize({row: {"em": v, "f1": v, "acc": v, "retrievals": [1] * 4,
+                               "hops": [1] * 4, "capped": [False] * 4}
+                         for row, v in em.items()}, resamples=100)
+    assert "One seed." in results_table(results) and "DPO seed" not in results_table(results)
+    results["by_seed"] = s
+    table = results_table(results)
+    assert "DPO seed 0 (other seeds below)." in table
+    assert "| 1 | 25.0 [" in table and "| mean of 2 seeds | 25.0 [" in table
+    assert "| mean of 2 seeds | 25.0 [0.0, 50.0] | 62.5 [" in table
+    assert table.rstrip().endswith("the interval is over questions.")
+    json.dumps(results)
+
+
+def test_a_finished_run_can_gain_replicate_seeds_but_no_other_change(tmp_path):
+    from pathlib import Path
+
+    from reasonrag_jax.demo import run_demo, run_settings, stored_settings
+
+    path = Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml"
+    cfg = load_config(path)
+    old = run_settings(cfg)                            # a marker written before the key existed
+    del old["demo"]["replicate_seeds"]
+    stored = stored_settings(json.dumps(old))
+    assert same_run(stored, run_settings(load_config(path, ["demo.replicate_seeds=[1, 2]"])))
+    assert not same_run(stored, run_settings(load_config(path, ["demo.test_questions=31"])))
+    # Refused before anything is written; `out` is a file, so were the check gone, the run
+    # would stop at once (making the directory) rather than start the demo.
+    (tmp_path / "run").write_text("kept")
+    for seeds in ("[0]", "[1, 1]"):                    # train.seed is 0: the run's own seed
+        with pytest.raises(ValueError, match="demo.replicate_seeds"):
+            run_demo(load_config(path, [f"demo.replicate_seeds={seeds}"]), tmp_path / "run")
+    assert (tmp_path / "run").read_text() == "kept"
