@@ -94,6 +94,11 @@ def dpo_config(cfg: Config, learning_rate: float, seed: int) -> Config:
                          f"train.batch_size={demo.dpo_batch_size or cfg.train.batch_size}"])
 
 
+def replicate_name(row: str, seed: int) -> str:
+    """A replicate's checkpoint and eval directory name, e.g. `prl.seed1`."""
+    return f"{row.lower()}.seed{seed}"
+
+
 def write_demo_data(demo: DemoConfig, seed: int, data_dir: Path) -> dict[str, Path]:
     """corpus + the four disjoint question splits (written once; test is written last)."""
     from reasonrag_jax.data.synthetic import write_splits
@@ -244,7 +249,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
         _equal_budget(pairs, pairs.with_name("pairs.outcome.jsonl"), seeded["PRL"],
                       seeded["ORL"], demo.max_pairs, seed)
         for row in ("ORL", "PRL"):
-            name = f"{row.lower()}.seed{seed}"
+            name = replicate_name(row, seed)
             with stage(f"DPO {row} seed {seed}", timings, timings_path):
                 ckpt = run_train(dpo_config(cfg, lr, seed), seeded[row], out / "ckpt" / name,
                                  str(sft_ckpt))
@@ -258,7 +263,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     if lrs and demo.replicate_seeds:
         by_seed = {str(cfg.train.seed): {row: scores[row] for row in ("ORL", "PRL")}}
         by_seed.update({str(seed): {row: per_question(examples, out / "eval" /
-                                                      f"{row.lower()}.seed{seed}",
+                                                      replicate_name(row, seed),
                                                       cfg.agent.max_retrievals)
                                     for row in ("ORL", "PRL")}
                         for seed in demo.replicate_seeds})
