@@ -116,7 +116,11 @@ class MCTSConfig:
     max_rollouts: simulations per question; max_children: children per node; max_retrievals:
     the agent's query cap while searching; spre_rollouts, beta, temperature: SPRE's K, length
     discount and sampling temperature; c_uct: exploration constant; batch_questions: trees
-    searched together; min_value_gap: smallest sibling value difference that makes a pair.
+    searched together; min_value_gap: smallest sibling value difference that makes a pair;
+    untried_choice: a reasoning node whose children all made the same choice (all queries, or
+    all answers) gets its next child under the other one, as MCTS expands untried actions first
+    — so every reasoning node with two children compares answering now against searching on,
+    at every depth, even where the policy's choice is lopsided.
     """
     max_rollouts: int = 64          # simulations per question (tree has max_rollouts + 1 nodes)
     max_children: int = 2
@@ -127,6 +131,7 @@ class MCTSConfig:
     temperature: float = 1.0
     batch_questions: int = 8
     min_value_gap: float = 0.01
+    untried_choice: bool = False
 
 
 @dataclass

@@ -70,10 +70,12 @@ def same_run(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
 
 def stored_settings(text: str) -> dict[str, Any]:
     """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
-    versions also wrote the preset table, and ordered the SFT data by `train.seed`."""
+    versions also wrote the preset table, ordered the SFT data by `train.seed`, and searched
+    without `mcts.untried_choice`."""
     stored = json.loads(text)
     stored.get("demo", {}).pop("presets", None)
     stored.get("demo", {}).setdefault("sft_seed", stored.get("train", {}).get("seed", 0))
+    stored.get("mcts", {}).setdefault("untried_choice", False)
     return stored
 
 

@@ -122,6 +122,15 @@ def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
     assert stored_settings(text) == run_settings(load_config(
         Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",
                                                                      "train.seed=3"]))
+    # A run written before `mcts.untried_choice` existed searched without it.
+    del old["mcts"]["untried_choice"]
+    text = json.dumps(old)
+    assert stored_settings(text) == run_settings(load_config(
+        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",
+                                                                     "train.seed=3"]))
+    assert stored_settings(text) != run_settings(load_config(
+        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
+        ["demo.sft_seed=3", "train.seed=3", "mcts.untried_choice=true"]))
 
 
 def test_orl_and_prl_get_the_same_number_of_pairs_sampled_from_the_whole_file(tmp_path):

@@ -297,6 +297,30 @@ def test_expand_gives_n_alternatives_per_unfinished_episode():
     assert {k.steps[0].content for k in greedy} == {"director of Moonfall"}
 
 
+def test_expand_takes_the_requested_choice_with_its_own_log_prob():
+    # The policy writes the query in 2 of 3 samples: greedy picks it, and log P(answer) = log 1/3.
+    script = {IN[0]: ["So the next query is <query>director of Moonfall</query>",
+                      "So the next query is <query>Moonfall director</query>",
+                      "So the answer is <answer>Velmora</answer>"],
+              IN[1]: GUIDED[IN[1]]}
+    runner = EpisodeRunner(ScriptedPolicy(script), FakeRetriever(DOCS), AgentConfig(num_passages=2))
+    (root,) = runner.start([EXAMPLE])
+    (policy,), (answer,) = (runner.expand([root], 1, 0.0, [3], choices)[0]
+                            for choices in ([None], ["answer"]))
+    assert policy.steps[0].kind == "query"
+    assert (answer.steps[0].kind, answer.prediction, answer.done) == ("answer", "Velmora", True)
+    assert answer.steps[0].logprob == pytest.approx(np.log(1 / 3) - 1.0)   # choice + 1 word
+    (query,) = runner.expand([root], 1, 0.0, [3], ["query"])[0]
+    assert query.steps[0].content == "director of Moonfall"
+    # A grounding step has no choice to make: the request does not apply.
+    (grounded,) = runner.expand([query], 1, 0.0, [3], ["answer"])[0]
+    assert grounded.steps[-1].kind == "evidence"
+    free = EpisodeRunner(ScriptedPolicy(script), FakeRetriever(DOCS),
+                         AgentConfig(mode="free", num_passages=2))
+    (free_answer,) = free.expand([root], 1, 0.0, [3], ["answer"])[0]
+    assert free_answer.steps[0].response == "So the answer is <answer>Velmora</answer>"
+
+
 def test_finish_k_rollouts():
     examples, script, docs = mixed_batch()
     runner = EpisodeRunner(ScriptedPolicy(script), FakeRetriever(docs),

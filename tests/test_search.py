@@ -1,5 +1,6 @@
 """The search loop on a scripted runner: batched calls, values as SPRE says, consistent
 statistics, batch-independent trees, kill + resume = uninterrupted; and a small real run."""
+import dataclasses
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from reasonrag_jax.agent.episodes import Episode, Step
 from reasonrag_jax.config import MCTSConfig
 from reasonrag_jax.data.qa import QAExample
 from reasonrag_jax.io import read_jsonl
-from reasonrag_jax.mcts.search import generate, output_paths, search
+from reasonrag_jax.mcts.search import generate, output_paths, search, untried_choice
 from reasonrag_jax.mcts.spre import SPRE
 
 GOLD = "Zyper"
@@ -33,20 +34,23 @@ class FakeRunner:
     def start(self, examples):
         return [Episode(ex) for ex in examples]
 
-    def expand(self, episodes, n, temperature, seeds):
+    def expand(self, episodes, n, temperature, seeds, choices=None):
         assert n == 1 and temperature > 0 and episodes and not any(e.done for e in episodes)
         self.calls.append(("expand", len(episodes)))
         expands = sum(c[0] == "expand" for c in self.calls)
         if self.die_after is not None and expands > self.die_after:
             raise KeyboardInterrupt
-        return [[ep.advance(self.next_step(ep, seed))] for ep, seed in zip(episodes, seeds)]
+        return [[ep.advance(self.next_step(ep, seed, choice))]
+                for ep, seed, choice in zip(episodes, seeds, choices or [None] * len(seeds))]
 
     @staticmethod
-    def next_step(ep, seed):
+    def next_step(ep, seed, choice=None):
+        """`choice` (query / answer) overrides the scripted one, except for the forced answer
+        at depth 5, as in the real runner."""
         depth, r = len(ep.steps), seed % 4
         if ep.steps and ep.steps[-1].kind == "query":
             return step("evidence", f"fact {r}", depth)
-        if r < 2 or depth >= 5:
+        if depth >= 5 or choice == "answer" or (choice is None and r < 2):
             return step("answer", GOLD if r % 2 == 0 else "Lyon", depth)
         return step("query", f"query {r}", depth)
 
@@ -112,6 +116,25 @@ def test_search_batches_calls_and_keeps_consistent_statistics():
                 own * n["reward"] + sum(k["q_value"] * k["visits"] for k in kids), abs=1e-5)
         root = nodes[0]
         assert root["visits"] == CFG.max_rollouts
+
+
+def test_untried_choice_is_the_one_no_child_took():
+    assert [untried_choice(k) for k in ([], ["query"], ["answer", "answer"], ["query", "answer"],
+                                        ["evidence"])] == [None, "answer", "query", None, None]
+
+
+def test_untried_choice_gives_every_reasoning_node_an_answer_and_a_query_child():
+    def sibling_kinds(untried):
+        dumps = search(FakeRunner(), EXAMPLES, dataclasses.replace(
+            CFG, max_rollouts=16, untried_choice=untried), seed=7)
+        return [sorted(d["nodes"][c]["kind"] for c in n["children"]) for d in dumps
+                for n in d["nodes"] if n["kind"] in ("root", "evidence") and n["depth"] < 5
+                and len(n["children"]) == 2]
+    # The scripted policy's own choices often repeat (two queries or two answers) ...
+    assert ["query", "query"] in sibling_kinds(False) and ["answer", "answer"] in sibling_kinds(False)
+    # ... the untried choice never does.
+    both = sibling_kinds(True)
+    assert len(both) >= 5 and all(k == ["answer", "query"] for k in both)
 
 
 def test_trees_do_not_depend_on_the_batch():

@@ -169,11 +169,16 @@ class EpisodeRunner:
         return [Episode(ex) for ex in examples]
 
     def expand(self, episodes: Sequence[Episode], n: int, temperature: float,
-               seeds: Sequence[int]) -> list[list[Episode]]:
-        """`n` one-step continuations of each episode (none for a finished one)."""
+               seeds: Sequence[int], choices: Sequence[str | None] | None = None
+               ) -> list[list[Episode]]:
+        """`n` one-step continuations of each episode (none for a finished one). `choices`:
+        per episode, the reasoning choice (`query` or `answer`) its continuations must take
+        instead of the policy's, or None; it applies where the episode is at a reasoning step
+        the agent may choose at (not grounding, not the forced answer at the cap)."""
         live = [i for i, ep in enumerate(episodes) if not ep.done]
+        choices = choices or [None] * len(episodes)
         children = self._advance([episodes[i] for i in live], [seeds[i] for i in live], n,
-                                 temperature)
+                                 temperature, [choices[i] for i in live])
         out: list[list[Episode]] = [[] for _ in episodes]
         for i, c in zip(live, children):
             out[i] = c
@@ -218,8 +223,10 @@ class EpisodeRunner:
     # -----------------------------------------------------------------------------------------
 
     def _advance(self, episodes: Sequence[Episode], seeds: Sequence[int], n: int,
-                 temperature: float) -> list[list[Episode]]:
-        """One protocol step for every (unfinished) episode, `n` alternatives each."""
+                 temperature: float, choices: Sequence[str | None] | None = None
+                 ) -> list[list[Episode]]:
+        """One protocol step for every (unfinished) episode, `n` alternatives each (`choices`:
+        as in `expand`)."""
         if not episodes:
             return []
         started = time.perf_counter()
@@ -227,7 +234,8 @@ class EpisodeRunner:
         prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
         seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
         clock = time.perf_counter()
-        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature)
+        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature,
+                                                 choices or [None] * len(turns))
         self.stats.score_s += time.perf_counter() - clock
         clock = time.perf_counter()
         completions = self._generate(prompts, scaffolds, seeds, temperature)
@@ -262,20 +270,28 @@ class EpisodeRunner:
                 for ep, row in zip(episodes, steps)]
 
     def _scaffolds(self, turns: list[P.Turn], prompts: list[str], seeds: list[int], n: int,
-                   temperature: float) -> tuple[list[list[str]], list[list[float]]]:
+                   temperature: float, choices: Sequence[str | None]
+                   ) -> tuple[list[list[str]], list[list[float]]]:
         """Per row and alternative: the text the runner writes before the model continues, and
-        the log-prob of the model choosing it (guided reasoning only)."""
-        if self.cfg.mode == "free":
-            return [[""] * n for _ in turns], [[0.0] * n for _ in turns]
-        options = (P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD)
+        the log-prob of the model choosing it (guided reasoning only). A row's requested
+        choice (`choices`) replaces the policy's; in free mode it is the only text written."""
+        kinds, options = (P.QUERY, P.ANSWER), (P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD)
         choose = [i for i, t in enumerate(turns) if t.state == P.REASONING and not t.forced]
+        if self.cfg.mode == "free":
+            scaffolds = [[""] * n for _ in turns]
+            for i in choose:
+                if choices[i]:
+                    scaffolds[i] = [options[kinds.index(choices[i])]] * n
+            return scaffolds, [[0.0] * n for _ in turns]
         scores = self.sampler.score([prompts[i] for i in choose], [list(options)] * len(choose)) \
             if choose else np.zeros((0, 2))
         scaffolds = [[P.EVIDENCE_SCAFFOLD if t.state == P.GROUNDING else P.ANSWER_SCAFFOLD] * n
                      for t in turns]
         logps = [[0.0] * n for _ in turns]
         for i, lp in zip(choose, np.asarray(scores, dtype=np.float64)):
-            if temperature <= 0:
+            if choices[i]:
+                picks = [kinds.index(choices[i])] * n
+            elif temperature <= 0:
                 picks = [int(np.argmax(lp))] * n
             else:
                 z = lp / temperature

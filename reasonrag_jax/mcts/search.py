@@ -7,6 +7,9 @@ and select the next nodes in ONE tree call (`tree.grow`).
 Selection is standard UCT (`tree.select`): an answer node competes with its siblings like any
 other node. A selected answer node cannot grow; its own value is backed up again (no new node),
 so when answering is right its visits and its ancestors' values keep growing towards it.
+With `mcts.untried_choice` a reasoning node whose children all made one choice expands the
+other next (`untried_choice`): a policy that nearly always searches on still gets an answer
+sibling (terminal: no rollouts) beside its query, so stop-or-search pairs exist at every depth.
 Episodes in the search stop after `mcts.max_retrievals` queries (the original: 3 in data
 generation, against 4 at inference, `agent.max_retrievals`).
 
@@ -30,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reasonrag_jax.agent.episodes import Episode, derive_seed, runner_scalars
+from reasonrag_jax.agent.protocol import ANSWER, QUERY
 from reasonrag_jax.config import Config, MCTSConfig
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -41,13 +45,16 @@ from reasonrag_jax.mcts.spre import SPRE, ValueFn
 from reasonrag_jax.sharding import lead_process, resume_keys
 
 
+CHOICES = (QUERY, ANSWER)   # what a reasoning step chooses between
+
+
 class Runner(Protocol):
     """What the search needs of an episode runner (`agent.episodes.EpisodeRunner`)."""
 
     def start(self, examples: list[QAExample]) -> list[Episode]: ...
 
-    def expand(self, episodes: list[Episode], n: int, temperature: float,
-               seeds: list[int]) -> list[list[Episode]]: ...
+    def expand(self, episodes: list[Episode], n: int, temperature: float, seeds: list[int],
+               choices: list[str | None] | None = None) -> list[list[Episode]]: ...
 
     def finish(self, episodes: list[Episode], temperature: float, seeds: list[int],
                k: int = 1) -> list[list[Episode]]: ...
@@ -62,6 +69,13 @@ def default_value_fn(cfg: MCTSConfig) -> ValueFn:
     return SPRE(k=cfg.spre_rollouts, beta=cfg.beta, temperature=cfg.temperature)
 
 
+def untried_choice(kinds: list[str]) -> str | None:
+    """The reasoning choice a node's next child should take, given its children's kinds: the
+    other one when they all took one (all queries, or all answers); else the policy's (None)."""
+    tried = set(kinds) & set(CHOICES)
+    return next(c for c in CHOICES if c not in tried) if len(tried) == 1 else None
+
+
 def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int,
            value_fn: ValueFn | None = None) -> list[dict[str, Any]]:
     """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps."""
@@ -74,6 +88,7 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
     rollouts = np.zeros(b, np.int64)
     rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
     nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
+    kid_kinds: list[dict[int, list[str]]] = [{} for _ in range(b)]   # (q, node) → children's
     leaf = np.asarray(T.select(tree, c_uct))
     for it in range(cfg.max_rollouts):
         room = nodes < n
@@ -82,8 +97,10 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
         at_end = np.array([table[i][leaf[i]].done for i in range(b)])
         grow = [i for i in range(b) if room[i] and not at_end[i]]
         it_seeds = [derive_seed(seeds[i], it) for i in grow]
+        choices = [untried_choice(kid_kinds[i].get(int(leaf[i]), [])) if cfg.untried_choice
+                   else None for i in grow]
         new = [kid[0] for kid in runner.expand([table[i][leaf[i]] for i in grow], 1,
-                                               cfg.temperature, it_seeds)] if grow else []
+                                               cfg.temperature, it_seeds, choices)] if grow else []
         valuation = value_fn(runner, new, it_seeds) if grow else None
         value, kind = np.zeros(b, np.float32), np.zeros(b, np.int32)
         terminal, valid = np.zeros(b, bool), np.zeros(b, bool)
@@ -92,9 +109,11 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
             terminal[i], valid[i] = ep.done, True
             rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
         tree, grown = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end, c_uct)
+        parent = leaf
         child, leaf = np.asarray(grown)
         nodes += child >= 0
         for j, (i, ep) in enumerate(zip(grow, new)):
+            kid_kinds[i].setdefault(int(parent[i]), []).append(ep.steps[-1].kind)
             table[i][int(child[i])] = ep
             rollout_f1[i][int(child[i])] = valuation.rollout_f1[j]
     return [dump_tree(tree, i, table[i], rollout_f1[i], rollouts=int(rollouts[i]))
