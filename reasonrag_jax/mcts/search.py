@@ -88,7 +88,7 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
     rollouts = np.zeros(b, np.int64)
     rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
     nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
-    kid_kinds: list[dict[int, list[str]]] = [{} for _ in range(b)]   # (q, node) → children's
+    kid_kinds: list[dict[int, list[str]]] = [{} for _ in range(b)]   # (q, node) → its kids' kinds
     leaf = np.asarray(T.select(tree, c_uct))
     for it in range(cfg.max_rollouts):
         room = nodes < n
