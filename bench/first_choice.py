@@ -36,7 +36,7 @@ def main() -> None:
     examples = read_qa(args.run / "data" / f"{args.split}.jsonl")[:args.questions]
     turns = [P.turn(ex.question, (), cfg.agent.max_retrievals) for ex in examples]  # as the runner
     prompts = [P.render(runner.sampler.tokenizer, t.instruction, t.input) for t in turns]
-    scores = runner.sampler.score(prompts, [[P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD]] * len(prompts))
+    scores = runner.sampler.score(prompts, [list(P.CHOICE_SCAFFOLDS)] * len(prompts))
     diff = scores[:, 0] - scores[:, 1]
     print_result({"checkpoint": args.checkpoint, "split": args.split,
                   "query_minus_answer": [round(float(d), 3) for d in diff],

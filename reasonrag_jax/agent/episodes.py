@@ -176,9 +176,8 @@ class EpisodeRunner:
         instead of the policy's, or None; it applies where the episode is at a reasoning step
         the agent may choose at (not grounding, not the forced answer at the cap)."""
         live = [i for i, ep in enumerate(episodes) if not ep.done]
-        choices = choices or [None] * len(episodes)
         children = self._advance([episodes[i] for i in live], [seeds[i] for i in live], n,
-                                 temperature, [choices[i] for i in live])
+                                 temperature, [choices[i] for i in live] if choices else None)
         out: list[list[Episode]] = [[] for _ in episodes]
         for i, c in zip(live, children):
             out[i] = c
@@ -234,8 +233,7 @@ class EpisodeRunner:
         prompts = [P.render(self.sampler.tokenizer, t.instruction, t.input) for t in turns]
         seeds = [derive_seed(s, len(ep.steps)) for s, ep in zip(seeds, episodes)]
         clock = time.perf_counter()
-        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature,
-                                                 choices or [None] * len(turns))
+        scaffolds, choice_logp = self._scaffolds(turns, prompts, seeds, n, temperature, choices)
         self.stats.score_s += time.perf_counter() - clock
         clock = time.perf_counter()
         completions = self._generate(prompts, scaffolds, seeds, temperature)
@@ -270,18 +268,18 @@ class EpisodeRunner:
                 for ep, row in zip(episodes, steps)]
 
     def _scaffolds(self, turns: list[P.Turn], prompts: list[str], seeds: list[int], n: int,
-                   temperature: float, choices: Sequence[str | None]
+                   temperature: float, choices: Sequence[str | None] | None
                    ) -> tuple[list[list[str]], list[list[float]]]:
         """Per row and alternative: the text the runner writes before the model continues, and
         the log-prob of the model choosing it (guided reasoning only). A row's requested
         choice (`choices`) replaces the policy's; in free mode it is the only text written."""
-        kinds, options = (P.QUERY, P.ANSWER), (P.QUERY_SCAFFOLD, P.ANSWER_SCAFFOLD)
+        choices, options = choices or [None] * len(turns), P.CHOICE_SCAFFOLDS
         choose = [i for i, t in enumerate(turns) if t.state == P.REASONING and not t.forced]
         if self.cfg.mode == "free":
             scaffolds = [[""] * n for _ in turns]
             for i in choose:
                 if choices[i]:
-                    scaffolds[i] = [options[kinds.index(choices[i])]] * n
+                    scaffolds[i] = [options[P.CHOICES.index(choices[i])]] * n
             return scaffolds, [[0.0] * n for _ in turns]
         scores = self.sampler.score([prompts[i] for i in choose], [list(options)] * len(choose)) \
             if choose else np.zeros((0, 2))
@@ -290,7 +288,7 @@ class EpisodeRunner:
         logps = [[0.0] * n for _ in turns]
         for i, lp in zip(choose, np.asarray(scores, dtype=np.float64)):
             if choices[i]:
-                picks = [kinds.index(choices[i])] * n
+                picks = [P.CHOICES.index(choices[i])] * n
             elif temperature <= 0:
                 picks = [int(np.argmax(lp))] * n
             else:

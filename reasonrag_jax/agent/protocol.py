@@ -36,6 +36,8 @@ TAGS = (QUERY, EVIDENCE, ANSWER)
 CLOSING_TAGS = tuple(f"</{t}>" for t in TAGS)      # the sampler's stop strings
 QUERY_SCAFFOLD = "So the next query is <query>"
 ANSWER_SCAFFOLD = "So the answer is <answer>"
+CHOICES = (QUERY, ANSWER)   # what a reasoning step chooses between, with their scaffolds:
+CHOICE_SCAFFOLDS = (QUERY_SCAFFOLD, ANSWER_SCAFFOLD)
 EVIDENCE_SCAFFOLD = "<evidence>"
 NO_EVIDENCE = "None"
 
@@ -156,7 +158,7 @@ def _clean(text: str) -> str:
 
 def parse_reasoning(text: str) -> tuple[str, str]:
     """(QUERY | ANSWER, content) of a reasoning step; ("query", "") when nothing is usable."""
-    found = _tagged(text, (QUERY, ANSWER)) or _phrase(text, (QUERY, ANSWER))
+    found = _tagged(text, CHOICES) or _phrase(text, CHOICES)
     if found is None or not found[1]:
         return QUERY, ""
     return found

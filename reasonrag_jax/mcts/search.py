@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from reasonrag_jax.agent.episodes import Episode, derive_seed, runner_scalars
-from reasonrag_jax.agent.protocol import ANSWER, QUERY
+from reasonrag_jax.agent.protocol import CHOICES
 from reasonrag_jax.config import Config, MCTSConfig
 from reasonrag_jax.data.qa import QAExample, read_qa
 from reasonrag_jax.io import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -43,9 +43,6 @@ from reasonrag_jax.mcts import tree as T
 from reasonrag_jax.mcts.render import dump_tree, render_tree
 from reasonrag_jax.mcts.spre import SPRE, ValueFn
 from reasonrag_jax.sharding import lead_process, resume_keys
-
-
-CHOICES = (QUERY, ANSWER)   # what a reasoning step chooses between
 
 
 class Runner(Protocol):
