@@ -3,7 +3,8 @@ log P("So the answer is <answer>") on each question's first reasoning prompt.
 
 Why: in guided mode that difference decides whether a policy searches at all, and a short SFT
 can leave it on either side (the demo's flipped with its forced-answer records), so check it on
-training or dev questions before spending evaluation and MCTS on a checkpoint.
+training or dev questions before spending evaluation and MCTS on a checkpoint. Every later
+reasoning state of an eval run, for several checkpoints at once: `reasonrag-jax stop-choice`.
 
     python bench/first_choice.py --run runs/demo3 --checkpoint runs/demo3/ckpt/sft --split sft
 
@@ -20,6 +21,7 @@ from reasonrag_jax.agent import protocol as P
 from reasonrag_jax.agent.episodes import runner_from_config
 from reasonrag_jax.config import load_config
 from reasonrag_jax.data.qa import read_qa
+from reasonrag_jax.eval.stop_choice import answer_margins
 
 
 def main() -> None:
@@ -36,8 +38,7 @@ def main() -> None:
     examples = read_qa(args.run / "data" / f"{args.split}.jsonl")[:args.questions]
     turns = [P.turn(ex.question, (), cfg.agent.max_retrievals) for ex in examples]  # as the runner
     prompts = [P.render(runner.sampler.tokenizer, t.instruction, t.input) for t in turns]
-    scores = runner.sampler.score(prompts, [list(P.CHOICE_SCAFFOLDS)] * len(prompts))
-    diff = scores[:, 0] - scores[:, 1]
+    diff = -answer_margins(runner.sampler, prompts)
     print_result({"checkpoint": args.checkpoint, "split": args.split,
                   "query_minus_answer": [round(float(d), 3) for d in diff],
                   "mean": round(float(diff.mean()), 3),

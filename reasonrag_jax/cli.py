@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--index", type=Path, required=True)
     sp.add_argument("--checkpoint", default=None, help="policy: training dir, HF dir or GGUF")
     sp.add_argument("--out", type=Path, required=True)
+    sp = add("stop-choice", "the guided stop-or-search margin of policies on an eval's reasoning states")
+    sp.add_argument("--traces", type=Path, required=True, help="an eval run's traces.jsonl")
+    sp.add_argument("--checkpoint", action="append", required=True,
+                    help="a policy to score (repeat to compare; the first is the reference)")
+    sp.add_argument("--out", type=Path, required=True, help="JSON file to write")
     sp = add("generate", "MCTS + SPRE preference pairs (RAG-ProGuide format)")
     sp.add_argument("--dataset", type=Path, required=True)
     sp.add_argument("--index", type=Path, required=True)
@@ -117,6 +122,10 @@ def run(args: argparse.Namespace) -> None:
         from reasonrag_jax.eval.evaluate import run_eval
 
         run_eval(cfg, args.dataset, args.index, args.checkpoint, args.out)
+    elif args.command == "stop-choice":
+        from reasonrag_jax.eval.stop_choice import format_table, run_stop_choice
+
+        print(format_table(run_stop_choice(cfg, args.traces, args.checkpoint, args.out)))
     elif args.command == "generate":
         from reasonrag_jax.mcts.search import run_generate
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from reasonrag_jax.agent import protocol as P
 from reasonrag_jax.config import AgentConfig
-from reasonrag_jax.sampling import SamplingParams
+from reasonrag_jax.sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -138,18 +138,22 @@ def derive_seed(seed: int, *salts: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, *salts]).generate_state(1)[0]) >> 1
 
 
-def runner_from_config(cfg: Config, policy: str, index_dir: str | Path) -> EpisodeRunner:
-    """The runner of `eval` and `generate`: `policy` loaded, its sampler on the config's mesh
-    (every process of a pod runs it), the index at `index_dir` as the retriever."""
+def sampler_from_config(cfg: Config, policy: str) -> Sampler:
+    """`policy` loaded, its sampler on the config's mesh (every process of a pod runs it)."""
     from reasonrag_jax.models.policy import load_policy
-    from reasonrag_jax.retrieval.index import Retriever
-    from reasonrag_jax.sampling import Sampler
     from reasonrag_jax.sharding import make_mesh
 
     model, tokenizer = load_policy(policy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-    sampler = Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh),
-                      rules=cfg.mesh.rules)
-    return EpisodeRunner(sampler, Retriever.load(index_dir, cfg.retrieval), cfg.agent)
+    return Sampler(model, tokenizer, cfg.sampler, mesh=make_mesh(cfg.mesh), rules=cfg.mesh.rules)
+
+
+def runner_from_config(cfg: Config, policy: str, index_dir: str | Path) -> EpisodeRunner:
+    """The runner of `eval` and `generate`: `policy`'s sampler (`sampler_from_config`), the index
+    at `index_dir` as the retriever."""
+    from reasonrag_jax.retrieval.index import Retriever
+
+    return EpisodeRunner(sampler_from_config(cfg, policy), Retriever.load(index_dir, cfg.retrieval),
+                         cfg.agent)
 
 
 class EpisodeRunner:
