@@ -70,7 +70,8 @@ def reasoning_states(traces: Iterable[tuple[int, dict[str, Any]]], path: Path
                     raise InputError(f"{where(path, line, f'steps[{k}].{name}')} is missing")
             if step["state"] == P.REASONING and P.FORCED_TASK not in step["prompt"]:
                 states.append(ReasoningState(rec["id"], rec.get("hops"), retrievals,
-                                             _contains(" ".join(evidence), rec["golden_answers"]),
+                                             any(_contains(e, rec["golden_answers"])
+                                                 for e in evidence),
                                              step["prompt"]))
             if step["kind"] == P.QUERY and step.get("query"):
                 retrievals += 1
