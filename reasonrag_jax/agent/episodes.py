@@ -18,7 +18,7 @@ import numpy as np
 
 from reasonrag_jax.agent import protocol as P
 from reasonrag_jax.config import AgentConfig
-from reasonrag_jax.sampling import Sampler, SamplingParams
+from reasonrag_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from reasonrag_jax.config import Config
     from reasonrag_jax.data.qa import QAExample
     from reasonrag_jax.retrieval.index import Passage
-    from reasonrag_jax.sampling import Completion
+    from reasonrag_jax.sampling import Completion, Sampler
 
 _SALTS = {"": 1, P.QUERY_SCAFFOLD: 2, P.ANSWER_SCAFFOLD: 3, P.EVIDENCE_SCAFFOLD: 4}
 _CHOICE_SALT = 0
@@ -141,6 +141,7 @@ def derive_seed(seed: int, *salts: int) -> int:
 def sampler_from_config(cfg: Config, policy: str) -> Sampler:
     """`policy` loaded, its sampler on the config's mesh (every process of a pod runs it)."""
     from reasonrag_jax.models.policy import load_policy
+    from reasonrag_jax.sampling import Sampler
     from reasonrag_jax.sharding import make_mesh
 
     model, tokenizer = load_policy(policy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
