@@ -36,7 +36,8 @@ class ReasoningState:
 
     @property
     def group(self) -> str:
-        return f"{self.retrievals} retrievals, {'answer in' if self.knows else 'no answer in'} evidence"
+        counted = f"{self.retrievals} retrieval{'' if self.retrievals == 1 else 's'}"
+        return f"{counted}, {'answer in' if self.knows else 'no answer in'} evidence"
 
 
 def answer_margins(sampler: Any, prompts: Sequence[str]) -> np.ndarray:
@@ -126,6 +127,9 @@ def run_stop_choice(cfg: Config, traces: Path, checkpoints: Sequence[str], out: 
     `out` (JSON: the comparison and every state's margins) and return the comparison."""
     from reasonrag_jax.agent.episodes import sampler_from_config
 
+    twice = sorted({c for c in checkpoints if list(checkpoints).count(c) > 1})
+    if twice:
+        raise InputError(f"--checkpoint {twice[0]} is given twice: each policy is one column")
     states = reasoning_states(read_jsonl(traces), traces)
     if not states:
         raise InputError(f"{traces}: no reasoning step where the policy could choose")
