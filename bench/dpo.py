@@ -83,7 +83,8 @@ def run_jax(args) -> dict:
     buckets = (int(data.lengths.max()),)      # one shape: a pair's packed row
     assert data.truncated == 0, "no pair may be cut by --seq (TRL would cut it differently)"
     # the real tokens of TRL's two rows per pair: prompt + chosen, prompt + rejected
-    pair_tokens = 2 * (data.segments == 0).sum(1) + (data.segments > 0).sum(1)
+    completion = (data.slots >= 0).sum(1)
+    pair_tokens = 2 * (data.lengths - completion) + completion
     graphdef, state = nnx.split(model)
     optimizer = trainer.make_optimizer(cfg.train, total)
     place = trainer.placement(make_mesh(cfg.mesh), cfg.mesh.rules, state, optimizer)
@@ -97,10 +98,11 @@ def run_jax(args) -> dict:
     elapsed, losses = 0.0, []
     for s in range(total):
         rows = np.arange(s * args.batch, (s + 1) * args.batch)   # file order, as TRL
-        tokens, segments = batch_arrays(data, rows, buckets)
+        arrays = batch_arrays(data, rows, buckets)
         t0 = time.perf_counter()
-        batch = tuple(global_array(x[None], place.micro) for x in (tokens, segments, ref[rows]))
-        params, opt_state, metrics = step(params, opt_state, *batch)
+        batch = {f: global_array(x[None], place.micro) for f, x in arrays.items()}
+        params, opt_state, metrics = step(params, opt_state, batch,
+                                          global_array(ref[rows][None], place.micro))
         losses.append(float(metrics["loss"]))
         if s >= args.warmup:
             elapsed += time.perf_counter() - t0

@@ -141,6 +141,9 @@ class TrainConfig:
     objective, beta, label_smoothing: the loss; learning_rate, warmup_ratio, schedule,
     weight_decay, max_grad_norm: AdamW and its schedule; batch_size (pairs or sequences per
     step), grad_accum, epochs, max_steps (0: from epochs), max_length, length_buckets: batches;
+    pack_length: 0 puts each example in a row of its own; > 0 packs examples sorted by prompt into
+    rows of at most this many tokens whose shared prompt prefixes are computed once
+    (`train.data`), and `batch_size` then counts rows;
     save_every, keep_checkpoints: Orbax cadence; seed: data order and held-out split;
     val_fraction: share of the units (pairs, or SFT records) held out from training, chosen by
     `seed` alone and rounded up (LLaMA-Factory's `val_size`), evaluated with the training loss at
@@ -160,6 +163,7 @@ class TrainConfig:
     max_steps: int = 0              # 0: from epochs
     max_length: int = 1024          # prompt + completion tokens (longer: prompt cut from the left)
     length_buckets: tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    pack_length: int = 0            # tokens per packed row (0: one example per row)
     save_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
@@ -168,6 +172,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"key 'train.val_fraction': {self.val_fraction!r} is outside [0, 1)")
+        if self.pack_length < 0:
+            raise InputError(f"key 'train.pack_length': {self.pack_length!r} is negative")
 
 
 @dataclass
@@ -198,6 +204,8 @@ class DemoConfig:
     sft_epochs: int = 1
     sft_learning_rate: float = 5e-5
     sft_seed: int = 0               # SFT data order (`train.seed` of the SFT stage)
+    sft_batch_size: int = 0         # rows per SFT update (0: train.batch_size)
+    sft_pack_length: int = 0        # `train.pack_length` of the SFT stage (0: a record per row)
     mcts_questions: int = 48        # searched for PRL / ORL pairs
     max_pairs: int = 0              # pairs each of ORL and PRL train on, at most (0: all)
     dpo_epochs: int = 2

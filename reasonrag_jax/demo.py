@@ -71,20 +71,26 @@ def same_run(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
 def stored_settings(text: str) -> dict[str, Any]:
     """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
     versions also wrote the preset table, ordered the SFT data by `train.seed`, and searched
-    without `mcts.untried_choice`."""
+    without `mcts.untried_choice` or packing (one SFT record per row, at `train.batch_size`)."""
     stored = json.loads(text)
     stored.get("demo", {}).pop("presets", None)
     stored.get("demo", {}).setdefault("sft_seed", stored.get("train", {}).get("seed", 0))
+    for key in ("sft_batch_size", "sft_pack_length"):
+        stored.get("demo", {}).setdefault(key, 0)
+    stored.get("train", {}).setdefault("pack_length", 0)
     stored.get("mcts", {}).setdefault("untried_choice", False)
     return stored
 
 
 def sft_config(cfg: Config) -> Config:
-    """The SFT stage's training config: the demo's epochs, learning rate and data order."""
+    """The SFT stage's training config: the demo's epochs, learning rate, data order, batch
+    and packing."""
     demo = cfg.demo
     return _reload(cfg, ["train.objective=sft", f"train.epochs={demo.sft_epochs}",
                          f"train.learning_rate={demo.sft_learning_rate}",
-                         f"train.seed={demo.sft_seed}"])
+                         f"train.seed={demo.sft_seed}",
+                         f"train.batch_size={demo.sft_batch_size or cfg.train.batch_size}",
+                         f"train.pack_length={demo.sft_pack_length}"])
 
 
 def dpo_config(cfg: Config, learning_rate: float, seed: int) -> Config:

@@ -111,8 +111,12 @@ def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
                       ["demo.sft_seed=7", "train.seed=3"])
     sft = sft_config(cfg).train
-    assert (sft.objective, sft.seed, sft.learning_rate, sft.epochs) == (
-        "sft", 7, cfg.demo.sft_learning_rate, cfg.demo.sft_epochs)
+    assert (sft.objective, sft.seed, sft.learning_rate, sft.epochs, sft.pack_length,
+            sft.batch_size) == ("sft", 7, cfg.demo.sft_learning_rate, cfg.demo.sft_epochs, 0,
+                                cfg.train.batch_size)
+    packed = sft_config(load_config(Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
+                                    ["demo.sft_pack_length=1024", "demo.sft_batch_size=2"])).train
+    assert (packed.pack_length, packed.batch_size) == (1024, 2)
     # A run written before `demo.sft_seed` existed ordered its SFT data by `train.seed`.
     old = run_settings(cfg)
     del old["demo"]["sft_seed"]
@@ -122,15 +126,18 @@ def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
     assert stored_settings(text) == run_settings(load_config(
         Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",
                                                                      "train.seed=3"]))
-    # A run written before `mcts.untried_choice` existed searched without it.
+    # A run written before `mcts.untried_choice` and packing existed searched without the one
+    # and trained one SFT record per row at `train.batch_size`.
     del old["mcts"]["untried_choice"]
+    del old["demo"]["sft_batch_size"], old["demo"]["sft_pack_length"], old["train"]["pack_length"]
     text = json.dumps(old)
     assert stored_settings(text) == run_settings(load_config(
         Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",
                                                                      "train.seed=3"]))
-    assert stored_settings(text) != run_settings(load_config(
-        Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
-        ["demo.sft_seed=3", "train.seed=3", "mcts.untried_choice=true"]))
+    for change in ("mcts.untried_choice=true", "demo.sft_pack_length=1024"):
+        assert stored_settings(text) != run_settings(load_config(
+            Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml",
+            ["demo.sft_seed=3", "train.seed=3", change]))
 
 
 def test_orl_and_prl_get_the_same_number_of_pairs_sampled_from_the_whole_file(tmp_path):

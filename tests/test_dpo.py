@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from reasonrag_jax.train.data import batch_arrays, encode_examples
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps
 
 
@@ -46,9 +47,12 @@ def test_sequence_logps_match_transformers(tiny_qwen2_cfg, make_hf_dir):
     mask[0, 10:37] = 1
     mask[1, 5:20] = 1       # a right-padded row: positions ≥ 20 must not matter
     mask[2, 1:2] = 1
-    segments = mask.astype(np.int32)      # 0 prompt (and what follows row 1's completion), 1
-    got = np.asarray(sequence_logps(model, jnp.asarray(tokens), jnp.asarray(segments),
-                                    chunk=8))[:, 0]
+    # row r: prompt tokens[r, :a], completion tokens[r, a:b] (row 1 right-padded after 20)
+    spans = [(10, 37), (5, 20), (1, 2)]
+    enc = encode_examples([(t[:a].tolist(), [t[a:b].tolist()]) for t, (a, b) in zip(tokens, spans)],
+                          pad_id=0)
+    rows = batch_arrays(enc, np.arange(3), (37,))
+    got = np.asarray(sequence_logps(model, rows, 1, chunk=8))[:, 0]
     with torch.no_grad():
         lp = torch.log_softmax(ref(torch.tensor(tokens, dtype=torch.long)).logits.float(), -1)
     tok = torch.tensor(tokens[:, 1:], dtype=torch.long)
@@ -69,14 +73,12 @@ def test_a_packed_pair_scores_each_side_as_its_own_row(tiny_qwen2_cfg, make_hf_d
     rng = np.random.default_rng(1)
     prompt, chosen, rejected = (rng.integers(0, tiny_qwen2_cfg.vocab_size, n).tolist()
                                 for n in (11, 7, 4))
-    packed = np.array([prompt + chosen + rejected + [0] * 3], np.int32)
-    segments = np.array([[0] * 11 + [1] * 7 + [2] * 4 + [-1] * 3], np.int32)
-    got = np.asarray(sequence_logps(model, jnp.asarray(packed), jnp.asarray(segments), 2,
+    pair = encode_examples([(prompt, [chosen, rejected])], pad_id=0)
+    got = np.asarray(sequence_logps(model, batch_arrays(pair, np.arange(1), (25,)), 2,
                                     chunk=8))[0]
-    rows = np.zeros((2, 18), np.int32)
-    rows[0], rows[1, :15] = prompt + chosen, prompt + rejected
-    alone = np.array([[0] * 11 + [1] * 7, [0] * 11 + [1] * 4 + [-1] * 3], np.int32)
-    want = np.asarray(sequence_logps(model, jnp.asarray(rows), jnp.asarray(alone), chunk=8))[:, 0]
+    alone = encode_examples([(prompt, [chosen]), (prompt, [rejected])], pad_id=0)
+    want = np.asarray(sequence_logps(model, batch_arrays(alone, np.arange(2), (18,)), 1,
+                                     chunk=8))[:, 0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert abs(got[0] - got[1]) > 1e-3          # the two sides really differ
 
@@ -117,14 +119,12 @@ def test_training_favours_the_chosen_side(tiny_llama_cfg, tmp_path):
     prompt = data.prompt_ids(tokenizer, "", pairs[0]["input"])
     rows = [prompt + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             for t in ("yes", "no")]
-    width, lengths = max(map(len, rows)), np.array([len(r) for r in rows])
-    tokens = jnp.asarray([r + [0] * (width - len(r)) for r in rows])
-    cols = np.arange(width)
-    segments = jnp.asarray(np.where(cols < len(prompt), 0,
-                                    np.where(cols < lengths[:, None], 1, -1)), jnp.int32)
+    width = max(map(len, rows))
+    alone = data.encode_examples([(prompt, [r[len(prompt):]]) for r in rows], pad_id=0)
+    scored = data.batch_arrays(alone, np.arange(2), (width,))
 
     def gap(p):
-        lp = sequence_logps(nnx.merge(graphdef, p), tokens, segments)[:, 0]
+        lp = sequence_logps(nnx.merge(graphdef, p), scored, 1)[:, 0]
         return float(lp[0] - lp[1])
 
     before = gap(params)
@@ -132,11 +132,48 @@ def test_training_favours_the_chosen_side(tiny_llama_cfg, tmp_path):
     margins = []
     for s in range(steps):
         batch = trainer.batch_rows(s, len(pairs), cfg.train.batch_size, 0)
-        toks, seg = data.batch_arrays(encoded, batch, (32,))
-        params, opt_state, metrics = step(
-            params, opt_state, global_array(toks[None], place.micro),
-            global_array(seg[None], place.micro), global_array(ref[batch][None], place.micro))
+        rows_in = {f: global_array(x[None], place.micro)
+                   for f, x in data.batch_arrays(encoded, batch, (32,)).items()}
+        params, opt_state, metrics = step(params, opt_state, rows_in,
+                                          global_array(ref[batch][None], place.micro))
         margins.append(float(metrics["rewards/margins"]))
     after = gap(params)
     assert after > before + 1.0, (before, after)
     assert margins[-1] > 0 and float(metrics["rewards/accuracies"]) == 1.0, margins
+
+
+def test_packing_changes_no_loss(tiny_qwen2_cfg, make_hf_dir):
+    """Pairs and SFT records whose prompts share prefixes, packed into prefix-tree rows of
+    unequal size (one row has an unused pair slot), give the DPO and SFT losses and metrics of
+    one example per row."""
+    from reasonrag_jax.config import TrainConfig
+    from reasonrag_jax.models.weights import load_hf_dir
+    from reasonrag_jax.train.trainer import objective_loss
+
+    path, _ = make_hf_dir(tiny_qwen2_cfg, seed=3)
+    model = load_hf_dir(path)
+    rng = np.random.default_rng(2)
+    draw = lambda n: rng.integers(1, tiny_qwen2_cfg.vocab_size, n).tolist()  # noqa: E731
+    system, history = draw(9), draw(6)
+    prompts = [system + history + draw(3), system + history + draw(4), system + draw(5)]
+    pairs = [(p, [draw(3), draw(5)]) for p in prompts] + [(prompts[0], [draw(2), draw(4)])]
+    tc = TrainConfig()
+    for examples in (pairs, [(p, [c[0]]) for p, c in pairs]):
+        objective = "dpo" if len(examples[0][1]) == 2 else "sft"
+        got = {}
+        for pack_length in (0, 32):
+            enc = encode_examples(examples, pad_id=0, pack_length=pack_length)
+            rows = batch_arrays(enc, np.arange(len(enc.lengths)), (64,))
+            lp = sequence_logps(model, rows, enc.num_slots, chunk=16)
+            got[pack_length] = objective_loss(tc, objective, lp, rows["slots"], lp - 0.5 * lp ** 2
+                                              if objective == "dpo" else 0 * lp)
+            got[pack_length, "slots"] = enc.slot_tokens()
+        used = got[32, "slots"] > 0
+        # fewer rows than examples, every completion in a slot, and some row with a free slot
+        assert len(got[0, "slots"]) == 4 and len(used) < 4 and not used.all()
+        assert used.sum() == 4 * len(examples[0][1])
+        loss, metrics = got[0]
+        np.testing.assert_allclose(float(got[32][0]), float(loss), rtol=1e-5)
+        for k in metrics:
+            np.testing.assert_allclose(float(got[32][1][k]), float(metrics[k]), rtol=1e-5,
+                                       err_msg=k)

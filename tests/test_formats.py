@@ -105,10 +105,10 @@ def test_trl_preference_formats_read_and_encode_like_rag_proguide(tmp_path, toke
     assert pairs[2] == {"prompt": "Q: Who wrote X?\nA:", "chosen": " Ann", "rejected": " Bo"}
     enc = encode_pairs(tokenizer, pairs, 256)
     np.testing.assert_array_equal(enc.tokens[0], enc.tokens[1])
-    np.testing.assert_array_equal(enc.segments[0], enc.segments[1])
+    np.testing.assert_array_equal(enc.slots[0], enc.slots[1])
     raw = tokenizer("Q: Who wrote X?\nA:", add_special_tokens=False)["input_ids"]
-    assert enc.tokens[2, :len(raw)].tolist() == raw and enc.segments[2, len(raw) - 1] == 0
-    assert enc.segments[2, len(raw)] == 1
+    assert enc.tokens[2, :len(raw)].tolist() == raw and enc.slots[2, len(raw) - 1] == -1
+    assert enc.slots[2, len(raw)] == 0
 
 
 def test_trl_sft_formats_read_and_encode_like_llama_factory(tmp_path, tokenizer):
@@ -122,9 +122,9 @@ def test_trl_sft_formats_read_and_encode_like_llama_factory(tmp_path, tokenizer)
     enc = encode_sft(tokenizer, records, 256)
     for i in (1, 2):
         np.testing.assert_array_equal(enc.tokens[i], enc.tokens[0])
-        np.testing.assert_array_equal(enc.segments[i], enc.segments[0])
+        np.testing.assert_array_equal(enc.slots[i], enc.slots[0])
     p = prompt_ids(tokenizer, "Be brief.", "Who wrote X?")
-    assert (enc.segments[0, :len(p)] == 0).all() and enc.segments[0, len(p)] == 1
+    assert (enc.slots[0, :len(p)] == -1).all() and enc.slots[0, len(p)] == 0
 
 
 def test_output_prefix_is_prompt_tokenized_as_the_sampler_reads_it(tmp_path, tokenizer):
@@ -142,7 +142,7 @@ def test_output_prefix_is_prompt_tokenized_as_the_sampler_reads_it(tmp_path, tok
     answer = tokenizer("Ann</answer>", add_special_tokens=False)["input_ids"]
     n = enc.lengths[0]
     assert enc.tokens[0, :n].tolist() == prompt + answer + [tokenizer.eos_token_id]
-    assert enc.segments[0, :n].tolist() == [0] * len(prompt) + [1] * (len(answer) + 1)
+    assert enc.slots[0, :n].tolist() == [-1] * len(prompt) + [0] * (len(answer) + 1)
 
 
 @pytest.mark.parametrize("reader, record, message", [

@@ -5,7 +5,6 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -89,6 +88,11 @@ def final_params(out):
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
 
 
+def ref_files(out):
+    """{reference log-prob cache file: modification time}."""
+    return {p.name: p.stat().st_mtime_ns for p in (out / "ref_logps").glob("*.npy")}
+
+
 def losses(out):
     rows = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -116,6 +120,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, dpo_run, tiny_policy, tokeniz
     with pytest.raises(RuntimeError, match="killed"):
         trainer.run_train(cfg, pairs, tmp_path / "cut", str(tiny_policy))
     assert manager(tmp_path / "cut", 2).latest_step() == 3
+    refs_before = ref_files(tmp_path / "cut")
     monkeypatch.setattr(trainer, "batch_rows", real)
     looped = []
     real_loop = trainer._loop
@@ -138,13 +143,18 @@ def test_interrupted_run_resumes_exactly(tmp_path, dpo_run, tiny_policy, tokeniz
     for out in (full, cut):
         assert [checkpoint_record(out, s)["held_out"] for s in (3, 6)] == [held_out, held_out]
     # ... and the resumed loop trained on the 4 others only and scored exactly the 2
+    # the reference log-probs were computed once (training rows, held-out rows) and reused
+    assert len(refs_before) == 2 and ref_files(tmp_path / "cut") == refs_before
     (data, val), = looped
-    assert sorted(val.units.tolist()) == held_out
-    assert sorted(data.units.tolist()) == sorted(set(range(len(PAIRS))) - set(held_out))
-    every = trainer.load_data(tokenizer, pairs, "dpo", 64).encoded.tokens
-    held_rows = {r.tobytes() for r in every[held_out]}
-    trained_rows = {r.tobytes() for r in data.encoded.tokens}
-    assert len(trained_rows) == 4 and not held_rows & trained_rows
+    examples, _ = trainer.load_examples(tokenizer, pairs, "dpo", 64)
+    every = trainer.encode_units(tokenizer, examples, np.arange(len(PAIRS)), 0)
+
+    def row_set(enc):
+        return {tuple(enc.tokens[i, :n]) for i, n in enumerate(enc.lengths)}
+
+    held_rows = row_set(every.take(np.array(held_out)))
+    assert len(held_rows) == 2 and row_set(val.encoded) == held_rows
+    assert data.n_rows == 4 and row_set(data.encoded) == row_set(every) - held_rows
     for change, match in ((dict(seed=1), "train.seed=0"),
                           (dict(val_fraction=0.5), "train.val_fraction=0.25")):
         with pytest.raises(trainer.InputError, match=match):
@@ -153,8 +163,6 @@ def test_interrupted_run_resumes_exactly(tmp_path, dpo_run, tiny_policy, tokeniz
     a, b = final_params(full), final_params(cut)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    # the reference log-probs were computed once and reused by the resumed run
-    assert len(list((tmp_path / "cut" / "ref_logps").glob("*.npy"))) == 1
     record = json.loads((full / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "grad_norm"} <= set(record)
@@ -186,7 +194,7 @@ def test_eval_reward_accuracy_counts_chosen_above_rejected(dpo_run, tiny_policy)
     scored as a row of its own (prompt + that completion), not packed as the trainer packs a
     pair. Counting rejected above chosen, or swapping the two sides, makes this fail."""
     from reasonrag_jax.models.policy import load_policy
-    from reasonrag_jax.train.data import encode_sft
+    from reasonrag_jax.train.data import batch_arrays, encode_sft
     from reasonrag_jax.train.dpo import sequence_logps
 
     held_out = trainer.split_units(len(PAIRS), VAL, 0)[1]
@@ -195,9 +203,10 @@ def test_eval_reward_accuracy_counts_chosen_above_rejected(dpo_run, tiny_policy)
     enc = encode_sft(tokenizer, [{**PAIRS[i], "output": PAIRS[i][side]} for i in held_out
                                  for side in ("chosen", "rejected")], 64)
 
+    rows = batch_arrays(enc, np.arange(len(enc.lengths)), (enc.tokens.shape[1],))
+
     def logps(model):
-        return np.asarray(sequence_logps(model, jnp.asarray(enc.tokens),
-                                         jnp.asarray(enc.segments)))[:, 0]
+        return np.asarray(sequence_logps(model, rows, 1))[:, 0]
 
     pol, ref = logps(trained), logps(initial)
     margin = tiny_config().train.beta * ((pol[0::2] - ref[0::2]) - (pol[1::2] - ref[1::2]))
@@ -273,6 +282,36 @@ def test_sft_lowers_completion_loss(tmp_path, tiny_policy):
     assert [r["lr"] for r in rows] == pytest.approx([float(schedule(s)) for s in range(8)])
     assert 0 < rows[-1]["lr"] < max(r["lr"] for r in rows) and rows[0]["lr"] > 0
     assert all(r["step_time_s"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_packed_sft_scores_like_one_record_per_row_and_trains(tmp_path, tiny_policy, monkeypatch):
+    """Step records of one question share their history (`train.pack_length`): packed, the
+    training rows are fewer, the held-out records' loss at unchanged weights is the same as one
+    record per row, and training lowers the loss."""
+    records = tmp_path / "sft.jsonl"
+    records.write_text("".join(json.dumps({
+        "instruction": "Answer with a search engine.",
+        "input": f"Question: who wrote book {q}?" + "\nQuery: author of it" * step,
+        "output": PAIRS[(q + step) % len(PAIRS)]["chosen"]}) + "\n"
+        for q in range(4) for step in range(3)))
+    rows = {}
+    real_loop = trainer._loop
+
+    def spy(cfg, out, objective, data, val, *rest):
+        rows[cfg.train.pack_length, cfg.train.learning_rate] = (data.n_rows, val.n_rows)
+        return real_loop(cfg, out, objective, data, val, *rest)
+
+    monkeypatch.setattr(trainer, "_loop", spy)
+    eval_loss = {}
+    for pack, lr in ((0, 0.0), (200, 0.0), (200, 3e-3)):
+        cfg = tiny_config(max_steps=8, save_every=8, learning_rate=lr, val_fraction=VAL,
+                          pack_length=pack, length_buckets="[64,128,200]")
+        out = trainer.run_sft(cfg, records, tmp_path / f"sft{pack}_{lr}", str(tiny_policy))
+        eval_loss[pack, lr] = metric_rows(out)[-1]["eval_loss"]
+    assert rows[0, 0.0] == (9, 3) and rows[200, 0.0][0] < 9 and rows[200, 0.0][1] < 3
+    assert eval_loss[200, 0.0] == pytest.approx(eval_loss[0, 0.0], rel=1e-5)
+    ls = losses(tmp_path / "sft200_0.003")
+    assert ls[-1] < ls[0] - 0.5 and eval_loss[200, 3e-3] < eval_loss[200, 0.0] - 0.5
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

@@ -243,12 +243,12 @@ class Decoder(nnx.Module):
         return logits(self.cfg, self.params(), hidden)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
-               segments: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               ends: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states; with a cache, this call's tokens also attend to it and
-        their K/V are written into it (`segments`: see `attention_mask`)."""
+        their K/V are written into it (`ends`: see `attention_mask`)."""
         params = self.params()
         return forward(self.cfg, params if cache is None else unstack_layers(params), tokens,
-                       positions, cache, segments)
+                       positions, cache, ends)
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
@@ -267,21 +267,21 @@ def logits(cfg: DecoderConfig, params: dict[str, Any], hidden: jax.Array) -> jax
     return jnp.einsum(spec, hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
-def attention_mask(positions: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+def attention_mask(positions: jax.Array, ends: jax.Array | None = None) -> jax.Array:
     """[B, T, T]: token i sees token j when j comes no later, by index and by position (so
-    right padding never leaks in). With `segments` [B, T] (0: a shared prompt, k > 0: the k-th
-    continuation packed after it, -1: padding), i sees only the prompt and its own segment:
-    several continuations of one prompt share one pass over the prompt, each computed exactly
-    as if it followed the prompt alone (positions restart after the prompt per segment)."""
-    mask = (positions[:, None, :] <= positions[:, :, None]) & jnp.tri(positions.shape[1],
-                                                                      dtype=bool)
-    if segments is not None:
-        mask &= (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-    return mask
+    right padding never leaks in). With `ends` [B, T] the row is a prefix tree flattened depth
+    first (`train.data`) and i sees exactly its ancestors and itself: the j ≤ i whose subtree,
+    which ends before `ends[j]`, holds i. Examples that share a prompt prefix then share one
+    pass over it, each computed exactly as if it were alone."""
+    if ends is None:
+        return (positions[:, None, :] <= positions[:, :, None]) & jnp.tri(positions.shape[1],
+                                                                          dtype=bool)
+    idx = jnp.arange(ends.shape[1])
+    return (idx[None, :] <= idx[:, None])[None] & (idx[None, :, None] < ends[:, None, :])
 
 
 def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None, segments: jax.Array | None = None
+            cache: KVCache | None = None, ends: jax.Array | None = None
             ) -> tuple[jax.Array, KVCache | None]:
     """→ (final-normed hidden [B, T, H], the cache with this call's K/V written in).
 
@@ -297,7 +297,7 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
     # Without a cache the call's tokens attend to each other (`attention_mask`). With one, K/V
     # are written first, then attended: slot s holds position s, and a token sees the slots up
     # to its own position (`_cached_attention`).
-    mask = None if cache is not None else attention_mask(positions, segments)
+    mask = None if cache is not None else attention_mask(positions, ends)
 
     def layer(x, p, kv=None):
         return _block(cfg, {n: w.astype(dtype) for n, w in p.items()}, x, positions, mask, kv)

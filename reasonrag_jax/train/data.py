@@ -10,10 +10,19 @@ Formats read as they are:
   assistant list).
 - TRL SFT: `messages` (the last, assistant, message is the completion) or `prompt` + `completion`.
 A record becomes `{"instruction", "input", ...}` (RAG-ProGuide) or `{"prompt": str | messages,
-...}`; `prompt_tokens` turns either into ids. Each completion is its text plus EOS. One row per
-example: the prompt, then its completions — a pair's chosen, then its rejected — marked by
-`segments` (0 prompt, k the k-th completion, -1 padding), so one pass over the prompt scores
-both sides (`dpo.sequence_logps`).
+...}`; `prompt_tokens` turns either into ids. Each completion is its text plus EOS.
+
+Rows are prefix trees. An example (a pair, or an SFT record) is its prompt, then its
+completions — a pair's chosen, then its rejected — each attending to the prompt and to itself
+only, at the positions it would have after the prompt alone. By default a row holds one example,
+so one pass over the prompt scores both sides of a pair (`dpo.sequence_logps`). With
+`train.pack_length`, examples sorted by prompt fill rows of up to that many tokens, and prompts
+that share a prefix share its tokens: an agent's step records repeat the system prompt, the
+question and the history so far, and the 382 SFT records of the ablation preset (101k tokens
+one per row) fit in 50k when each question's steps share one tree. Every token carries its
+position in its own example, the index of the token it is predicted from (its parent in the
+tree), the end of its subtree (token i attends to j ≤ i exactly when i < `ends[j]`) and the
+completion slot it belongs to, so the model computes each example as if it were alone.
 
 Truncation rule (stated once, applied per example, counted, never dropped): when prompt +
 longest completion exceeds `max_length`, the prompt keeps its LAST max(max_length − longest
@@ -24,6 +33,7 @@ with the same `max_length`; the packed row (prompt + both) may be longer than `m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -41,17 +51,32 @@ SFT_FIELDS = {"instruction": False, "input": True, "output": True, "output_prefi
 Messages = list[dict[str, str]]
 
 
-COMPLETIONS = {"dpo": 2, "sft": 1}   # completions packed after each prompt, per objective
+COMPLETIONS = {"dpo": 2, "sft": 1}   # completions after each prompt, per objective
+Example = tuple[list[int], list[list[int]]]   # (prompt ids, completion ids each ending in EOS)
+ROW_FIELDS = ("tokens", "positions", "sources", "ends", "slots")
 
 
 @dataclass
 class Encoded:
-    """Right-padded token rows, one per example: its prompt, then its completions."""
-    tokens: np.ndarray       # int32 [N, T]   (T = longest row)
-    segments: np.ndarray     # int32 [N, T]: 0 prompt, k on the k-th completion (incl. EOS), -1 pad
-    lengths: np.ndarray      # int32 [N]
+    """Right-padded rows, each a flattened prefix tree of its examples (module docstring)."""
+    tokens: np.ndarray       # int32 [N, T]
+    positions: np.ndarray    # int32 [N, T]: position in the token's own example
+    sources: np.ndarray      # int32 [N, T]: the token it is predicted from (itself at a root / pad)
+    ends: np.ndarray         # int32 [N, T]: one past its subtree
+    slots: np.ndarray        # int32 [N, T]: k on the row's k-th completion (incl. EOS), else -1
+    lengths: np.ndarray      # int32 [N] tokens in the row (padding excluded)
     truncated: int           # examples (pairs or records) shortened by the truncation rule
-    completions: int         # completions per row: 2 for pairs (chosen, rejected), 1 for SFT
+    completions: int         # completions per example: 2 for pairs (chosen, rejected), 1 for SFT
+    num_slots: int           # completion slots per row: `completions` × the most examples in one
+
+    def take(self, rows: np.ndarray) -> Encoded:
+        """The rows at `rows`, in that order."""
+        return dataclasses.replace(self, lengths=self.lengths[rows],
+                                   **{f: getattr(self, f)[rows] for f in ROW_FIELDS})
+
+    def slot_tokens(self) -> np.ndarray:
+        """[N, num_slots] tokens of each completion slot (0: an empty slot)."""
+        return (self.slots[..., None] == np.arange(self.num_slots)).sum(1)
 
 
 def _records(path: Path) -> list[tuple[int, Any]]:
@@ -203,46 +228,141 @@ def truncate(prompt: list[int], completions: list[list[int]], max_length: int
     return prompt, [c[: max_length - keep] for c in completions], True
 
 
-def encode(tokenizer: Any, groups: Sequence[tuple[dict[str, Any], Sequence[str]]], max_length: int
-           ) -> Encoded:
-    """(record, completions sharing its prompt) → one padded row: prompt + every completion."""
+def tokenize(tokenizer: Any, groups: Sequence[tuple[dict[str, Any], Sequence[str]]],
+             max_length: int) -> tuple[list[Example], int]:
+    """(record, completions sharing its prompt) → (examples cut by the truncation rule, how many
+    were cut)."""
     if max_length < 2:
         raise InputError(f"train.max_length must be at least 2, got {max_length}")
     eos = tokenizer.eos_token_id
-    rows, marks, truncated = [], [], 0
+    examples, truncated = [], 0
     for rec, completions in groups:
         p = prompt_tokens(tokenizer, rec)
         cs = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
+        if not p:
+            raise InputError(f"example {len(examples) + 1}: the prompt is empty")
         p, cs, cut = truncate(p, cs, max_length)
         truncated += cut
-        rows.append(p + [t for c in cs for t in c])
-        marks.append([0] * len(p) + [k + 1 for k, c in enumerate(cs) for _ in c])
-    lengths = np.array([len(r) for r in rows], np.int32)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tokens = np.full((len(rows), int(lengths.max())), pad, np.int32)
-    segments = np.full(tokens.shape, -1, np.int32)
-    for i, (r, m) in enumerate(zip(rows, marks)):
-        tokens[i, :len(r)] = r
-        segments[i, :len(m)] = m
-    return Encoded(tokens, segments, lengths, truncated, len(groups[0][1]) if groups else 1)
+        examples.append((p, cs))
+    return examples, truncated
 
 
-def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int) -> Encoded:
-    return encode(tokenizer, [(p, (p["chosen"], p["rejected"])) for p in pairs], max_length)
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(mismatch[0]) if len(mismatch) else n
 
 
-def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> Encoded:
-    return encode(tokenizer, [(r, (r.get("output", r.get("completion")),)) for r in records],
-                  max_length)
+def pack(examples: Sequence[Example], pack_length: int) -> list[list[int]]:
+    """Example indices per row. 0: one example per row, in order. Otherwise the examples sorted
+    by prompt fill rows greedily while the row's prefix tree stays within `pack_length` tokens
+    (an example longer than that gets a row of its own). Depends on the examples alone, so a
+    resumed run packs the same rows."""
+    if pack_length <= 0:
+        return [[i] for i in range(len(examples))]
+    order = sorted(range(len(examples)), key=lambda i: examples[i][0])
+    rows: list[list[int]] = []
+    size = 0
+    for i in order:
+        prompt, completions = examples[i]
+        extra = len(prompt) + sum(map(len, completions))
+        if rows:    # sorted: the longest prefix this prompt shares is with the row's last one
+            extra -= _common(examples[rows[-1][-1]][0], prompt)
+        if not rows or size + extra > pack_length:
+            rows.append([])
+            extra, size = len(prompt) + sum(map(len, completions)), 0
+        rows[-1].append(i)
+        size += extra
+    return rows
 
 
-def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and segments of `rows`, right-padded to the length bucket of their longest row."""
+def _row(examples: Sequence[Example]) -> dict[str, list[int]]:
+    """One row's fields: the prefix tree of the examples' prompts, depth first, each example's
+    completions right after the last token of its prompt."""
+    row: dict[str, list[int]] = {f: [] for f in ROW_FIELDS}
+    path: list[int] = []             # row indices of the previous prompt's tokens
+    previous: list[int] = []
+    slot = 0
+
+    def add(token: int, position: int, source: int, k: int) -> int:
+        at = len(row["tokens"])
+        for f, v in zip(ROW_FIELDS, (token, position, source, 0, k)):
+            row[f].append(v)
+        return at
+
+    for prompt, completions in examples:
+        keep = _common(previous, prompt)
+        path = path[:keep]
+        for t in prompt[keep:]:
+            path.append(add(t, len(path), path[-1] if path else len(row["tokens"]), -1))
+        for c in completions:
+            for j, t in enumerate(c):
+                add(t, len(prompt) + j, path[-1] if j == 0 else len(row["tokens"]) - 1, slot)
+            slot += 1
+        previous = prompt
+    # Depth first, a token's subtree ends at the first later token whose parent is outside it.
+    open_path: list[int] = []
+    for j, parent in enumerate(row["sources"]):
+        while open_path and open_path[-1] != parent:
+            row["ends"][open_path.pop()] = j
+        open_path.append(j)
+    for i in open_path:
+        row["ends"][i] = len(row["tokens"])
+    return row
+
+
+def encode_examples(examples: Sequence[Example], pad_id: int, pack_length: int = 0,
+                    truncated: int = 0) -> Encoded:
+    """Examples → padded rows (`pack`, one example per row by default)."""
+    groups = pack(examples, pack_length)
+    rows = [_row([examples[i] for i in g]) for g in groups]
+    completions = len(examples[0][1]) if examples else 1
+    lengths = np.array([len(r["tokens"]) for r in rows], np.int32)
+    width = int(lengths.max()) if len(rows) else 1
+    fields = {f: np.zeros((len(rows), width), np.int32) for f in ROW_FIELDS}
+    fields["tokens"][:] = pad_id
+    for i, r in enumerate(rows):
+        for f in ROW_FIELDS:
+            fields[f][i, :len(r[f])] = r[f]
+    _pad_tail(fields, lengths)
+    return Encoded(**fields, lengths=lengths, truncated=truncated, completions=completions,
+                   num_slots=completions * max(map(len, groups), default=1))
+
+
+def _pad_tail(fields: dict[str, np.ndarray], lengths: np.ndarray) -> None:
+    """Padding after each row's tokens: no completion slot, and it attends only to itself."""
+    idx = np.arange(fields["tokens"].shape[1])
+    pad = idx[None, :] >= lengths[:, None]
+    fields["positions"][pad] = 0
+    fields["sources"][:] = np.where(pad, idx, fields["sources"])
+    fields["ends"][:] = np.where(pad, idx + 1, fields["ends"])
+    fields["slots"][pad] = -1
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int,
+                 pack_length: int = 0) -> Encoded:
+    examples, cut = tokenize(tokenizer, [(p, (p["chosen"], p["rejected"])) for p in pairs],
+                             max_length)
+    return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
+
+
+def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
+               pack_length: int = 0) -> Encoded:
+    examples, cut = tokenize(tokenizer, [(r, (r.get("output", r.get("completion")),))
+                                         for r in records], max_length)
+    return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
+
+
+def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
+    """The row fields of `rows`, right-padded to the length bucket of their longest row."""
     t = bucket(int(data.lengths[rows].max()), buckets)
     width = min(t, data.tokens.shape[1])
-    tokens = np.zeros((len(rows), t), np.int32)
-    segments = np.full((len(rows), t), -1, np.int32)
-    tokens[:, :width] = data.tokens[rows, :width]
-    segments[:, :width] = data.segments[rows, :width]
-    return tokens, segments
+    out = {f: np.zeros((len(rows), t), np.int32) for f in ROW_FIELDS}
+    for f in ROW_FIELDS:
+        out[f][:, :width] = getattr(data, f)[rows, :width]
+    _pad_tail(out, data.lengths[rows])
+    return out

@@ -37,8 +37,8 @@ from reasonrag_jax.models.policy import load_policy
 from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_mesh,
                                     state_shardings)
 from reasonrag_jax.train import checkpoint as ckpt
-from reasonrag_jax.train.data import (COMPLETIONS, Encoded, batch_arrays, encode_pairs, encode_sft,
-                                      read_pairs, read_sft)
+from reasonrag_jax.train.data import (ROW_FIELDS, Encoded, Example, batch_arrays, encode_examples,
+                                      pad_id, read_pairs, read_sft, tokenize)
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps, sft_loss
 
 log = get_logger(__name__)
@@ -46,7 +46,7 @@ log = get_logger(__name__)
 # cadence, how many to keep — may change between runs).
 _RESUME_KEYS = ("objective", "beta", "label_smoothing", "learning_rate", "warmup_ratio", "schedule",
                 "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps",
-                "max_length", "seed", "val_fraction")
+                "max_length", "pack_length", "seed", "val_fraction")
 
 
 class TrainingDiverged(RuntimeError):
@@ -164,44 +164,45 @@ def place_state(host_params: Any, optimizer: optax.GradientTransformation, place
     return params, opt_state
 
 
-def objective_loss(tc: TrainConfig, objective: str, lp: Any, segments: Any, ref_lp: Any
+def objective_loss(tc: TrainConfig, objective: str, lp: Any, slots: Any, ref_lp: Any
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) of rows' completion log-probs `lp` [N, S]: DPO against the reference
-    log-probs `ref_lp` [N, 2] (column 0 chosen, 1 rejected), or SFT's token mean over the
-    completion tokens of `segments` [N, T]. The train step and the held-out evaluation both
-    call it."""
+    """(loss, metrics) of rows' completion-slot log-probs `lp` [N, S]: DPO against the
+    reference log-probs `ref_lp` [N, S] (a pair's chosen in an even slot, its rejected in the
+    next), or SFT's token mean over the completion tokens (`slots` [N, T] ≥ 0). The train step
+    and the held-out evaluation both call it."""
     if objective == "dpo":
-        return dpo_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], tc.beta,
-                        tc.label_smoothing)
-    return sft_loss(lp[:, 0], (segments > 0).sum(-1))
+        present = (slots[..., None] == jnp.arange(lp.shape[1])[::2]).any(1)
+        return dpo_loss(lp[:, 0::2], lp[:, 1::2], ref_lp[:, 0::2], ref_lp[:, 1::2], tc.beta,
+                        tc.label_smoothing, valid=present)
+    return sft_loss(lp.sum(-1), (slots >= 0).sum(-1))
 
 
 def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, tc: TrainConfig,
                     objective: str, place: Placement):
-    """Jitted (params, opt_state, tokens [A,n,T], segments [A,n,T], ref [A,n,S]) →
-    (params, opt_state, metrics): gradients averaged over the A micro-batches, one update."""
+    """Jitted (params, opt_state, rows {field: [A,n,T]}, ref [A,n,S]) → (params, opt_state,
+    metrics): gradients averaged over the A micro-batches, one update."""
 
-    def loss_fn(p, tokens, segments, ref_lp):
-        lp = sequence_logps(nnx.merge(graphdef, p), tokens, segments, COMPLETIONS[objective])
-        return objective_loss(tc, objective, lp, segments, ref_lp)
+    def loss_fn(p, rows, ref_lp):
+        lp = sequence_logps(nnx.merge(graphdef, p), rows, ref_lp.shape[-1])
+        return objective_loss(tc, objective, lp, rows["slots"], ref_lp)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(p, opt_state, tokens, segments, ref_lp):
+    def step(p, opt_state, rows, ref_lp):
         def micro(acc, xs):
             return jax.tree.map(jnp.add, acc, grad_fn(p, *xs)), None
 
-        shapes = jax.eval_shape(grad_fn, p, tokens[0], segments[0], ref_lp[0])
+        first = jax.tree.map(lambda x: x[0], (rows, ref_lp))
+        shapes = jax.eval_shape(grad_fn, p, *first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, (tokens, segments, ref_lp))
-        loss, metrics, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, metrics, grads))
+        ((loss, metrics), grads), _ = jax.lax.scan(micro, zeros, (rows, ref_lp))
+        loss, metrics, grads = jax.tree.map(lambda x: x / ref_lp.shape[0], (loss, metrics, grads))
         updates, opt_state = optimizer.update(grads, opt_state, p)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(p, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1),
-                   in_shardings=(place.params, place.opt_state, place.micro, place.micro,
-                                 place.micro),
+                   in_shardings=(place.params, place.opt_state, place.micro, place.micro),
                    out_shardings=(place.params, place.opt_state, place.replicated))
 
 
@@ -219,12 +220,11 @@ def fingerprint(params: Any, place: Placement) -> str:
     return hashlib.sha256(np.stack(leaves).tobytes()).hexdigest()
 
 
-def make_logps_fn(graphdef: Any, place: Placement, completions: int) -> Any:
-    """Jitted (params, tokens [N, T], segments [N, T]) → completion log-probs [N, completions],
-    no gradient."""
-    return jax.jit(lambda p, t, s: sequence_logps(nnx.merge(graphdef, p), t, s, completions),
-                   in_shardings=(place.params, place.rows, place.rows),
-                   out_shardings=place.replicated)
+def make_logps_fn(graphdef: Any, place: Placement, num_slots: int) -> Any:
+    """Jitted (params, rows {field: [N, T]}) → completion-slot log-probs [N, num_slots], no
+    gradient."""
+    return jax.jit(lambda p, rows: sequence_logps(nnx.merge(graphdef, p), rows, num_slots),
+                   in_shardings=(place.params, place.rows), out_shardings=place.replicated)
 
 
 def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: tuple[int, ...],
@@ -232,12 +232,12 @@ def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: 
     """`fn` (`make_logps_fn`) over every row of `data`, `rows_per_call` rows per call, right-padded
     to their length bucket; the last call is filled with copies of the last row, so every call has
     one of the bucket shapes and nothing compiles per batch."""
-    out = np.zeros((len(data.tokens), data.completions), np.float32)
+    out = np.zeros((len(data.tokens), data.num_slots), np.float32)
     for lo in tqdm(range(0, len(out), rows_per_call), desc=desc, unit="batch", leave=False,
                    disable=jax.process_index() > 0):
         rows = np.minimum(np.arange(lo, lo + rows_per_call), len(out) - 1)
-        tokens, segments = batch_arrays(data, rows, buckets)
-        got = fn(params, global_array(tokens, place.rows), global_array(segments, place.rows))
+        batch = batch_arrays(data, rows, buckets)
+        got = fn(params, {f: global_array(x, place.rows) for f, x in batch.items()})
         out[lo:lo + rows_per_call] = np.asarray(got)[: len(out) - lo]
     return out
 
@@ -245,16 +245,16 @@ def row_logps(fn: Any, params: Any, data: Encoded, rows_per_call: int, buckets: 
 def reference_logps(graphdef: Any, params: Any, data: Encoded, rows_per_call: int,
                     buckets: tuple[int, ...], place: Placement, cache_dir: Path, dtype: str,
                     fn: Any = None) -> np.ndarray:
-    """log π_ref(completion | prompt) of every completion [N, S], computed once and cached on
-    disk under a key of (weights fingerprint, exact token rows and segments, compute dtype). `fn`: a
+    """log π_ref(completion | prompt) of every completion slot [N, S], computed once and cached
+    on disk under a key of (weights fingerprint, exact rows, compute dtype). `fn`: a
     `make_logps_fn` to share (with its compiled shapes) with the held-out evaluation."""
     h = hashlib.sha256(f"{fingerprint(params, place)}|{dtype}".encode())
-    h.update(data.tokens.tobytes())
-    h.update(data.segments.tobytes())
+    for f in ROW_FIELDS:
+        h.update(getattr(data, f).tobytes())
     cache = cache_dir / f"{h.hexdigest()[:32]}.npy"
     if cache.is_file():
         return np.load(cache)
-    out = row_logps(fn or make_logps_fn(graphdef, place, data.completions), params, data,
+    out = row_logps(fn or make_logps_fn(graphdef, place, data.num_slots), params, data,
                     rows_per_call, buckets, place, "reference log-probs")
     if jax.process_index() == 0:
         import io
@@ -283,30 +283,30 @@ def _check_resume(record: dict[str, Any], cfg: Config, out: Path, held_out: list
 
 @dataclass
 class TrainData:
-    """Encoded units (a pair or an SFT record), one row each."""
+    """Encoded rows (one example each, or packed: `train.pack_length`) and, for DPO, their
+    reference log-probs."""
     encoded: Encoded
-    n_units: int
-    units: np.ndarray          # [n_units] index of each unit in the data file
-    ref: np.ndarray | None = None  # [n_units, completions] reference log-probs (DPO)
+    ref: np.ndarray | None = None  # [rows, num_slots] reference log-probs (DPO)
 
-    def take(self, units: np.ndarray) -> TrainData:
-        """The units at positions `units`, in that order (`encoded.truncated` still counts the
-        whole file)."""
-        e = self.encoded
-        encoded = dataclasses.replace(e, tokens=e.tokens[units], segments=e.segments[units],
-                                      lengths=e.lengths[units])
-        return TrainData(encoded, len(units), self.units[units],
-                         None if self.ref is None else self.ref[units])
+    @property
+    def n_rows(self) -> int:
+        return len(self.encoded.lengths)
 
 
-def load_data(tokenizer: Any, data_path: Path, objective: str, max_length: int) -> TrainData:
+def load_examples(tokenizer: Any, data_path: Path, objective: str, max_length: int
+                  ) -> tuple[list[Example], int]:
+    """Every example of the file, tokenized and cut by the truncation rule (how many were)."""
     if objective == "dpo":
-        units = read_pairs(data_path)
-        encoded = encode_pairs(tokenizer, units, max_length)
-    else:
-        units = read_sft(data_path)
-        encoded = encode_sft(tokenizer, units, max_length)
-    return TrainData(encoded, len(units), np.arange(len(units)))
+        return tokenize(tokenizer, [(p, (p["chosen"], p["rejected"]))
+                                    for p in read_pairs(data_path)], max_length)
+    return tokenize(tokenizer, [(r, (r.get("output", r.get("completion")),))
+                                for r in read_sft(data_path)], max_length)
+
+
+def encode_units(tokenizer: Any, examples: list[Example], units: np.ndarray, pack_length: int
+                 ) -> Encoded:
+    """The examples at `units` as training rows."""
+    return encode_examples([examples[i] for i in units], pad_id(tokenizer), pack_length)
 
 
 def _check_batching(cfg: Config, mesh: Mesh) -> None:
@@ -371,42 +371,49 @@ def train(cfg: Config, data_path: Path, out: Path, init: str | None, objective: 
     host_params = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(cfg.model.param_dtype)),
                                state.to_pure_dict())
     del model
-    data = load_data(tokenizer, data_path, objective, tc.max_length)
-    train_units, val_units = split_units(data.n_units, tc.val_fraction, tc.seed)
+    examples, truncated = load_examples(tokenizer, data_path, objective, tc.max_length)
+    train_units, val_units = split_units(len(examples), tc.val_fraction, tc.seed)
+    data = TrainData(encode_units(tokenizer, examples, train_units, tc.pack_length))
+    val = None
+    if len(val_units):  # held-out rows longest first: an eval call's rows share a length bucket
+        held = encode_units(tokenizer, examples, val_units, tc.pack_length)
+        val = TrainData(held.take(np.argsort(-held.lengths, kind="stable")))
     mesh = make_mesh(cfg.mesh)
     _check_batching(cfg, mesh)
     # The configured batch size stays in the config (and so in checkpoints and resume checks).
     step_rows = fitted_batch_size(tc.batch_size,
                                   tc.grad_accum * batch_ways(mesh, cfg.mesh.rules),
-                                  len(train_units))
-    total = tc.max_steps or tc.epochs * math.ceil(len(train_units) / step_rows)
+                                  data.n_rows)
+    total = tc.max_steps or tc.epochs * math.ceil(data.n_rows / step_rows)
     lead = jax.process_index() == 0
     out.mkdir(parents=True, exist_ok=True)
     if lead:
         ckpt.write_policy_card(out, decoder_cfg, tokenizer, str(base))
-    log.info("%s: %d examples (%d truncated to %d tokens, %d held out), %d steps of %d, mesh %s",
-             objective, data.n_units, data.encoded.truncated, tc.max_length, len(val_units),
-             total, step_rows, dict(mesh.shape))
+    log.info("%s: %d examples (%d truncated to %d tokens, %d held out) in %d rows, %d steps of "
+             "%d rows, mesh %s", objective, len(examples), truncated, tc.max_length,
+             len(val_units), data.n_rows, total, step_rows, dict(mesh.shape))
 
     optimizer = make_optimizer(tc, total)
     place = placement(mesh, cfg.mesh.rules, state, optimizer)
     params, opt_state = place_state(host_params, optimizer, place)
     del host_params, state
-    logps_fn = make_logps_fn(graphdef, place, COMPLETIONS[objective])
-    if objective == "dpo":  # of every unit, held out or not: one pass, one cache
-        data.ref = reference_logps(graphdef, params, data.encoded, tc.batch_size,
-                                   tc.length_buckets, place, out / "ref_logps", cfg.model.dtype,
-                                   fn=logps_fn)
-    val = None
-    if len(val_units):  # held-out units longest first: an eval call's rows share a length bucket
-        val = data.take(val_units[np.argsort(-data.encoded.lengths[val_units], kind="stable")])
-        data = data.take(train_units)
+    logps_fn = make_logps_fn(graphdef, place, data.encoded.num_slots)
+    val_logps_fn = None
+    if val is not None:    # packed held-out rows may hold another number of examples
+        val_logps_fn = (logps_fn if val.encoded.num_slots == data.encoded.num_slots
+                        else make_logps_fn(graphdef, place, val.encoded.num_slots))
+    if objective == "dpo":  # one pass each, cached with the initial weights
+        for d, fn in ((data, logps_fn), (val, val_logps_fn)):
+            if d is not None:
+                d.ref = reference_logps(graphdef, params, d.encoded, tc.batch_size,
+                                        tc.length_buckets, place, out / "ref_logps",
+                                        cfg.model.dtype, fn=fn)
     mngr = ckpt.manager(out, tc.keep_checkpoints)
     start, params, opt_state = _init_or_restore(cfg, out, mngr, params, opt_state,
                                                 val_units.tolist())
     step_fn = make_train_step(graphdef, optimizer, tc, objective, place)
-    _loop(cfg, out, objective, data, val, logps_fn, place, step_fn, mngr, params, opt_state,
-          start, total, step_rows)
+    _loop(cfg, out, objective, data, val, val_logps_fn, place, step_fn, mngr, params, opt_state,
+          start, total, step_rows, val_units.tolist())
     if lead:
         plot_metrics(out / "metrics.jsonl", out / "training.png", objective)
     return out
@@ -421,7 +428,7 @@ def evaluate(logps_fn: Any, params: Any, val: TrainData, tc: TrainConfig, object
     lp = row_logps(logps_fn, params, val.encoded, tc.batch_size, tc.length_buckets, place,
                    "held-out eval")
     ref = val.ref if val.ref is not None else np.zeros_like(lp)
-    loss, metrics = objective_loss(tc, objective, lp, val.encoded.segments, ref)
+    loss, metrics = objective_loss(tc, objective, lp, val.encoded.slots, ref)
     out = {"eval_loss": float(loss)}
     if objective == "dpo":
         out.update(eval_reward_accuracy=float(metrics["rewards/accuracies"]),
@@ -431,14 +438,14 @@ def evaluate(logps_fn: Any, params: Any, val: TrainData, tc: TrainConfig, object
 
 def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainData | None,
           logps_fn: Any, place: Placement, step_fn: Any, mngr: ocp.CheckpointManager,
-          params: Any, opt_state: Any, start: int, total: int, step_rows: int) -> None:
+          params: Any, opt_state: Any, start: int, total: int, step_rows: int,
+          held_out: list[int]) -> None:
     """Steps `start`..`total` of `step_rows` rows: batch, step, NaN check, held-out eval (periodic
     saves and the last step), log, save; a SIGTERM / Ctrl-C saves the step in flight and stops
     (KeyboardInterrupt)."""
     tc = cfg.train
     lead = jax.process_index() == 0
     lr = lr_schedule(tc, total)
-    held_out = sorted(val.units.tolist()) if val is not None else []
     logger = _Logger(out, lead)
     stop: dict[str, Any] = {"signal": None}
 
@@ -453,13 +460,14 @@ def _loop(cfg: Config, out: Path, objective: str, data: TrainData, val: TrainDat
     try:
         for s in bar:
             began = time.perf_counter()
-            rows = batch_rows(s, data.n_units, step_rows, tc.seed, data.encoded.lengths)
-            tokens, segments = batch_arrays(data.encoded, rows, tc.length_buckets)
+            rows = batch_rows(s, data.n_rows, step_rows, tc.seed, data.encoded.lengths)
             ref_lp = data.ref[rows] if data.ref is not None else \
-                np.zeros((len(rows), data.encoded.completions), np.float32)
-            micro = lambda x: x.reshape(tc.grad_accum, -1, *x.shape[1:])  # noqa: E731
-            batch = tuple(global_array(micro(x), place.micro) for x in (tokens, segments, ref_lp))
-            params, opt_state, metrics = step_fn(params, opt_state, *batch)
+                np.zeros((len(rows), data.encoded.num_slots), np.float32)
+            micro = lambda x: global_array(  # noqa: E731
+                x.reshape(tc.grad_accum, -1, *x.shape[1:]), place.micro)
+            batch = {f: micro(x) for f, x in batch_arrays(data.encoded, rows,
+                                                          tc.length_buckets).items()}
+            params, opt_state, metrics = step_fn(params, opt_state, batch, micro(ref_lp))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 mngr.wait_until_finished()
