@@ -157,6 +157,8 @@ def test_output_prefix_is_prompt_tokenized_as_the_sampler_reads_it(tmp_path, tok
      r"f.jsonl:1: field 'prompt' should be a string or a non-empty list of messages, got int"),
     (read_sft, {"messages": CHAT}, r"f.jsonl:1: field 'messages' should end with an assistant"),
     (read_sft, {"prompt": "q", "completion": " "}, r"f.jsonl:1: field 'completion' is empty"),
+    (read_pairs, {"prompt": "", "chosen": "a", "rejected": "b"},
+     r"f.jsonl:1: field 'prompt' is empty"),
 ])
 def test_bad_trl_records_name_line_and_field(tmp_path, reader, record, message):
     with pytest.raises(InputError, match=message) as err:

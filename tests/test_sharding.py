@@ -44,6 +44,7 @@ SCRIPT = textwrap.dedent("""
     from reasonrag_jax.models.decoder import Decoder, DecoderConfig
     from reasonrag_jax.sharding import make_mesh
     from reasonrag_jax.train import trainer
+    from reasonrag_jax.train.data import batch_arrays, encode_examples
 
     assert jax.device_count() == 8
     cfg = DecoderConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2,
@@ -53,9 +54,10 @@ SCRIPT = textwrap.dedent("""
     graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
     host = jax.tree.map(np.asarray, state.to_pure_dict())
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 512, (2, 4, 24)).astype(np.int32)       # [accum, rows, T]
-    segments = np.zeros((2, 4, 24), np.int32)                       # prompt, chosen, rejected
-    segments[..., 10:15], segments[..., 15:20], segments[..., 20:] = 1, 2, -1
+    tokens = rng.integers(1, 512, (8, 20)).tolist()           # prompt, chosen, rejected
+    pairs = encode_examples([(t[:10], [t[10:15], t[15:]]) for t in tokens], pad_id=0)
+    rows = {f: x.reshape(2, 4, 24)                            # [accum, rows, T]
+            for f, x in batch_arrays(pairs, np.arange(8), (24,)).items()}
     ref = rng.normal(-40, 2, (2, 4, 2)).astype(np.float32)
     out = {}
     for name, shape, devices in (("one", {"data": 1}, jax.devices()[:1]),
@@ -71,8 +73,8 @@ SCRIPT = textwrap.dedent("""
         step = trainer.make_train_step(graphdef, opt, run.train, "dpo", place)
         g = lambda x, s: trainer.global_array(x, s)
         for _ in range(2):
-            params, opt_state, metrics = step(params, opt_state, g(tokens, place.micro),
-                                              g(segments, place.micro), g(ref, place.micro))
+            params, opt_state, metrics = step(params, opt_state, {
+                f: g(x, place.micro) for f, x in rows.items()}, g(ref, place.micro))
         out[name] = {"loss": float(metrics["loss"]), "margin": float(metrics["rewards/margins"]),
                      "params": {k: np.asarray(v).tolist() for k, v in params.items()},
                      "specs": {k: list(v.sharding.spec) for k, v in params.items()},

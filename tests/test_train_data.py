@@ -61,8 +61,8 @@ def test_a_pair_is_one_row_prompt_then_chosen_then_rejected(tokenizer):
     c, r = (tokenizer(PAIR[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             for side in ("chosen", "rejected"))
     n = len(p) + len(c) + len(r)
-    assert enc.completions == 2 and enc.tokens.shape == (1, n) and enc.lengths[0] == n
-    assert enc.tokens[0].tolist() == p + c + r and enc.num_slots == 2
+    assert enc.num_slots == 2 and enc.tokens.shape == (1, n) and enc.lengths[0] == n
+    assert enc.tokens[0].tolist() == p + c + r
     assert enc.slots[0].tolist() == [-1] * len(p) + [0] * len(c) + [1] * len(r)
     assert tokenizer.decode(enc.tokens[0, enc.slots[0] == 0]) == PAIR["chosen"] + "<|im_end|>"
     assert tokenizer.decode(enc.tokens[0, enc.slots[0] == 1]) == PAIR["rejected"] + "<|im_end|>"

@@ -19,7 +19,7 @@ so one pass over the prompt scores both sides of a pair (`dpo.sequence_logps`). 
 `train.pack_length`, examples sorted by prompt fill rows of up to that many tokens, and prompts
 that share a prefix share its tokens: an agent's step records repeat the system prompt, the
 question and the history so far, and the 382 SFT records of the ablation preset (101k tokens
-one per row) fit in 50k when each question's steps share one tree. Every token carries its
+one per row) take 64.5k in rows of 512 (50k if each question's steps shared one tree). Every token carries its
 position in its own example, the index of the token it is predicted from (its parent in the
 tree), the end of its subtree (token i attends to j ≤ i exactly when i < `ends[j]`) and the
 completion slot it belongs to, so the model computes each example as if it were alone.
@@ -51,7 +51,6 @@ SFT_FIELDS = {"instruction": False, "input": True, "output": True, "output_prefi
 Messages = list[dict[str, str]]
 
 
-COMPLETIONS = {"dpo": 2, "sft": 1}   # completions after each prompt, per objective
 Example = tuple[list[int], list[list[int]]]   # (prompt ids, completion ids each ending in EOS)
 ROW_FIELDS = ("tokens", "positions", "sources", "ends", "slots")
 
@@ -66,17 +65,13 @@ class Encoded:
     slots: np.ndarray        # int32 [N, T]: k on the row's k-th completion (incl. EOS), else -1
     lengths: np.ndarray      # int32 [N] tokens in the row (padding excluded)
     truncated: int           # examples (pairs or records) shortened by the truncation rule
-    completions: int         # completions per example: 2 for pairs (chosen, rejected), 1 for SFT
-    num_slots: int           # completion slots per row: `completions` × the most examples in one
+    num_slots: int           # completion slots per row: completions per example (2 for pairs:
+                             # chosen, rejected; 1 for SFT) × the most examples in one row
 
     def take(self, rows: np.ndarray) -> Encoded:
         """The rows at `rows`, in that order."""
         return dataclasses.replace(self, lengths=self.lengths[rows],
                                    **{f: getattr(self, f)[rows] for f in ROW_FIELDS})
-
-    def slot_tokens(self) -> np.ndarray:
-        """[N, num_slots] tokens of each completion slot (0: an empty slot)."""
-        return (self.slots[..., None] == np.arange(self.num_slots)).sum(1)
 
 
 def _records(path: Path) -> list[tuple[int, Any]]:
@@ -169,6 +164,8 @@ def _read(path: str | os.PathLike, fields: dict[str, bool], distinct: tuple[str,
             rec = {"prompt": messages[:-1], "completion": messages[-1]["content"]}
         else:
             rec = _rag_proguide(path, line, obj, fields)
+        if rec.get("prompt") == "":        # a plain TRL prompt is used as written: nothing to
+            raise InputError(f"{where(path, line, 'prompt')} is empty")  # predict a first token
         names = distinct if "input" in rec else trl
         for name in names:
             if not rec[name].strip():
@@ -239,8 +236,6 @@ def tokenize(tokenizer: Any, groups: Sequence[tuple[dict[str, Any], Sequence[str
     for rec, completions in groups:
         p = prompt_tokens(tokenizer, rec)
         cs = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for c in completions]
-        if not p:
-            raise InputError(f"example {len(examples) + 1}: the prompt is empty")
         p, cs, cut = truncate(p, cs, max_length)
         truncated += cut
         examples.append((p, cs))
@@ -325,7 +320,7 @@ def encode_examples(examples: Sequence[Example], pad_id: int, pack_length: int =
         for f in ROW_FIELDS:
             fields[f][i, :len(r[f])] = r[f]
     _pad_tail(fields, lengths)
-    return Encoded(**fields, lengths=lengths, truncated=truncated, completions=completions,
+    return Encoded(**fields, lengths=lengths, truncated=truncated,
                    num_slots=completions * max(map(len, groups), default=1))
 
 
