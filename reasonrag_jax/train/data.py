@@ -338,17 +338,28 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def pair_examples(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int
+                  ) -> tuple[list[Example], int]:
+    """Pairs from `read_pairs` → (examples: prompt, then chosen and rejected; how many cut)."""
+    return tokenize(tokenizer, [(p, (p["chosen"], p["rejected"])) for p in pairs], max_length)
+
+
+def sft_examples(tokenizer: Any, records: list[dict[str, Any]], max_length: int
+                 ) -> tuple[list[Example], int]:
+    """Records from `read_sft` → (examples: prompt, then the completion; how many cut)."""
+    return tokenize(tokenizer, [(r, (r.get("output", r.get("completion")),)) for r in records],
+                    max_length)
+
+
 def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int,
                  pack_length: int = 0) -> Encoded:
-    examples, cut = tokenize(tokenizer, [(p, (p["chosen"], p["rejected"])) for p in pairs],
-                             max_length)
+    examples, cut = pair_examples(tokenizer, pairs, max_length)
     return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
 
 
 def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
                pack_length: int = 0) -> Encoded:
-    examples, cut = tokenize(tokenizer, [(r, (r.get("output", r.get("completion")),))
-                                         for r in records], max_length)
+    examples, cut = sft_examples(tokenizer, records, max_length)
     return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
 
 

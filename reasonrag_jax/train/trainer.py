@@ -38,7 +38,7 @@ from reasonrag_jax.sharding import (batch_spec, batch_ways, global_array, make_m
                                     state_shardings)
 from reasonrag_jax.train import checkpoint as ckpt
 from reasonrag_jax.train.data import (ROW_FIELDS, Encoded, Example, batch_arrays, encode_examples,
-                                      pad_id, read_pairs, read_sft, tokenize)
+                                      pad_id, pair_examples, read_pairs, read_sft, sft_examples)
 from reasonrag_jax.train.dpo import dpo_loss, sequence_logps, sft_loss
 
 log = get_logger(__name__)
@@ -297,10 +297,8 @@ def load_examples(tokenizer: Any, data_path: Path, objective: str, max_length: i
                   ) -> tuple[list[Example], int]:
     """Every example of the file, tokenized and cut by the truncation rule (how many were)."""
     if objective == "dpo":
-        return tokenize(tokenizer, [(p, (p["chosen"], p["rejected"]))
-                                    for p in read_pairs(data_path)], max_length)
-    return tokenize(tokenizer, [(r, (r.get("output", r.get("completion")),))
-                                for r in read_sft(data_path)], max_length)
+        return pair_examples(tokenizer, read_pairs(data_path), max_length)
+    return sft_examples(tokenizer, read_sft(data_path), max_length)
 
 
 def encode_units(tokenizer: Any, examples: list[Example], units: np.ndarray, pack_length: int
