@@ -19,10 +19,11 @@ so one pass over the prompt scores both sides of a pair (`dpo.sequence_logps`). 
 `train.pack_length`, examples sorted by prompt fill rows of up to that many tokens, and prompts
 that share a prefix share its tokens: an agent's step records repeat the system prompt, the
 question and the history so far, and the 382 SFT records of the ablation preset (101k tokens
-one per row) take 64.5k in rows of 512 (50k if each question's steps shared one tree). Every token carries its
-position in its own example, the index of the token it is predicted from (its parent in the
-tree), the end of its subtree (token i attends to j ≤ i exactly when i < `ends[j]`) and the
-completion slot it belongs to, so the model computes each example as if it were alone.
+one per row) take 64.5k in rows of 512 (50k if each question's steps shared one tree). Every
+token carries its position in its own example, the index of the token it is predicted from
+(its parent in the tree), the end of its subtree (token i attends to j ≤ i exactly when
+i < `ends[j]`) and the completion slot it belongs to, so the model computes each example as if
+it were alone.
 
 Truncation rule (stated once, applied per example, counted, never dropped): when prompt +
 longest completion exceeds `max_length`, the prompt keeps its LAST max(max_length − longest
