@@ -352,16 +352,14 @@ def sft_examples(tokenizer: Any, records: list[dict[str, Any]], max_length: int
                     max_length)
 
 
-def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int,
-                 pack_length: int = 0) -> Encoded:
+def encode_pairs(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int) -> Encoded:
     examples, cut = pair_examples(tokenizer, pairs, max_length)
-    return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
+    return encode_examples(examples, pad_id(tokenizer), truncated=cut)
 
 
-def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int,
-               pack_length: int = 0) -> Encoded:
+def encode_sft(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> Encoded:
     examples, cut = sft_examples(tokenizer, records, max_length)
-    return encode_examples(examples, pad_id(tokenizer), pack_length, cut)
+    return encode_examples(examples, pad_id(tokenizer), truncated=cut)
 
 
 def batch_arrays(data: Encoded, rows: np.ndarray, buckets: Sequence[int]) -> dict[str, np.ndarray]:
