@@ -8,7 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from reasonrag_jax.models.decoder import PRESETS, Decoder, DecoderConfig, KVCache, _cached_attention
+from reasonrag_jax.models.decoder import (PRESETS, Decoder, DecoderConfig, KVCache, _cached_attention,
+                                          _masked_attention, attention_mask)
 from reasonrag_jax.models.weights import load_hf_dir
 
 
@@ -147,6 +148,27 @@ def test_cached_attention_gives_a_position_the_same_bits_in_every_call_shape():
                               (8, 300, 320), (4, 304, 320), (16, 316, 320), (4, 312, 316)):
         np.testing.assert_array_equal(positions(rows, first, last), whole[:, :, first:last],
                                       err_msg=f"{rows} rows, positions {first}..{last - 1}")
+
+
+def test_masked_attention_in_query_blocks_equals_dense_attention():
+    """A packed prefix-tree row of 300 tokens (blocks of 128, 128 and 44 queries): a shared
+    prompt, two completions that must not see each other, right padding. Each query block reads
+    only the keys up to its end; the result equals dense softmax attention under the full mask."""
+    rng = np.random.default_rng(0)
+    groups, d, t = 3, 16, 300
+    ends = np.concatenate([np.full(150, 280), np.full(70, 220), np.full(60, 280),
+                           np.arange(281, 301)])[None].astype(np.int32)
+    mask = np.asarray(attention_mask(jnp.zeros((1, t), jnp.int32), jnp.asarray(ends)))
+    assert mask[0, 250, 149] and not mask[0, 250, 200] and not mask[0, 290, 10]
+    q = rng.standard_normal((1, 2, groups * t, d)).astype(np.float32)
+    keys, values = (rng.standard_normal((1, 2, t, d)).astype(np.float32) for _ in range(2))
+    out = jax.jit(lambda *a: _masked_attention(*a, groups, 0.25))(q, keys, values, mask)
+    s = np.einsum("bkgqd,bksd->bkgqs", q.reshape(1, 2, groups, t, d).astype(np.float64),
+                  keys.astype(np.float64)) * 0.25
+    s = np.where(mask[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    dense = np.einsum("bkgqs,bksd->bkgqd", p / p.sum(-1, keepdims=True), values)
+    np.testing.assert_allclose(np.asarray(out), dense.reshape(1, 2, groups * t, d), atol=1e-5)
 
 
 def test_remat_is_exact_and_in_the_traced_program(tiny_llama_cfg):

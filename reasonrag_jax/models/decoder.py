@@ -400,6 +400,38 @@ def _cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, position
     return (out / total).reshape(b, kh, gt, d).astype(values.dtype)
 
 
+# Query tokens per block of the uncached attention (`_masked_attention`).
+MASKED_ATTENTION_BLOCK = 128
+
+
+def _masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                      groups: int, scale: float) -> jax.Array:
+    """Attention of a call's tokens to each other under `mask` [B, T, T] → [B, K, G*T, D].
+
+    Every `attention_mask` is causal by index, so a block of queries never sees a key past its
+    own last token: each block of `MASKED_ATTENTION_BLOCK` queries reads only the keys up to
+    its end, and the scores above the diagonal blocks are never formed. The keys it skips
+    would get probability exactly 0, so only summation order changes. Measured on an AVX-512
+    Xeon (2026-12-02, SmolLM2-135M SFT step with remat on packed rows): [1 × 1,024] 10.1 →
+    7.6 s, [3 × 512] 10.1 → 9.5 s; blocks of 64 were no faster.
+    q: [B, K, G*T, D]; keys, values: [B, K, T, D].
+    """
+    b, kh, gt, d = q.shape
+    t = gt // groups
+    q = q.reshape(b, kh, groups, t, d)
+    out = []
+    for lo in range(0, t, MASKED_ATTENTION_BLOCK):
+        hi = min(lo + MASKED_ATTENTION_BLOCK, t)
+        s = jnp.einsum("bkqd,bksd->bkqs", q[:, :, :, lo:hi].reshape(b, kh, -1, d),
+                       keys[:, :, :hi], preferred_element_type=jnp.float32)
+        s = s.reshape(b, kh, groups, hi - lo, hi) * scale
+        s = jnp.where(mask[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
+        out.append(jnp.einsum("bkqs,bksd->bkqd", p.reshape(b, kh, -1, hi), values[:, :, :hi])
+                   .reshape(b, kh, groups, hi - lo, d))
+    return jnp.concatenate(out, axis=3).reshape(b, kh, gt, d)
+
+
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
            mask: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None):
     """One pre-norm layer → (residual stream, this layer's cache buffers with the call's K/V
@@ -420,13 +452,8 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
     q = q.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, groups * t, cfg.head_dim)
     k = rope(k, positions, cfg.rope_theta, cfg.rope_llama3)
     if kv is None:
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, cfg.num_kv_heads, groups, t, -1) * cfg.head_dim ** -0.5
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        attn = jnp.einsum("bkqs,bksd->bkqd", probs.reshape(b, cfg.num_kv_heads, groups * t, -1),
-                          values)
+        attn = _masked_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                                 groups, cfg.head_dim ** -0.5)
     else:
         # Advanced indices split by slices put their dims first: both updates are [B, T, K, D].
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
