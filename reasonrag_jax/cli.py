@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from reasonrag_jax.demo import run_demo
 
-        run_demo(cfg, args.out, quick=args.quick, preset=args.preset)
+        run_demo(cfg, args.out, quick=args.quick, preset=args.preset, overrides=args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,12 +30,14 @@ DIFFERENCES = (("PRL", "ORL"), ("PRL", "SFT"), ("ORL", "SFT"))
 METRICS = ("em", "f1", "acc")
 
 
-def apply_preset(cfg: Config, name: str) -> Config:
+def apply_preset(cfg: Config, name: str, overrides: list[str] = ()) -> Config:
     """Apply `demo.presets[name]` dotted overrides (kept in the config so presets are
-    documented there)."""
+    documented there), then the user's `--set` `overrides` again: what the user asked for wins
+    over the preset."""
     if name not in cfg.demo.presets:
         raise ValueError(f"unknown demo preset {name!r} (known: {', '.join(cfg.demo.presets)})")
-    return _reload(cfg, [f"{k}={json.dumps(v)}" for k, v in cfg.demo.presets[name].items()])
+    preset = [f"{k}={json.dumps(v)}" for k, v in cfg.demo.presets[name].items()]
+    return _reload(cfg, preset + list(overrides))
 
 
 def _reload(cfg: Config, overrides: list[str]) -> Config:
@@ -160,8 +162,8 @@ def stage(name: str, timings: dict[str, float], path: Path):
                                              "this run)" if timings[name] > spent + 1 else ""))
 
 
-def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = None
-             ) -> dict[str, Any]:
+def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = None,
+             overrides: list[str] = ()) -> dict[str, Any]:
     from reasonrag_jax.agent.protocol import gold_sft_records
     from reasonrag_jax.data.qa import read_qa
     from reasonrag_jax.eval.evaluate import run_eval
@@ -171,7 +173,7 @@ def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = N
     from reasonrag_jax.train.trainer import run_sft, run_train
 
     if quick or preset:
-        cfg = apply_preset(cfg, preset or "quick")
+        cfg = apply_preset(cfg, preset or "quick", overrides)
     demo = cfg.demo
     if cfg.train.seed in demo.replicate_seeds or len(set(demo.replicate_seeds)) < len(
             demo.replicate_seeds):

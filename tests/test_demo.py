@@ -66,6 +66,8 @@ def test_presets_keep_the_experiment_disjoint_and_powered():
     assert ablation.mcts_questions >= 150 and ablation.test_questions >= 300
     assert ablation.dev_questions > 0 and len(ablation.dpo_learning_rates) > 1
     assert ablation.replicate_seeds                    # ORL and PRL with two seeds each
+    # a user's --set wins over the preset (`make ablation ARGS="--set ..."`)
+    assert apply_preset(cfg, "ablation", ["demo.replicate_seeds=[]"]).demo.replicate_seeds == ()
     assert apply_preset(cfg, "quick").demo.test_questions < cfg.demo.test_questions
     with pytest.raises(ValueError, match="unknown demo preset"):
         apply_preset(cfg, "nope")
