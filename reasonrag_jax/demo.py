@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ DIFFERENCES = (("PRL", "ORL"), ("PRL", "SFT"), ("ORL", "SFT"))
 METRICS = ("em", "f1", "acc")
 
 
-def apply_preset(cfg: Config, name: str, overrides: list[str] = ()) -> Config:
+def apply_preset(cfg: Config, name: str, overrides: Sequence[str] = ()) -> Config:
     """Apply `demo.presets[name]` dotted overrides (kept in the config so presets are
     documented there), then the user's `--set` `overrides` again: what the user asked for wins
     over the preset."""
@@ -163,7 +164,7 @@ def stage(name: str, timings: dict[str, float], path: Path):
 
 
 def run_demo(cfg: Config, out: Path, quick: bool = False, preset: str | None = None,
-             overrides: list[str] = ()) -> dict[str, Any]:
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
     from reasonrag_jax.agent.protocol import gold_sft_records
     from reasonrag_jax.data.qa import read_qa
     from reasonrag_jax.eval.evaluate import run_eval
