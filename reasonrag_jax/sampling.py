@@ -278,7 +278,11 @@ class _Programs:
             logps = logps.at[:, i].set(jnp.where(s.done, 0.0, lp))
             n_done = s.n_done + (~s.done).astype(jnp.int32)
             done = s.done | jnp.isin(tok, eos) | (n_done >= budget)
-            hidden, cache = forward(self.model_cfg, params, tok[:, None], s.pos[:, None], s.cache)
+            # A finished row or empty slot computes at position 0: attention reads every row up
+            # to the batch's last position, so a dead row's stale one must not set it. Its
+            # writes land in its own row, which admission overwrites whole.
+            hidden, cache = forward(self.model_cfg, params, tok[:, None],
+                                    jnp.where(done, 0, s.pos)[:, None], s.cache)
             s = DecodeState(cache, logits(self.model_cfg, params, hidden)[:, 0],
                             s.pos + (~done).astype(jnp.int32), done, n_done)
             return i + 1, s, tokens, logps
