@@ -66,6 +66,9 @@ class PrefixIndex:
         self.free = list(range(num_pages - 1, -1, -1))
         self.refs: dict[int, int] = {}
         self.hits = self.looked_up = 0
+        # A row's last hidden state, by the row's tokens: a prompt whose every token is cached
+        # and whose end is known (a scored continuation, an earlier prompt) needs no prefill.
+        self.ends: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
     def keys(self, tokens: Sequence[int], count: int) -> list[bytes]:
         """Chained keys of the first `count` full pages of `tokens`."""
@@ -111,6 +114,27 @@ class PrefixIndex:
         for page in pages:
             self.refs[page] = self.refs.get(page, 0) + 1
         return pages, cached
+
+    @staticmethod
+    def row_key(tokens: Sequence[int]) -> bytes:
+        return hashlib.blake2b(np.asarray(tokens, np.int64).tobytes(), digest_size=16,
+                               person=b"end").digest()
+
+    def end(self, tokens: Sequence[int]) -> np.ndarray | None:
+        """The stored hidden state at the last of `tokens`, if any (most recently used now)."""
+        key = self.row_key(tokens)
+        if key in self.ends:
+            self.ends.move_to_end(key)
+        return self.ends.get(key)
+
+    def store_end(self, tokens: Sequence[int], hidden: np.ndarray) -> None:
+        """Keep `hidden`, the state at the last of `tokens`, for as many rows as there are
+        pages (a row's end is useless without its pages, and a few KB beside them)."""
+        key = self.row_key(tokens)
+        self.ends[key] = hidden
+        self.ends.move_to_end(key)
+        while len(self.ends) > self.num_pages:
+            self.ends.popitem(last=False)
 
     def release(self, pages: Sequence[int]) -> None:
         """The pages of a `match` have been copied: they may be evicted again."""
@@ -163,6 +187,7 @@ class PrefixIndex:
             raise RuntimeError("pages are held by a lookup that was not released")
         self.free += list(self.pages.values())
         self.pages.clear()
+        self.ends.clear()
 
 
 class PagePool(flax.struct.PyTreeNode):

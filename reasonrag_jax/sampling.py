@@ -12,7 +12,9 @@ SPRE rollout starts from. A call runs in two parts:
   (`call_length`); the new pages are stored for later prompts. `score` first prefills the
   prompts, then scores every continuation from the prompt's pages, so a guided choice reads its
   prompt once and the generation after the chosen scaffold starts from the scored row's pages
-  (one token to compute: the last, whose logits start the decode).
+  and its stored last hidden state, whose logits start the decode: nothing to compute. A row's
+  last hidden state is kept beside its pages (`PrefixIndex.ends`) wherever a call computed it,
+  so a prompt sampled again (an MCTS node's next rollout) needs no prefill call either.
 - **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
   tokens per device call inside a `lax.while_loop`; stop strings are matched on the host on the
   decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
@@ -200,6 +202,8 @@ class _Group:
     pages: list[list[int]]
     start: list[int]           # first position computed: the cached tokens, or the first
                                # wanted position if the cache holds it too
+    ends: list[np.ndarray | None]   # a fully cached row's stored last hidden state: nothing
+                                    # of it is computed
 
 
 class _Shardings(NamedTuple):
@@ -240,6 +244,7 @@ class _Programs:
                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
                                                          replicated), replicated, replicated))
         self.logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
+        self.gather = jax.jit(lambda out, rows, cols: out[rows, cols], out_shardings=replicated)
 
     def _extend_fn(self, params, cache, out, tokens, positions, take, keep):
         """Rows' next tokens at `positions` into `cache`; where `keep`, `out` gets the hidden
@@ -417,8 +422,12 @@ class Sampler:
         as many as fit `prefill_tokens` and the decode slots."""
         cfg = self.config
         found = [self.index.match(t) if self.index else ([], 0) for t in tokens]
-        # The wanted positions are computed, whatever the cache holds of them.
-        start = [min(c, f) for (_, c), f in zip(found, first)]
+        # A row that wants only its last position, cached whole, may have its end stored.
+        ends = [self.index.end(t) if c == len(t) and f == c - 1 and w == 1 else None
+                for t, (_, c), f, w in zip(tokens, found, first, width)]
+        # Otherwise the wanted positions are computed, whatever the cache holds of them.
+        start = [len(t) if e is not None else min(c, f)
+                 for t, (_, c), f, e in zip(tokens, found, first, ends)]
         left = [len(t) - s for t, s in zip(tokens, start)]
         order = sorted(range(len(tokens)), key=lambda i: -left[i])
         while order:
@@ -432,7 +441,7 @@ class Sampler:
             rows, order = order[:take], order[take:]
             yield _Group(rows, [tokens[i] for i in rows], [first[i] for i in rows],
                          [width[i] for i in rows], [found[i][0] for i in rows],
-                         [start[i] for i in rows])
+                         [start[i] for i in rows], [ends[i] for i in rows])
 
     def _prefill(self, group: _Group, size: int) -> tuple[KVCache, jax.Array]:
         """The group's rows into a scratch cache of `size` slots, from their cached pages, in
@@ -457,8 +466,11 @@ class Sampler:
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
         first = group.first + [0] * (b - len(group.rows))
         w = bucket(max(group.width), (1, 8, 16, 32, 64))
-        out = jnp.zeros((b, w, self.model_cfg.hidden_size), self.model_cfg.dtype,
-                        device=self.rows_3d)
+        out = np.zeros((b, w, self.model_cfg.hidden_size), jnp.dtype(self.model_cfg.dtype))
+        for r, end in enumerate(group.ends):
+            if end is not None:
+                out[r, 0] = end
+        out = self._place_rows(out)
         self.stats.prompt_tokens += sum(ends)
         self.stats.cached_tokens += sum(start)
         while any(s < e for s, e in zip(start, ends)):
@@ -486,6 +498,7 @@ class Sampler:
             cache, out = self.programs.extend(self.params, cache, out, *map(
                 self._place_rows, (tokens, positions, take, keep)))
         if self.index is not None:
+            self._store_ends(group, out)
             # From the page the row started computing in; pages already stored are skipped.
             stores = self.index.allocate([(t, s // p)
                                           for t, s in zip(group.tokens, group.start)])
@@ -501,6 +514,23 @@ class Sampler:
         jax.block_until_ready(out)
         self.stats.prefill_s += time.perf_counter() - started
         return cache, out
+
+    def _store_ends(self, group: _Group, out: jax.Array) -> None:
+        """Each computed row's hidden state at its last token, where it wanted that position
+        (a prompt, a scored continuation): the next prompt that ends there — the generation
+        after a chosen scaffold, a node's next rollout — then starts decoding from its pages
+        without a prefill call. The state is the same bits whichever call computes it."""
+        rows = [r for r, (t, f, w, e) in enumerate(zip(group.tokens, group.first, group.width,
+                                                        group.ends))
+                if e is None and f + w == len(t)]
+        if not rows:
+            return
+        idx = np.zeros((2, out.shape[0]), np.int32)
+        idx[0, :len(rows)] = rows
+        idx[1, :len(rows)] = [group.width[r] - 1 for r in rows]
+        got = np.asarray(self.programs.gather(out, *map(self._replicate, idx)))
+        for r, hidden in zip(rows, got):
+            self.index.store_end(group.tokens[r], hidden)
 
     # ------------------------------------------------------------------ host API
     def encode(self, text: str) -> list[int]:
@@ -560,8 +590,10 @@ class Sampler:
         while queue or any(o is not None for o in owner):
             free = [s for s in range(d) if owner[s] is None]
             # Admit when a quarter of the slots are free (a prefill call per freed row would be
-            # mostly padding), or when nothing else runs.
-            if queue and (len(free) == d or len(free) >= max(1, d // 4)):
+            # mostly padding), when nothing else runs, or at once when the next prompt needs no
+            # prefill call (its end is stored: a generation after a scored scaffold).
+            if queue and (len(free) == d or len(free) >= max(1, d // 4) or (
+                    free and self.index is not None and self.index.end(queue[0][0]) is not None)):
                 state, placed = self._admit_requests(queue, free, state, size)
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
@@ -679,11 +711,14 @@ class Sampler:
                 self._recycle(self._prefill(group, size)[0])
         tokens = [p + c for _, _, p, c in rows]
         firsts = [len(p) - 1 for _, _, p, _ in rows]
-        widths = [len(c) for _, _, _, c in rows]
+        # One position past the continuation: its end, which a generation after it starts from.
+        widths = [len(c) + 1 for _, _, _, c in rows]
         for group in self._groups(tokens, firsts, widths):
             cache, hidden = self._prefill(group, size)
             self._recycle(cache)
-            b, w = hidden.shape[:2]
+            # The head reads the continuations' positions only, not the end past them.
+            b, w = hidden.shape[0], bucket(max(group.width) - 1, (1, 8, 16, 32, 64))
+            hidden = hidden[:, :w]
             # The head sees at least MIN_CALL_TOKENS rows × positions (row-independent bits).
             b_head = max(b, -(-MIN_CALL_TOKENS // w))
             targets = np.zeros((b_head, w), np.int32)

@@ -312,8 +312,9 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_torch):
 def test_smollm2_rows_are_the_same_bits_alone_batched_chunked_and_cached(smollm2):
     """SmolLM2, whose shapes once moved log-probs by ~1e-5 between these paths on XLA:CPU: 12
     prompts of 40..359 tokens (one prefill call together; alone, the long ones take two
-    calls), computed or read from the prefix cache (then one token a row is computed), give
-    the same tokens and log-probs to the bit."""
+    calls), computed, read from the prefix cache with one token a row computed, or started
+    from a stored last hidden state with nothing computed, give the same tokens and log-probs
+    to the bit."""
     model, tokenizer = smollm2
     config = SamplerConfig(cache_size=512, max_batch=16, prefix_cache_mb=256)
     plain = Sampler(model, tokenizer, dataclasses.replace(config, prefix_cache_mb=0))
@@ -329,6 +330,9 @@ def test_smollm2_rows_are_the_same_bits_alone_batched_chunked_and_cached(smollm2
     assert [run(plain, [i])[0] for i in range(12)] == together
     assert run(cached, range(12)) == together
     computed = cached.stats.computed_tokens
+    assert run(cached, range(12)) == together
+    assert cached.stats.computed_tokens == computed
+    cached.index.ends.clear()
     assert run(cached, range(12)) == together
     assert cached.stats.computed_tokens - computed == 12
 
