@@ -530,7 +530,7 @@ class Sampler:
         idx[1, :len(rows)] = [group.width[r] - 1 for r in rows]
         got = np.asarray(self.programs.gather(out, *map(self._replicate, idx)))
         for r, hidden in zip(rows, got):
-            self.index.store_end(group.tokens[r], hidden)
+            self.index.store_end(group.tokens[r], hidden.copy())    # not a view pinning `got`
 
     # ------------------------------------------------------------------ host API
     def encode(self, text: str) -> list[int]:
@@ -590,10 +590,11 @@ class Sampler:
         while queue or any(o is not None for o in owner):
             free = [s for s in range(d) if owner[s] is None]
             # Admit when a quarter of the slots are free (a prefill call per freed row would be
-            # mostly padding), when nothing else runs, or at once when the next prompt needs no
-            # prefill call (its end is stored: a generation after a scored scaffold).
-            if queue and (len(free) == d or len(free) >= max(1, d // 4) or (
-                    free and self.index is not None and self.index.end(queue[0][0]) is not None)):
+            # mostly padding) or when nothing else runs; else at once the waiting requests that
+            # need no prefill call (their end is stored: generations after a scored scaffold).
+            if queue and not (len(free) == d or len(free) >= max(1, d // 4)):
+                free = free[:self._stored_requests(queue, len(free))]
+            if queue and free:
                 state, placed = self._admit_requests(queue, free, state, size)
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
@@ -624,6 +625,15 @@ class Sampler:
                     i, j = owner[s]
                     results[i][j] = finished
                     owner[s] = None
+
+    def _stored_requests(self, queue: deque, room: int) -> int:
+        """How many of the first `room` waiting requests have their prompt's end stored."""
+        count = 0
+        for ids, requests in queue:
+            if count >= room or self.index is None or self.index.end(ids) is None:
+                break
+            count += len(requests)
+        return min(count, room)
 
     def _admit_requests(self, queue: deque, free: list[int], state: DecodeState, size: int
                         ) -> tuple[DecodeState, list[tuple[int, tuple[int, int], int]]]:
