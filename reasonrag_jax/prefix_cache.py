@@ -123,9 +123,10 @@ class PrefixIndex:
     def end(self, tokens: Sequence[int]) -> np.ndarray | None:
         """The stored hidden state at the last of `tokens`, if any (most recently used now)."""
         key = self.row_key(tokens)
-        if key in self.ends:
+        hidden = self.ends.get(key)
+        if hidden is not None:
             self.ends.move_to_end(key)
-        return self.ends.get(key)
+        return hidden
 
     def store_end(self, tokens: Sequence[int], hidden: np.ndarray) -> None:
         """Keep `hidden`, the state at the last of `tokens`, for as many rows as there are

@@ -153,6 +153,9 @@ def call_length(need: int, buckets: Sequence[int]) -> int:
 
 # Rows × length of a call whose matmuls give each row the same bits (see the module docstring).
 MIN_CALL_TOKENS = 64
+# Hidden-state positions a prefill call hands back per row (a prompt's last, or a scored
+# continuation's): a few widths, a few programs.
+WIDTH_BUCKETS = (1, 8, 16, 32, 64)
 
 
 class DecodeState(NamedTuple):
@@ -465,12 +468,16 @@ class Sampler:
         start = group.start + [0] * (b - len(group.rows))
         ends = [len(t) for t in group.tokens] + [0] * (b - len(group.rows))
         first = group.first + [0] * (b - len(group.rows))
-        w = bucket(max(group.width), (1, 8, 16, 32, 64))
-        out = np.zeros((b, w, self.model_cfg.hidden_size), jnp.dtype(self.model_cfg.dtype))
-        for r, end in enumerate(group.ends):
-            if end is not None:
-                out[r, 0] = end
-        out = self._place_rows(out)
+        w = bucket(max(group.width), WIDTH_BUCKETS)
+        shape, dtype = (b, w, self.model_cfg.hidden_size), jnp.dtype(self.model_cfg.dtype)
+        if any(end is not None for end in group.ends):
+            out = np.zeros(shape, dtype)
+            for r, end in enumerate(group.ends):
+                if end is not None:
+                    out[r, 0] = end
+            out = self._place_rows(out)
+        else:
+            out = jnp.zeros(shape, dtype, device=self.rows_3d)
         self.stats.prompt_tokens += sum(ends)
         self.stats.cached_tokens += sum(start)
         while any(s < e for s, e in zip(start, ends)):
@@ -628,9 +635,11 @@ class Sampler:
 
     def _stored_requests(self, queue: deque, room: int) -> int:
         """How many of the first `room` waiting requests have their prompt's end stored."""
+        if self.index is None:
+            return 0
         count = 0
         for ids, requests in queue:
-            if count >= room or self.index is None or self.index.end(ids) is None:
+            if count >= room or self.index.end(ids) is None:
                 break
             count += len(requests)
         return min(count, room)
@@ -727,7 +736,7 @@ class Sampler:
             cache, hidden = self._prefill(group, size)
             self._recycle(cache)
             # The head reads the continuations' positions only, not the end past them.
-            b, w = hidden.shape[0], bucket(max(group.width) - 1, (1, 8, 16, 32, 64))
+            b, w = hidden.shape[0], bucket(max(group.width) - 1, WIDTH_BUCKETS)
             hidden = hidden[:, :w]
             # The head sees at least MIN_CALL_TOKENS rows × positions (row-independent bits).
             b_head = max(b, -(-MIN_CALL_TOKENS // w))
