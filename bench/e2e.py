@@ -9,7 +9,9 @@ retriever and exported weights, run in this process after the JAX side:
   left-padded `generate` call over all active questions (same stop strings and max tokens) and
   ONE batched forward pass scoring the guided scaffolds.
 - `ratio_sequential` — one question at a time, one `generate` call per step (on the first
-  `--sequential-questions` questions: it is slow; rates are questions per second).
+  `--sequential-questions` questions: it is slow; rates are questions per second), with
+  transformers' prompt lookup (`prompt_lookup_num_tokens=3`, as the JAX sampler drafts 3
+  tokens a step; transformers runs it at batch size 1 only, so the batched peer goes without).
 Warm-up is excluded on both sides: JAX runs the whole question set once first (every program
 shape the timed pass uses is compiled; `jax_first_pass_s` reports that pass), then drops its
 prefix cache and runs again timed; the peers run two questions first.
@@ -20,7 +22,8 @@ questions, questions per minute with the prefix cache against the same runner wi
 (`sampler.prefix_cache_mb=0`), in this run; `generate_same_trees` checks both wrote the same trees.
 Token counts come from the sampler's own counters: `prefill_tokens_per_question` is prompt tokens
 computed (not padding, not cached), `padding_fraction` the share of prefill slots that held
-padding, `prefix_hit_rate` the share of prompt tokens read from the cache.
+padding, `prefix_hit_rate` the share of prompt tokens read from the cache,
+`decode_tokens_per_step` the tokens a live row's decode step emitted (1 + drafts kept).
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/e2e.py [--questions 64] [--out runs/bench/e2e]
 """
@@ -73,7 +76,8 @@ class TransformersPolicy:
         return out
 
     def generate(self, prompts, params, seeds, n=1):
-        """One batched, left-padded `generate` call over every prompt."""
+        """One batched, left-padded `generate` call over every prompt (prompt lookup when
+        there is one)."""
         import torch
 
         assert n == 1 and params.temperature == 0, "the peer runs greedy only"
@@ -83,11 +87,13 @@ class TransformersPolicy:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        # Prompt lookup, as the JAX sampler drafts; transformers supports it at batch 1 only.
+        lookup = {"prompt_lookup_num_tokens": 3} if len(prompts) == 1 else {}
         with torch.no_grad():
             gen = self.model.generate(
                 batch, attention_mask=mask, do_sample=False, max_new_tokens=params.max_new_tokens,
                 stop_strings=list(params.stop), tokenizer=tok, eos_token_id=tok.eos_token_id,
-                pad_token_id=pad, output_scores=True, return_dict_in_generate=True)
+                pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **lookup)
         out = []
         for r in range(len(prompts)):
             new = gen.sequences[r, width:].tolist()
@@ -195,7 +201,7 @@ def main() -> None:
     breakdown = {"score_s": r.score_s, "generate_s": r.generate_s, "retrieve_s": r.retrieve_s,
                  "host_s": r.host_s, "sampler_prefill_s": s.prefill_s,
                  "sampler_decode_s": s.decode_s, "steps": dict(r.steps),
-                 "decode_idle_fraction": s.decode_idle / max(s.decode_idle + s.decode_tokens, 1)}
+                 "decode_idle_fraction": s.decode_idle / max(s.decode_idle + s.decode_steps, 1)}
     print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s; "
           f"{json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()})}",
           flush=True)
@@ -252,6 +258,7 @@ def main() -> None:
         "prefill_tokens_per_question": round(s.computed_tokens / len(ours), 1),
         "padding_fraction": round(s.padding_fraction, 4),
         "prefix_hit_rate": round(s.hit_rate, 4),
+        "decode_tokens_per_step": round(s.decode_tokens / max(s.decode_steps, 1), 2),
         "generate_q_per_min": round(rates["reuse"], 3),
         "generate_q_per_min_no_reuse": round(rates["no_reuse"], 3),
         "generate_speedup": round(rates["reuse"] / rates["no_reuse"], 2),

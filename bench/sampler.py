@@ -169,10 +169,12 @@ def main() -> None:
     res, match = {}, True
     for b in BATCHES:
         # Like transformers.generate: no prompt reuse across calls (a repeat would otherwise
-        # find its prompt's KV cached), b decode rows, a cache just long enough.
+        # find its prompt's KV cached), b decode rows, a cache just long enough, one token a
+        # step (no drafts: this compares decode steps; `bench/e2e.py` measures drafting on
+        # real episodes).
         sampler = Sampler(model, tokenizer, SamplerConfig(
             max_batch=b, cache_size=-(-(PROMPT_LEN + NEW_TOKENS) // ATTENTION_BLOCK) * ATTENTION_BLOCK,
-            prefix_cache_mb=0))
+            prefix_cache_mb=0, draft_tokens=0))
         rows, seeds = prompts[:b], list(range(b))
         sampler.generate_ids(rows, params, seeds)                         # compile
         res[f"prefill_s_b{b}"] = best_of(args.repeats, sampler.generate_ids, rows, first,

@@ -16,7 +16,11 @@ SPRE rollout starts from. A call runs in two parts:
   last hidden state is kept beside its pages (`PrefixIndex.ends`) wherever a call computed it,
   so a prompt sampled again (an MCTS node's next rollout) needs no prefill call either.
 - **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
-  tokens per device call inside a `lax.while_loop`; stop strings are matched on the host on the
+  steps per device call inside a `lax.while_loop`. A step verifies `draft_tokens` tokens
+  drafted from the row's own prompt and output (`lookup_drafts`: evidence, queries and answers
+  copy the passages and the question) in the same forward pass as the row's next token and
+  keeps the drafts the row would have chosen itself, so it emits 1 + the drafts kept, with the
+  tokens one-token steps give. Stop strings are matched on the host on the
   decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
   small chunk wastes few steps; the host's work per call is small next to one step). A row
   that stops frees its slot at once and waiting requests are prefilled into free slots, so
@@ -42,7 +46,11 @@ moved by up to 4e-5 between a prompt alone, in a batch, prefilled in chunks or f
 cache, on every CPU measured (AVX2 Zen 3, Sapphire Rapids, Zen 5; greedy tokens always
 matched); on the Zen 5 they are now equal to the bit (`tests/test_sampling.py`); the other two
 were not re-measured.
-Row i, sample j, token t draws with key(seed_i, j) folded with t. Reported log-probs are of the
+Row i, sample j, token t draws with key(seed_i, j) folded with t, whichever step computes
+token t, and a row's drafts come from its own tokens only, so drafting keeps every guarantee
+above (a drafted step computes its positions in another shape than a one-token step does, so
+log-probs can move in the last bits against `draft_tokens: 0` and a near-tie could flip; the
+tests' samples and a 32-question eval's steps matched exactly). Reported log-probs are of the
 chosen token under the model's unmodified distribution (temperature 1, no top-k/top-p), as DPO
 and scoring use it.
 
@@ -141,6 +149,13 @@ def _choose(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: ja
     return jax.lax.cond(temperature > 0.0, sample, greedy, logits).astype(jnp.int32)
 
 
+def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[B, T] log-softmax of `logits` [B, T, V] at `tokens` [B, T], without writing the whole
+    log-softmax out (a decode step's largest array)."""
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def call_length(need: int, buckets: Sequence[int]) -> int:
     """Token slots per row of a prefill call whose longest row has `need` tokens left: the
     smallest bucket holding them, unless the largest bucket below `need` plus a call for the
@@ -158,6 +173,32 @@ MIN_CALL_TOKENS = 64
 WIDTH_BUCKETS = (1, 8, 16, 32, 64)
 
 
+# Longest suffix of a row's tokens that `lookup_drafts` matches in its earlier tokens.
+DRAFT_NGRAM = 3
+
+
+def lookup_drafts(context: jax.Array, pos: jax.Array, count: int, fill: int) -> jax.Array:
+    """[rows, count] tokens that followed the latest earlier occurrence of each row's last
+    tokens (`context[:, :pos + 1]`, up to `DRAFT_NGRAM` of them, the longest match first);
+    `fill` where nothing matches or the source runs past `pos` (prompt lookup, as vLLM's n-gram
+    proposer: a RAG step's evidence, query and answer copy its passages and question). Reads
+    only a row's own tokens up to `pos`, so its drafts depend on nothing else."""
+    rows, size = context.shape
+    at = jnp.arange(size)[None]
+    run = jnp.ones((rows, size), bool)
+    length = jnp.zeros((rows, size), jnp.int32)
+    for k in range(DRAFT_NGRAM):
+        tail = jnp.take_along_axis(context, jnp.maximum(pos - k, 0)[:, None], axis=1)
+        run &= (jnp.roll(context, k, axis=1) == tail) & (at >= k) & (pos >= k)[:, None]
+        length += run
+    length = jnp.where(at < pos[:, None], length, 0)
+    best = jnp.argmax(length * size + at, axis=1)           # longest, then latest
+    found = jnp.take_along_axis(length, best[:, None], axis=1) > 0
+    source = best[:, None] + 1 + jnp.arange(count)[None]
+    drafts = jnp.take_along_axis(context, jnp.minimum(source, size - 1), axis=1)
+    return jnp.where(found & (source <= pos[:, None]), drafts, fill)
+
+
 class DecodeState(NamedTuple):
     """What a decode call carries per row (all [rows] unless noted)."""
     cache: KVCache
@@ -165,6 +206,7 @@ class DecodeState(NamedTuple):
     pos: jax.Array            # int32 position the next token is written at
     done: jax.Array           # bool: finished, or an empty slot
     n_done: jax.Array         # int32 tokens generated so far
+    context: jax.Array        # int32 [rows, cache] the row's tokens, prompt first: drafts' source
 
 
 @dataclass
@@ -175,7 +217,9 @@ class SamplerStats:
     cached_tokens: int = 0      # of those, read from the prefix cache
     computed_tokens: int = 0    # prompt tokens computed
     padded_tokens: int = 0      # prefill slots that held padding
-    decode_tokens: int = 0      # row-steps of decode that produced a token
+    decode_tokens: int = 0      # tokens decoded
+    decode_steps: int = 0       # row-steps of decode on a live row (a step emits 1 + accepted
+                                # drafts)
     decode_idle: int = 0        # row-steps of decode spent on an empty or finished slot
     prefill_s: float = 0.0      # wall time in prefill (and page copies), host to host
     decode_s: float = 0.0
@@ -241,11 +285,12 @@ class _Programs:
                              donate_argnums=(0,), out_shardings=pool)
         self.extend = jax.jit(self._extend_fn, donate_argnums=(1, 2),
                               out_shardings=(cache, rows_3d))
-        self.admit = jax.jit(self._admit_fn, donate_argnums=(1, 2),
-                             out_shardings=(cache, rows_2d))
-        self.decode = jax.jit(self._decode_fn, static_argnums=(0,), donate_argnums=(2,),
+        self.admit = jax.jit(self._admit_fn, donate_argnums=(1, 2, 3),
+                             out_shardings=(cache, rows_2d, rows_2d))
+        self.decode = jax.jit(self._decode_fn, static_argnums=(0, 1), donate_argnums=(3,),
                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
-                                                         replicated), replicated, replicated))
+                                                         replicated, rows_2d),
+                                             replicated, replicated, replicated))
         self.logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
         self.gather = jax.jit(lambda out, rows, cols: out[rows, cols], out_shardings=replicated)
 
@@ -257,49 +302,84 @@ class _Programs:
         got = jnp.take_along_axis(hidden, take[:, :, None], axis=1)
         return cache, jnp.where(keep[:, None, None], got, out)
 
-    def _admit_fn(self, params, cache, last, new, hidden, slots, parent):
+    def _admit_fn(self, params, cache, last, context, new, hidden, slots, parent, prompts):
         """Prefilled rows into decode slots: slot `slots[i]` ← row `parent[i]` of `new`, its
-        next-token logits from `hidden` [B, 1, H]. The head runs on all slots, a fixed row count
-        (see the module docstring); `slots` past the cache are padding and dropped."""
+        next-token logits from `hidden` [B, 1, H], its context ← `prompts[i]`. The head runs on
+        all slots, a fixed row count (see the module docstring); `slots` past the cache are
+        padding and dropped."""
         self.compilations += 1
         cache = jax.tree.map(lambda dst, src: dst.at[slots].set(src[parent], mode="drop"),
                              cache, new)
+        context = context.at[slots].set(prompts, mode="drop")
         rows = jnp.zeros((last.shape[0], hidden.shape[-1]), hidden.dtype)
         rows = rows.at[slots].set(hidden[parent, 0], mode="drop")
         fresh = jnp.zeros(last.shape[0], bool).at[slots].set(True, mode="drop")
         head = logits(self.model_cfg, params, rows[:, None])[:, 0]
-        return cache, jnp.where(fresh[:, None], head, last)
+        return cache, jnp.where(fresh[:, None], head, last), context
 
-    def _decode_fn(self, chunk, params, state: DecodeState, words, knobs):
-        """Up to `chunk` tokens for every row; rows that hit EOS or their budget stop."""
+    def _decode_fn(self, chunk, draft, params, state: DecodeState, words, knobs):
+        """Up to `chunk` steps for every row; rows that hit EOS or their budget stop.
+
+        A step chooses the row's next token, drafts `draft` more from its context
+        (`lookup_drafts`) and runs all 1 + `draft` positions in one forward pass; a draft is
+        kept while it is the token the row would have chosen there (same logits, same key and
+        token index), so the tokens are exactly those of one-token steps, and the step emits
+        1 + the drafts kept. K/V written for rejected drafts sit past the row's position,
+        unseen, until its next tokens overwrite them."""
         self.compilations += 1
         temperature, top_p, top_k, budget, eos = knobs
         keys = row_keys(words)
-        b = state.logits.shape[0]
+        b, width = state.logits.shape[0], 1 + draft
+        offsets = jnp.arange(width)
+        rows = jnp.arange(b)[:, None]
+
+        def choose(step_logits, index):
+            """[b, w] tokens from [b, w, vocab] logits, drawn at token indices `index`."""
+            w = step_logits.shape[1]
+            picked = _choose(step_logits.reshape(b * w, -1), keys[jnp.repeat(jnp.arange(b), w)],
+                             index.reshape(-1), temperature, top_p, top_k)
+            return picked.reshape(b, w)
 
         def body(carry):
-            i, s, tokens, logps = carry
-            tok = _choose(s.logits, keys, s.n_done, temperature, top_p, top_k)
-            lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits), tok[:, None], axis=-1)[:, 0]
-            tok = jnp.where(s.done, self.pad_id, tok)
-            tokens = tokens.at[:, i].set(tok)
-            logps = logps.at[:, i].set(jnp.where(s.done, 0.0, lp))
-            n_done = s.n_done + (~s.done).astype(jnp.int32)
-            done = s.done | jnp.isin(tok, eos) | (n_done >= budget)
-            # A finished row or empty slot computes at position 0: attention reads every row up
-            # to the batch's last position, so a dead row's stale one must not set it. Its
-            # writes land in its own row, which admission overwrites whole.
-            hidden, cache = forward(self.model_cfg, params, tok[:, None],
-                                    jnp.where(done, 0, s.pos)[:, None], s.cache)
-            s = DecodeState(cache, logits(self.model_cfg, params, hidden)[:, 0],
-                            s.pos + (~done).astype(jnp.int32), done, n_done)
-            return i + 1, s, tokens, logps
+            i, s, tokens, logps, made, live = carry
+            first = choose(s.logits[:, None], s.n_done[:, None])[:, 0]
+            context = s.context.at[rows[:, 0], s.pos].set(first, mode="drop")
+            step = jnp.concatenate(
+                [first[:, None], lookup_drafts(context, s.pos, draft, self.pad_id)], axis=1)
+            # A finished row or empty slot computes at positions 0..draft: attention reads every
+            # row up to the batch's last position, so a dead row's stale one must not set it.
+            # Its writes land in its own row, which admission overwrites whole.
+            positions = jnp.where(s.done[:, None], offsets, s.pos[:, None] + offsets)
+            hidden, cache = forward(self.model_cfg, params, step, positions, s.cache,
+                                    decoding=True)
+            step_logits = logits(self.model_cfg, params, hidden)           # [b, width, vocab]
+            lp = jnp.concatenate([_token_logprobs(s.logits[:, None], step[:, :1]),
+                                  _token_logprobs(step_logits[:, :-1], step[:, 1:])], axis=1)
+            kept = jnp.zeros(b, jnp.int32) if not draft else jnp.sum(jnp.cumprod(
+                choose(step_logits[:, :-1], s.n_done[:, None] + 1 + offsets[None, :-1])
+                == step[:, 1:], axis=1), axis=1)
+            is_eos = jnp.isin(step, eos)
+            first_eos = jnp.argmax(jnp.concatenate([is_eos, jnp.ones((b, 1), bool)], 1), 1)
+            kept = jnp.maximum(jnp.minimum(jnp.minimum(kept, first_eos), budget - s.n_done - 1),
+                               0)
+            emitted = jnp.where(s.done, 0, kept + 1)
+            out = offsets[None] < emitted[:, None]
+            cols = jnp.where(out, made[:, None] + offsets, tokens.shape[1])      # else dropped
+            tokens = tokens.at[rows, cols].set(step, mode="drop")
+            logps = logps.at[rows, cols].set(lp, mode="drop")
+            n_done = s.n_done + emitted
+            done = s.done | jnp.any(is_eos & out, axis=1) | (n_done >= budget)
+            context = context.at[rows, s.pos[:, None] + offsets].set(step, mode="drop")
+            next_logits = jnp.take_along_axis(step_logits, kept[:, None, None], axis=1)[:, 0]
+            s = DecodeState(cache, next_logits, s.pos + emitted, done, n_done, context)
+            return i + 1, s, tokens, logps, made + emitted, live + (emitted > 0)
 
-        carry = (0, state, jnp.full((b, chunk), self.pad_id, jnp.int32),
-                 jnp.zeros((b, chunk), jnp.float32))
-        _, state, tokens, logps = jax.lax.while_loop(
+        zeros = jnp.zeros(b, jnp.int32)
+        carry = (0, state, jnp.full((b, chunk * width), self.pad_id, jnp.int32),
+                 jnp.zeros((b, chunk * width), jnp.float32), zeros, zeros)
+        _, state, tokens, logps, _, live = jax.lax.while_loop(
             lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), body, carry)
-        return state, tokens, logps
+        return state, tokens, logps, live
 
     def _logprobs_fn(self, params, hidden, targets, mask):
         """[B] summed log-prob of `targets` [B, W] from the hidden states before them."""
@@ -323,6 +403,8 @@ class Sampler:
                              f"{ATTENTION_BLOCK}")
         if cfg.decode_chunk < 1:
             raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
+        if cfg.draft_tokens < 0:
+            raise ValueError(f"sampler.draft_tokens must be at least 0, not {cfg.draft_tokens}")
         if ATTENTION_BLOCK % cfg.page_size:
             raise ValueError(f"sampler.page_size {cfg.page_size} must divide {ATTENTION_BLOCK}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
@@ -583,7 +665,7 @@ class Sampler:
         place, replicate = self._place_rows, self._replicate
         state = DecodeState(self.programs.new_cache(d, size),
                             place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
-                            None, None, None)
+                            None, None, None, place(np.zeros((d, size), np.int32)))
         owner: list[tuple[int, int] | None] = [None] * d        # slot → (prompt, sample)
         tokens: list[list[int]] = [[] for _ in range(d)]
         logps: list[list[float]] = [[] for _ in range(d)]
@@ -610,16 +692,17 @@ class Sampler:
             words = global_array(seed_words(seed_of, sample_of),
                                  NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
             started = time.perf_counter()
-            state, tok, lp = self.programs.decode(
-                self.config.decode_chunk, self.params, state._replace(
+            state, tok, lp, live = self.programs.decode(
+                self.config.decode_chunk, self.config.draft_tokens, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
                 words, knobs)
             tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)
-            device_done = np.asarray(state.done)
+            device_done, live = np.asarray(state.done), np.asarray(live)
             self.stats.decode_s += time.perf_counter() - started
             made = new_n - n_done
             self.stats.decode_tokens += int(made.sum())
-            self.stats.decode_idle += d * int(made.max(initial=0)) - int(made.sum())
+            self.stats.decode_steps += int(live.sum())
+            self.stats.decode_idle += d * int(live.max(initial=0)) - int(live.sum())
             for s in range(d):
                 if owner[s] is None:
                     continue
@@ -664,16 +747,19 @@ class Sampler:
             cache, hidden = self._prefill(group, size)
             slots = np.full(self.slots, self.slots, np.int32)      # past the cache: dropped
             parent = np.zeros(self.slots, np.int32)
+            context = np.zeros((self.slots, size), np.int32)
             k = 0
             for r, row in enumerate(group.rows):
                 for request in picked[row][1]:
                     slot = next(slots_left)
                     slots[k], parent[k] = slot, r
+                    context[k, :len(prompts[row])] = prompts[row]
                     placed.append((slot, request, len(prompts[row])))
                     k += 1
-            new_cache, last = self.programs.admit(self.params, state.cache, state.logits, cache,
-                                                  hidden, *map(self._replicate, (slots, parent)))
-            state = state._replace(cache=new_cache, logits=last)
+            new_cache, last, new_context = self.programs.admit(
+                self.params, state.cache, state.logits, state.context, cache, hidden,
+                *map(self._replicate, (slots, parent, context)))
+            state = state._replace(cache=new_cache, logits=last, context=new_context)
             self._recycle(cache)
         return state, placed
 

@@ -143,6 +143,40 @@ def test_decode_chunk_changes_no_bits(model, sampler):
     lengths = {len(c.token_ids) for row in want for c in row}
     assert len(lengths) > 2 and max(lengths) > CONFIG.decode_chunk      # slots refill mid-call
 
+def test_lookup_drafts_copy_what_followed_the_latest_longest_match():
+    """Hand-computed: the longest match of the row's last (up to 3) tokens wins, then the latest;
+    nothing past the row's position is matched or copied (7s and 4s there are stale)."""
+    fill = -1
+    context = jnp.asarray([
+        [1, 2, 3, 4, 2, 3, 9, 2, 3, 7, 7, 7],     # tail (9, 2, 3): j=2 and j=5 match 2 → j=5
+        [7, 1, 2, 3, 8, 4, 2, 3, 5, 1, 2, 3],     # tail (1, 2, 3): j=3 matches 3, j=7 only 2
+        [1, 2, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4],     # tail 4: never before position 3
+        [1, 2, 1, 2, 1, 7, 7, 7, 7, 7, 7, 7],     # tail 1 at position 2: j=0 only
+    ], jnp.int32)
+    pos = jnp.asarray([8, 11, 3, 2], jnp.int32)
+    got = sampling.lookup_drafts(context, pos, 4, fill)
+    assert got.tolist() == [[9, 2, 3, fill], [8, 4, 2, 3], [fill] * 4, [2, 1, fill, fill]]
+
+
+def test_drafted_steps_emit_the_tokens_of_one_token_steps(model):
+    """Verifying prompt-lookup drafts changes how many steps a row takes, never its tokens or
+    log-probs (greedy and sampled, n samples, rows stopping at different lengths), and the
+    drafts are used: fewer steps than tokens."""
+    prompts = ["abcabcabcabcabcabcab", PROMPTS[0], "xyxyxyxyxyxyxyx"]
+    one = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=0))
+    drafted = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=3))
+    for params in (SamplingParams(max_new_tokens=40),
+                   SamplingParams(max_new_tokens=40, temperature=0.8, stop=("Q",))):
+        want = one.generate(prompts, params, seeds=[1, 2, 3], n=2)
+        got = drafted.generate(prompts, params, seeds=[1, 2, 3], n=2)
+        for w_row, g_row in zip(want, got):
+            for w, g in zip(w_row, g_row):
+                assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+                np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    assert one.stats.decode_steps == one.stats.decode_tokens
+    assert drafted.stats.decode_steps < 0.8 * drafted.stats.decode_tokens
+
+
 def test_top_k_one_is_greedy(sampler):
     greedy = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10), [0, 1, 2])
     top1 = sampler.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1),

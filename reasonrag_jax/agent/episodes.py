@@ -127,6 +127,7 @@ def runner_scalars(runner: Any) -> dict[str, Any]:
                         "prompt_tokens": stats.prompt_tokens,
                         "computed_tokens": stats.computed_tokens,
                         "decode_tokens": stats.decode_tokens,
+                        "decode_steps": stats.decode_steps,
                         "decode_idle_rows": stats.decode_idle},
             "seconds": {"score": timing.score_s, "generate": timing.generate_s,
                         "retrieve": timing.retrieve_s, "host": timing.host_s,
