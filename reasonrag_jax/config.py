@@ -49,8 +49,9 @@ class SamplerConfig:
     (rows × length) per prefill call, and prefill_buckets the lengths; prefix_cache_mb: device
     memory for cached prompt pages (0: no prefix reuse); page_size: tokens per page, a divisor
     of the attention block; decode_chunk: decode steps per call, after which the host matches
-    stop strings and refills finished rows; draft_tokens: tokens a decode step proposes from the
-    row's own context and verifies in the same forward pass (0: one token a step).
+    stop strings and refills finished rows; draft_tokens: tokens a greedy decode step proposes
+    from the row's own context and verifies in the same forward pass (0: one token a step), and
+    draft_tokens_sampled the same for sampled calls (temperature > 0).
     """
     cache_size: int = 2048
     max_batch: int = 32
@@ -69,10 +70,13 @@ class SamplerConfig:
     # decode steps of 16 rows, outputs identical.
     decode_chunk: int = 4
     # Prompt lookup (`sampling.lookup_drafts`): a RAG step's evidence, query and answer copy the
-    # passages and the question. Eval of 32 questions (Xeon AVX-512, 2026-12-03): 2.0 tokens a
-    # row-step, a step of 16 rows × 4 positions ~1.6× one of 1, decode 47.2 → 37.7 s, same
-    # predictions (README, "Drafted decoding"); 2 drafts gave the same time (37.1 s).
+    # passages and the question. Greedy eval of 32 questions (Xeon AVX-512, 2026-12-03): 2.0
+    # tokens a row-step, a step of 16 rows × 4 positions ~1.6× one of 1, decode 47.2 → 37.7 s,
+    # same predictions; 2 drafts gave the same time (37.1 s). Sampled at MCTS's temperature 1
+    # a step kept 1.63 tokens and decode took 149.7 s against 134.4 without drafts, so sampled
+    # calls draft nothing by default (README, "Drafted decoding").
     draft_tokens: int = 3
+    draft_tokens_sampled: int = 0
 
 
 @dataclass

@@ -17,11 +17,12 @@ SPRE rollout starts from. A call runs in two parts:
   so a prompt sampled again (an MCTS node's next rollout) needs no prefill call either.
 - **Continuous decoding.** Decoding runs on a fixed set of `max_batch` rows, `decode_chunk`
   steps per device call inside a `lax.while_loop`. A step verifies `draft_tokens` tokens
-  drafted from the row's own prompt and output (`lookup_drafts`: evidence, queries and answers
-  copy the passages and the question) in the same forward pass as the row's next token and
-  keeps the drafts the row would have chosen itself, so it emits 1 + the drafts kept, with the
-  tokens one-token steps give. Stop strings are matched on the host on the
-  decoded text, exact whatever the tokenisation, so a row decodes on until its call ends (a
+  (`draft_tokens_sampled` when sampling) drafted from the row's own prompt and output
+  (`lookup_drafts`: evidence, queries and answers copy the passages and the question) in the
+  same forward pass as the row's next token and keeps the drafts the row would have chosen
+  itself, so it emits 1 + the drafts kept, with the tokens one-token steps give. Stop strings
+  are matched on the host on the decoded text, exact whatever the tokenisation, so a row
+  decodes on until its call ends (a
   small chunk wastes few steps; the host's work per call is small next to one step). A row
   that stops frees its slot at once and waiting requests are prefilled into free slots, so
   short rows never wait for long ones. `n` samples of a prompt share its prefill (cache rows
@@ -403,8 +404,9 @@ class Sampler:
                              f"{ATTENTION_BLOCK}")
         if cfg.decode_chunk < 1:
             raise ValueError(f"sampler.decode_chunk must be at least 1, not {cfg.decode_chunk}")
-        if cfg.draft_tokens < 0:
-            raise ValueError(f"sampler.draft_tokens must be at least 0, not {cfg.draft_tokens}")
+        for key in ("draft_tokens", "draft_tokens_sampled"):
+            if getattr(cfg, key) < 0:
+                raise ValueError(f"sampler.{key} must be at least 0, not {getattr(cfg, key)}")
         if ATTENTION_BLOCK % cfg.page_size:
             raise ValueError(f"sampler.page_size {cfg.page_size} must divide {ATTENTION_BLOCK}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
@@ -673,6 +675,8 @@ class Sampler:
         seed_of, sample_of = np.zeros(d, np.uint64), np.zeros(d, np.int32)
         eos = sorted(self.eos_ids) if not params.ignore_eos else []
         eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
+        draft = (self.config.draft_tokens if params.temperature == 0
+                 else self.config.draft_tokens_sampled)
         knobs = tuple(replicate(x) for x in (
             np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
             np.int32(params.max_new_tokens), eos))
@@ -693,7 +697,7 @@ class Sampler:
                                  NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
             started = time.perf_counter()
             state, tok, lp, live = self.programs.decode(
-                self.config.decode_chunk, self.config.draft_tokens, self.params, state._replace(
+                self.config.decode_chunk, draft, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
                 words, knobs)
             tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)

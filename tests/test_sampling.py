@@ -163,18 +163,22 @@ def test_drafted_steps_emit_the_tokens_of_one_token_steps(model):
     log-probs (greedy and sampled, n samples, rows stopping at different lengths), and the
     drafts are used: fewer steps than tokens."""
     prompts = ["abcabcabcabcabcabcab", PROMPTS[0], "xyxyxyxyxyxyxyx"]
-    one = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=0))
-    drafted = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=3))
+    one = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=0,
+                                                             draft_tokens_sampled=0))
+    drafted = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, draft_tokens=3,
+                                                                 draft_tokens_sampled=3))
     for params in (SamplingParams(max_new_tokens=40),
-                   SamplingParams(max_new_tokens=40, temperature=0.8, stop=("Q",))):
+                   SamplingParams(max_new_tokens=40, temperature=0.5, top_k=2, stop=("Q",))):
+        one.stats.reset()
+        drafted.stats.reset()
         want = one.generate(prompts, params, seeds=[1, 2, 3], n=2)
         got = drafted.generate(prompts, params, seeds=[1, 2, 3], n=2)
         for w_row, g_row in zip(want, got):
             for w, g in zip(w_row, g_row):
                 assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
                 np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
-    assert one.stats.decode_steps == one.stats.decode_tokens
-    assert drafted.stats.decode_steps < 0.8 * drafted.stats.decode_tokens
+        assert one.stats.decode_steps == one.stats.decode_tokens
+        assert drafted.stats.decode_steps < 0.8 * drafted.stats.decode_tokens
 
 
 def test_top_k_one_is_greedy(sampler):
