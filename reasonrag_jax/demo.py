@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from reasonrag_jax.config import Config, DemoConfig, load_config, to_dict
+from reasonrag_jax.config import Config, DemoConfig, SamplerConfig, load_config, to_dict
 from reasonrag_jax.eval.stats import Interval, bootstrap_ci, paired_ci
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_json_atomic
 
@@ -74,7 +74,9 @@ def same_run(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
 def stored_settings(text: str) -> dict[str, Any]:
     """A run directory's `demo_config.json` as `run_settings` would write it today: earlier
     versions also wrote the preset table, ordered the SFT data by `train.seed`, and searched
-    without `mcts.untried_choice` or packing (one SFT record per row, at `train.batch_size`)."""
+    without `mcts.untried_choice` or packing (one SFT record per row, at `train.batch_size`).
+    Runs from before drafted decoding resume with today's drafts: they change how many tokens
+    a decode step emits, not which."""
     stored = json.loads(text)
     stored.get("demo", {}).pop("presets", None)
     stored.get("demo", {}).setdefault("sft_seed", stored.get("train", {}).get("seed", 0))
@@ -82,6 +84,9 @@ def stored_settings(text: str) -> dict[str, Any]:
         stored.get("demo", {}).setdefault(key, 0)
     stored.get("train", {}).setdefault("pack_length", 0)
     stored.get("mcts", {}).setdefault("untried_choice", False)
+    defaults = SamplerConfig()
+    for key in ("draft_tokens", "draft_tokens_sampled"):
+        stored.get("sampler", {}).setdefault(key, getattr(defaults, key))
     return stored
 
 

@@ -132,6 +132,7 @@ def test_sft_stage_trains_in_the_demo_data_order_and_old_runs_keep_theirs():
     # and trained one SFT record per row at `train.batch_size`.
     del old["mcts"]["untried_choice"]
     del old["demo"]["sft_batch_size"], old["demo"]["sft_pack_length"], old["train"]["pack_length"]
+    del old["sampler"]["draft_tokens"], old["sampler"]["draft_tokens_sampled"]  # same tokens
     text = json.dumps(old)
     assert stored_settings(text) == run_settings(load_config(
         Path(__file__).parents[1] / "configs" / "smollm2_cpu.yaml", ["demo.sft_seed=3",

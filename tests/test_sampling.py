@@ -258,8 +258,10 @@ def test_no_recompile_inside_a_bucket_after_update_params_or_in_a_new_sampler(mo
     s = Sampler(model, CharTokenizer(), CONFIG)
     params = SamplingParams(max_new_tokens=8, temperature=0.7)
     s.generate(PROMPTS[:3], params, [0, 1, 2])
+    assert s.compilations == 3                         # one prefill, admit and decode program each
+    s.generate(PROMPTS[:3], SamplingParams(max_new_tokens=8), [0, 1, 2])
     compiled = s.compilations
-    assert compiled == 3                               # one prefill, admit and decode program each
+    assert compiled == 4                               # greedy calls draft: their own decode
     s.generate(["a longer prompt, same bucket", "x", "y", "z"], params, [3, 4, 5, 6])
     s.generate(["b", "c", "d"], SamplingParams(max_new_tokens=5, temperature=0.0, top_p=0.5,
                                                top_k=3, stop=("q",)), [1, 2, 3])
