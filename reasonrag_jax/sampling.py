@@ -185,6 +185,8 @@ def lookup_drafts(context: jax.Array, pos: jax.Array, count: int, fill: int) -> 
     proposer: a RAG step's evidence, query and answer copy its passages and question). Reads
     only a row's own tokens up to `pos`, so its drafts depend on nothing else."""
     rows, size = context.shape
+    if count == 0:
+        return jnp.zeros((rows, 0), context.dtype)
     at = jnp.arange(size)[None]
     run = jnp.ones((rows, size), bool)
     length = jnp.zeros((rows, size), jnp.int32)
@@ -356,9 +358,15 @@ class _Programs:
             step_logits = logits(self.model_cfg, params, hidden)           # [b, width, vocab]
             lp = jnp.concatenate([_token_logprobs(s.logits[:, None], step[:, :1]),
                                   _token_logprobs(step_logits[:, :-1], step[:, 1:])], axis=1)
-            kept = jnp.zeros(b, jnp.int32) if not draft else jnp.sum(jnp.cumprod(
-                choose(step_logits[:, :-1], s.n_done[:, None] + 1 + offsets[None, :-1])
-                == step[:, 1:], axis=1), axis=1)
+            kept = jnp.zeros(b, jnp.int32)
+            if draft:
+                kept = jnp.sum(jnp.cumprod(
+                    choose(step_logits[:, :-1], s.n_done[:, None] + 1 + offsets[None, :-1])
+                    == step[:, 1:], axis=1), axis=1)
+                # The drafts follow the row's next token in its context; those not kept sit past
+                # its position, never read, until its next tokens overwrite them.
+                context = context.at[rows, s.pos[:, None] + offsets[None, 1:]].set(
+                    step[:, 1:], mode="drop")
             is_eos = jnp.isin(step, eos)
             first_eos = jnp.argmax(jnp.concatenate([is_eos, jnp.ones((b, 1), bool)], 1), 1)
             kept = jnp.maximum(jnp.minimum(jnp.minimum(kept, first_eos), budget - s.n_done - 1),
@@ -370,7 +378,6 @@ class _Programs:
             logps = logps.at[rows, cols].set(lp, mode="drop")
             n_done = s.n_done + emitted
             done = s.done | jnp.any(is_eos & out, axis=1) | (n_done >= budget)
-            context = context.at[rows, s.pos[:, None] + offsets].set(step, mode="drop")
             next_logits = jnp.take_along_axis(step_logits, kept[:, None, None], axis=1)[:, 0]
             s = DecodeState(cache, next_logits, s.pos + emitted, done, n_done, context)
             return i + 1, s, tokens, logps, made + emitted, live + (emitted > 0)
