@@ -22,11 +22,10 @@ SPRE rollout starts from. A call runs in two parts:
   same forward pass as the row's next token and keeps the drafts the row would have chosen
   itself, so it emits 1 + the drafts kept, with the tokens one-token steps give. Stop strings
   are matched on the host on the decoded text, exact whatever the tokenisation, so a row
-  decodes on until its call ends (a
-  small chunk wastes few steps; the host's work per call is small next to one step). A row
-  that stops frees its slot at once and waiting requests are prefilled into free slots, so
-  short rows never wait for long ones. `n` samples of a prompt share its prefill (cache rows
-  are gathered).
+  decodes on until its call ends (a small chunk wastes few steps; the host's work per call is
+  small next to one step). A row that stops frees its slot at once and waiting requests,
+  longest prompt first, are prefilled into free slots, so short rows never wait for long ones.
+  `n` samples of a prompt share its prefill (cache rows are gathered).
 
 Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
 recompile; the weights live in the decoder's serving layout (per-layer arrays, see
@@ -657,7 +656,11 @@ class Sampler:
         distinct: dict[tuple[int, ...], list[tuple[int, int]]] = {}
         for i, ids in enumerate(prompts):
             distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
-        queue = deque(distinct.items())
+        # Longest prompts first: a decode step reads every row's KV up to the batch's longest
+        # row, and the rows admitted together are prefilled together, so rows of like length
+        # share steps and calls (MCTS of 32 questions, Xeon AVX-512: 278 → 252 s, decode
+        # 117 → 105 s, same trees; a 32-question eval padded 15.6 % of prefill slots, not 17.5).
+        queue = deque(sorted(distinct.items(), key=lambda item: -len(item[0])))
         results: list[list[Any]] = [[None] * n for _ in prompts]
         try:
             self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,

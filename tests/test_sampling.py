@@ -390,6 +390,26 @@ def test_prefill_groups_keep_padding_rows_under_a_quarter(sampler):
     assert sizes(7) == [7]
 
 
+def test_waiting_prompts_are_admitted_longest_first(model):
+    """Two slots, four prompts: the two longest are prefilled first, together, and every row
+    still gets its own completion."""
+    sampler = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, max_batch=2))
+    lengths, prefill = [], sampler._prefill
+
+    def recording(group, size):
+        lengths.append(sorted(map(len, group.tokens)))
+        return prefill(group, size)
+
+    sampler._prefill = recording
+    prompts = ["ab", "a much longer prompt here", "mid length", "the longest prompt of them all"]
+    out = sampler.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), [0] * 4)
+    assert lengths[0] == [25, 30]
+    assert [c.token_ids for (c,) in out] == [
+        c.token_ids for (c,) in (sampler.generate([p], SamplingParams(max_new_tokens=3,
+                                                                      ignore_eos=True), [0])[0]
+                                 for p in prompts)]
+
+
 def test_a_long_remainder_goes_in_a_second_call_rather_than_as_padding(model):
     """Buckets (16, 32, 64, 128, 256, 384): 300 tokens take 256 + 48 slots, not 384 (checked on
     the sampler's padding counter, two 300-token prompts); 20 tokens stay one call of 32, since
