@@ -658,8 +658,8 @@ class Sampler:
             distinct.setdefault(tuple(ids), []).extend((i, j) for j in range(n))
         # Longest prompts first: a decode step reads every row's KV up to the batch's longest
         # row, and the rows admitted together are prefilled together, so rows of like length
-        # share steps and calls (MCTS of 32 questions, Xeon AVX-512: 278 → 252 s, decode
-        # 117 → 105 s, same trees; a 32-question eval padded 15.6 % of prefill slots, not 17.5).
+        # share calls: the e2e bench's 32-question eval pads 15.6 % of its prefill slots, not
+        # 17.5 (same predictions). No wall-time change was measurable on the Xeon (README).
         queue = deque(sorted(distinct.items(), key=lambda item: -len(item[0])))
         results: list[list[Any]] = [[None] * n for _ in prompts]
         try:
