@@ -402,12 +402,11 @@ def test_waiting_prompts_are_admitted_longest_first(model):
 
     sampler._prefill = recording
     prompts = ["ab", "a much longer prompt here", "mid length", "the longest prompt of them all"]
-    out = sampler.generate(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True), [0] * 4)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    out = sampler.generate(prompts, params, [0] * 4)
     assert lengths[0] == [25, 30]
-    assert [c.token_ids for (c,) in out] == [
-        c.token_ids for (c,) in (sampler.generate([p], SamplingParams(max_new_tokens=3,
-                                                                      ignore_eos=True), [0])[0]
-                                 for p in prompts)]
+    alone = [sampler.generate([p], params, [0])[0][0] for p in prompts]
+    assert [c.token_ids for (c,) in out] == [c.token_ids for c in alone]
 
 
 def test_a_long_remainder_goes_in_a_second_call_rather_than_as_padding(model):
