@@ -143,6 +143,7 @@ def test_decode_chunk_changes_no_bits(model, sampler):
     lengths = {len(c.token_ids) for row in want for c in row}
     assert len(lengths) > 2 and max(lengths) > CONFIG.decode_chunk      # slots refill mid-call
 
+
 def test_lookup_drafts_copy_what_followed_the_latest_longest_match():
     """Hand-computed: the longest match of the row's last (up to 3) tokens wins, then the latest;
     nothing past the row's position is matched or copied (7s and 4s there are stale)."""
