@@ -1,5 +1,7 @@
 """The demo's experiment plumbing without models: disjoint splits, the table with intervals
 and paired differences, the plot, and presets."""
+import ctypes
+import ctypes.util
 import json
 import time
 
@@ -180,6 +182,25 @@ def test_stage_times_add_up_over_the_pieces_of_a_run(tmp_path):
     with stage("SFT", resumed, path):
         time.sleep(0.2)
     assert json.loads(path.read_text())["SFT"] == pytest.approx(0.5, abs=0.05)
+
+
+def _rss_mb() -> int:
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c") or None),
+                                "malloc_trim"), reason="returning freed memory needs glibc")
+def test_a_stage_hands_the_memory_it_freed_back_to_the_os(tmp_path):
+    """Freed heap chunks between live ones stay resident until trimmed: one demo process
+    otherwise piles each stage's leftovers under the next stage's peak."""
+    kept = []
+    with stage("eval", {}, tmp_path / "timings.json"):
+        blocks = [bytes(64 << 10) for _ in range(4096)]   # 256 MB of heap chunks, not mmap'd
+        kept = blocks[::64]                               # one live chunk in every 4 MB
+        del blocks
+        held = _rss_mb()
+    assert len(kept) == 64
+    assert held - _rss_mb() > 150
 
 
 def test_prl_minus_orl_per_seed_and_over_seeds():
