@@ -12,8 +12,6 @@ where it stopped.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import json
@@ -28,6 +26,7 @@ import numpy as np
 from reasonrag_jax.config import Config, DemoConfig, SamplerConfig, load_config, to_dict
 from reasonrag_jax.eval.stats import Interval, bootstrap_ci, paired_ci
 from reasonrag_jax.io import InputError, append_jsonl, read_jsonl, save_figure, write_json_atomic
+from reasonrag_jax.memory import return_freed_memory
 
 ROWS = ("Base", "SFT", "ORL", "PRL")
 DIFFERENCES = (("PRL", "ORL"), ("PRL", "SFT"), ("ORL", "SFT"))
@@ -156,19 +155,6 @@ def pair_overlap(prl: list[dict[str, Any]], orl: list[dict[str, Any]]) -> dict[s
             "reversed": sum((k[0], k[2], k[1]) in process for k in outcome)}
 
 
-def release_free_memory() -> None:
-    """Hand memory freed inside the process back to the OS (glibc's `malloc_trim`; a no-op
-    where the C library has none). XLA:CPU frees a stage's buffers (prefill caches, activations,
-    optimizer state) into glibc's per-thread arenas, which keep them: in one `demo` process each
-    stage then started from the last one's leftovers, and the ablation peaked at 21.0 GB where
-    its largest stage alone needs ~13 (README)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 @contextmanager
 def stage(name: str, timings: dict[str, float], path: Path):
     """Time a stage and add it to `timings`, saved to `path` at once: a run done in pieces (killed
@@ -180,7 +166,8 @@ def stage(name: str, timings: dict[str, float], path: Path):
         spent = time.perf_counter() - start
         timings[name] = round(timings.get(name, 0.0) + spent, 1)
         write_json_atomic(path, timings)
-        release_free_memory()
+        gc.collect()            # a stage's runner may sit in reference cycles
+        return_freed_memory()
     print(f"[demo] {name}: {spent:.0f} s" + (f" ({timings[name]:.0f} s over every piece of "
                                              "this run)" if timings[name] > spent + 1 else ""))
 

@@ -76,6 +76,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reasonrag_jax.config import MeshConfig, SamplerConfig, bucket
+from reasonrag_jax.memory import return_freed_memory
 from reasonrag_jax.models.decoder import (ATTENTION_BLOCK, Decoder, DecoderConfig, KVCache,
                                           forward, logits, unstack_layers)
 from reasonrag_jax.prefix_cache import PagePool, PrefixIndex, page_bytes
@@ -496,6 +497,13 @@ class Sampler:
         before any token reads it."""
         self._scratch[cache.k[0].shape[0], cache.k[0].shape[-1]] = cache
 
+    def _drop_scratch(self) -> None:
+        """Free a call's prefill caches (up to GBs at 16 rows) and hand them back to the OS, so
+        a stage's peak is its largest call's, not the sum of its calls' leftovers (eval of 64
+        questions at the ablation's settings: 6.3 → 4.9 GB, the same traces; README)."""
+        self._scratch.clear()
+        return_freed_memory()
+
     def _cache_length(self, longest: int) -> int:
         """Cache slots for rows of up to `longest` tokens: few lengths (few programs), whole
         attention blocks. Attention costs what the rows use, not the length (see
@@ -666,7 +674,7 @@ class Sampler:
             self._drain(queue, params, [int(s) % 2**64 for s in seeds], results,
                         self._cache_length(longest + params.max_new_tokens))
         finally:
-            self._scratch.clear()
+            self._drop_scratch()
         return results
 
     def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
@@ -817,7 +825,7 @@ class Sampler:
         try:
             return self._score_rows(heads, rows, scores, size)
         finally:
-            self._scratch.clear()
+            self._drop_scratch()
 
     def _score_rows(self, heads: list[list[int]], rows: list, scores: np.ndarray, size: int
                     ) -> np.ndarray:

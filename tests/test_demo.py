@@ -1,12 +1,11 @@
 """The demo's experiment plumbing without models: disjoint splits, the table with intervals
 and paired differences, the plot, and presets."""
-import ctypes
-import ctypes.util
 import json
 import time
 
 import pytest
 
+from reasonrag_jax import memory
 from reasonrag_jax.config import DemoConfig, load_config
 from reasonrag_jax.data.qa import read_qa
 from reasonrag_jax.demo import apply_preset, plot_results, results_table, same_run, \
@@ -188,8 +187,7 @@ def _rss_mb() -> int:
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c") or None),
-                                "malloc_trim"), reason="returning freed memory needs glibc")
+@pytest.mark.skipif(memory._libc() is None, reason="returning freed memory needs glibc")
 def test_a_stage_hands_the_memory_it_freed_back_to_the_os(tmp_path):
     """Freed heap chunks between live ones stay resident until trimmed: one demo process
     otherwise piles each stage's leftovers under the next stage's peak."""

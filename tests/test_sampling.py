@@ -253,6 +253,17 @@ def test_score_is_the_summed_continuation_logprob(model, sampler):
     assert got.shape == (2, 3) and got[0, 2] == -np.inf     # ragged rows padded with -inf
 
 
+def test_every_call_drops_its_prefill_caches_and_returns_the_memory(sampler, monkeypatch):
+    """A call's scratch caches (GBs at 16 rows) are freed and handed back when it ends, so a
+    long eval or search does not pile one call's freed memory under the next call's peak."""
+    returned = []
+    monkeypatch.setattr(sampling, "return_freed_memory", lambda: returned.append(
+        len(sampler._scratch)))
+    sampler.generate(PROMPTS, SamplingParams(max_new_tokens=4), seeds=[0, 1, 2])
+    sampler.score(PROMPTS[:2], [["!"], ["yes", "no"]])
+    assert returned == [0, 0]        # once per call, after its caches were dropped
+
+
 def test_no_recompile_inside_a_bucket_after_update_params_or_in_a_new_sampler(model,
                                                                             tiny_llama_cfg):
     sampling._programs.cache_clear()                   # earlier tests traced this layout too
