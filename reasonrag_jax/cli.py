@@ -90,6 +90,13 @@ def persistent_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def set_matmul_precision(precision: str) -> None:
+    """`model.matmul_precision` for every product this process traces from here on."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", precision)
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.command == "config":
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> None:
     maybe_initialize_distributed()
     logs.setup(lead=jax.process_index() == 0)
     persistent_compilation_cache()
+    set_matmul_precision(cfg.model.matmul_precision)
     if args.command in ("train", "generate", "eval"):
         from reasonrag_jax.sharding import mesh_shape
 

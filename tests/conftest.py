@@ -11,7 +11,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from reasonrag_jax.cli import set_matmul_precision  # noqa: E402
+from reasonrag_jax.config import ModelConfig  # noqa: E402
 from reasonrag_jax.models.decoder import DecoderConfig  # noqa: E402
+
+# As every CLI command does: on a GPU the float32 comparisons below compare float32 math.
+set_matmul_precision(ModelConfig().matmul_precision)
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128)

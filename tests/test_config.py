@@ -80,6 +80,26 @@ def test_config_command_prints_the_resolved_config(capsys):
     assert printed["train"]["beta"] == 0.25
 
 
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_the_cli_traces_float32_products_at_the_configured_precision(tmp_path, precision):
+    """`model.matmul_precision` reaches the compiler: on a GPU "default" would let a float32
+    product run in TF32 (the CPU computes float32 either way, so the lowered program is checked)."""
+    import jax
+    import jax.numpy as jnp
+
+    from reasonrag_jax.cli import main
+
+    before = jax.config.jax_default_matmul_precision
+    try:
+        assert main(["synth", "--out", str(tmp_path), "--set",
+                     f"model.matmul_precision={precision}"]) == 0
+        x = jnp.ones((4, 4), jnp.float32)
+        lowered = jax.jit(jnp.dot).lower(x, x).as_text()
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+    assert ("precision = [HIGHEST, HIGHEST]" in lowered) == (precision == "highest"), lowered
+
+
 def test_version_through_python_dash_m():
     import subprocess
     import sys
