@@ -90,7 +90,7 @@ def copy_bandwidth(device: str, nbytes: int = 512 * 2**20, repeats: int = 5) -> 
 
 def matmul_step_ms(params: dict, cfg, rows: int, repeats: int = 7) -> float:
     """One decode step's weight matmuls alone, chained through every layer and the output head
-    at `rows` rows: what XLA:CPU's dot reaches streaming the weights, the part of a step that no
+    at `rows` rows: what XLA's dot reaches streaming the weights, the part of a step that no
     change to attention, sampling or the loop can remove."""
     import jax
     import jax.numpy as jnp
