@@ -3,7 +3,9 @@ by it (torch has AVX-512 kernels XLA:CPU lacks), and the one JSON line last."""
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 
 # Widest first: the first extension whose flag the CPU lists names it.
@@ -28,3 +30,13 @@ def cpu_isa(cpuinfo: str | None = None) -> str:
 def print_result(result: dict) -> None:
     """The bench's last line: its result with `isa` added."""
     print(json.dumps({**result, "isa": cpu_isa()}), flush=True)
+
+
+def use_device(device: str, threads: int) -> None:
+    """Run this process (and its children) on `threads` CPUs and JAX on `device`. Call it before
+    JAX or torch starts a thread pool or a backend: XLA:CPU sizes its pool by the CPUs it may
+    run on, and JAX picks its platform once."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    os.environ["JAX_PLATFORMS"] = device
+    if "jax" in sys.modules:                 # imported already: the variable was read
+        sys.modules["jax"].config.update("jax_platforms", device)

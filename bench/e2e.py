@@ -3,8 +3,9 @@ on synthetic questions with a SmolLM2-135M policy that searches, greedy, guided 
 
 The policy is a short SFT warm-up on gold chains (the demo's recipe), made once and cached under
 `--out`, so episodes have the demo's several query / evidence steps (`steps_per_question`).
-Peers, both `transformers` on torch CPU with the same threads, the same prompts, protocol,
-retriever and exported weights, run in this process after the JAX side:
+Peers, both `transformers` on torch with the same threads and device (`--device cuda`: JAX and
+torch both on the GPU, both float32 at full precision), the same prompts, protocol, retriever
+and exported weights, run in this process after the JAX side:
 - `ratio` — the original's structure (`run_batch` in its pipeline): every round, ONE batched,
   left-padded `generate` call over all active questions (same stop strings and max tokens) and
   ONE batched forward pass scoring the guided scaffolds.
@@ -26,18 +27,21 @@ padding, `prefix_hit_rate` the share of prompt tokens read from the cache,
 `decode_tokens_per_step` the tokens a live row's decode step emitted (1 + drafts kept).
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/e2e.py [--questions 64] [--out runs/bench/e2e]
+    python bench/e2e.py --device cuda [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
-from common import print_result
+from common import print_result, use_device
 
 from reasonrag_jax.agent.episodes import EpisodeRunner
 from reasonrag_jax.config import load_config
@@ -45,14 +49,14 @@ from reasonrag_jax.data.qa import read_qa
 from reasonrag_jax.sampling import Completion
 
 ROOT = Path(__file__).resolve().parent.parent
-THREADS = 2
 
 
 class TransformersPolicy:
-    """A `transformers` model behind the runner's sampler interface (greedy only)."""
+    """A `transformers` model behind the runner's sampler interface (greedy only). Log-probs
+    are gathered on the model's device and read back once a call, as a GPU needs."""
 
     def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.device = model, tokenizer, model.device
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -64,15 +68,20 @@ class TransformersPolicy:
         rows = [(i, j, self._ids(p), self._ids(c)) for i, (p, conts) in
                 enumerate(zip(prompts, continuations)) for j, c in enumerate(conts)]
         width = max(len(p) + len(c) for *_, p, c in rows)
-        ids = torch.tensor([p + c + [0] * (width - len(p) - len(c)) for *_, p, c in rows])
+        ids = torch.tensor([p + c + [0] * (width - len(p) - len(c)) for *_, p, c in rows],
+                           device=self.device)
         mask = torch.tensor([[1] * (len(p) + len(c)) + [0] * (width - len(p) - len(c))
-                             for *_, p, c in rows])
+                             for *_, p, c in rows], device=self.device)
+        # Continuation token t of row r is predicted at position len(prompt) + t - 1.
+        row, pos, tok = (torch.tensor(x, device=self.device) for x in zip(*(
+            (r, len(p) + t - 1, x) for r, (*_, p, c) in enumerate(rows) for t, x in enumerate(c))))
         with torch.no_grad():
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits
-                                     .float(), -1)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[row, pos]
+            picked = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0].tolist()
         out = np.full((len(prompts), max(map(len, continuations))), -np.inf)
-        for r, (i, j, p, c) in enumerate(rows):
-            out[i, j] = float(sum(logp[r, len(p) + t - 1, tok] for t, tok in enumerate(c)))
+        k = 0
+        for i, j, _, c in rows:
+            out[i, j], k = sum(picked[k:k + len(c)]), k + len(c)
         return out
 
     def generate(self, prompts, params, seeds, n=1):
@@ -85,8 +94,9 @@ class TransformersPolicy:
         ids = [self._ids(p) for p in prompts]
         width = max(map(len, ids))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        batch = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids],
+                            device=self.device)
         # Prompt lookup, as the JAX sampler drafts; transformers supports it at batch 1 only.
         lookup = {"prompt_lookup_num_tokens": 3} if len(prompts) == 1 else {}
         with torch.no_grad():
@@ -94,11 +104,12 @@ class TransformersPolicy:
                 batch, attention_mask=mask, do_sample=False, max_new_tokens=params.max_new_tokens,
                 stop_strings=list(params.stop), tokenizer=tok, eos_token_id=tok.eos_token_id,
                 pad_token_id=pad, output_scores=True, return_dict_in_generate=True, **lookup)
+            new_ids = gen.sequences[:, width:]
+            all_logprobs = torch.log_softmax(torch.stack(gen.scores, 1).float(), -1).gather(
+                2, new_ids[:, :len(gen.scores), None])[..., 0].tolist()
         out = []
-        for r in range(len(prompts)):
-            new = gen.sequences[r, width:].tolist()
-            logprobs = [float(torch.log_softmax(s[r].float(), -1)[t])
-                        for s, t in zip(gen.scores, new)]
+        for r, new in enumerate(new_ids.tolist()):
+            logprobs = all_logprobs[r]
             finish = "length"
             if tok.eos_token_id in new:
                 cut = new.index(tok.eos_token_id)
@@ -161,7 +172,11 @@ def main() -> None:
     ap.add_argument("--sft-questions", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "e2e")
     ap.add_argument("--config", default="smollm2_cpu")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="CPUs for both sides (JAX's pool, torch's threads)")
     args = ap.parse_args()
+    use_device(args.device, args.threads)
 
     from reasonrag_jax.data.synthetic import write_synthetic
     from reasonrag_jax.mcts.search import search_config
@@ -169,10 +184,11 @@ def main() -> None:
     from reasonrag_jax.retrieval.index import Retriever, build_index
     from reasonrag_jax.sampling import Sampler
 
-    from reasonrag_jax.cli import persistent_compilation_cache
+    from reasonrag_jax.cli import persistent_compilation_cache, set_matmul_precision
 
     persistent_compilation_cache()
     cfg = load_config(args.config, ["agent.mode=guided", "agent.temperature=0.0"])
+    set_matmul_precision(cfg.model.matmul_precision)          # float32 means float32 on a GPU
     data, index = args.out / "data", args.out / "index"
     if not (data / "test.jsonl").exists():
         write_synthetic(data, seed=0)
@@ -220,8 +236,10 @@ def main() -> None:
 
     from reasonrag_jax.models.tokenizer import load_tokenizer
 
-    torch.set_num_threads(THREADS)
-    peer_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False             # full float32, like the JAX side
+    peer_model = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=torch.float32).eval().to(args.device)
     peer = TransformersPolicy(peer_model, load_tokenizer(hf_dir))
     batched = EpisodeRunner(peer, retriever, dataclasses.replace(cfg.agent,
                                                                  batch_size=len(examples)))
@@ -266,7 +284,8 @@ def main() -> None:
         "jax_peak_rss_mb": round(jax_rss_mb), "questions": len(examples),
         "jax_s": round(jax_s, 1), "jax_first_pass_s": round(first_s, 1),
         "batched_s": round(batched_s, 1),
-        "sequential_s": round(sequential_s, 1), "threads": THREADS})
+        "sequential_s": round(sequential_s, 1), "threads": args.threads,
+        "device": jax.devices()[0].device_kind})
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import print_result
+from common import print_result, use_device
 
 PROMPT_LEN, NEW_TOKENS = 256, 128
 PASSAGE = ("The river town of {i} grew around a stone bridge built in {y}. Its market sold wool, "
@@ -154,9 +154,7 @@ def main() -> None:
                     help="skip transformers (its fields are null): a quick decode-floor check")
     ap.add_argument("--hf-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    # Before JAX or torch start their thread pools; the transformers child inherits it.
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    os.environ["JAX_PLATFORMS"] = args.device
+    use_device(args.device, args.threads)        # the transformers child inherits both
 
     from reasonrag_jax.models.weights import embedded_policy_path, gguf_as_hf_dir
     model_dir = gguf_as_hf_dir(embedded_policy_path())
