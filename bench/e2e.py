@@ -108,8 +108,7 @@ class TransformersPolicy:
             all_logprobs = torch.log_softmax(torch.stack(gen.scores, 1).float(), -1).gather(
                 2, new_ids[:, :len(gen.scores), None])[..., 0].tolist()
         out = []
-        for r, new in enumerate(new_ids.tolist()):
-            logprobs = all_logprobs[r]
+        for new, logprobs in zip(new_ids.tolist(), all_logprobs):
             finish = "length"
             if tok.eos_token_id in new:
                 cut = new.index(tok.eos_token_id)
