@@ -4,8 +4,9 @@ on synthetic questions with a SmolLM2-135M policy that searches, greedy, guided 
 The policy is a short SFT warm-up on gold chains (the demo's recipe), made once and cached under
 `--out`, so episodes have the demo's several query / evidence steps (`steps_per_question`).
 Peers, both `transformers` on torch with the same threads and device (`--device cuda`: JAX and
-torch both on the GPU, both float32 at full precision), the same prompts, protocol, retriever
-and exported weights, run in this process after the JAX side:
+torch both on the GPU, both float32 at full precision, or both bfloat16 with `--dtype
+bfloat16`), the same prompts, protocol, retriever and exported weights, run in this process
+after the JAX side:
 - `ratio` — the original's structure (`run_batch` in its pipeline): every round, ONE batched,
   left-padded `generate` call over all active questions (same stop strings and max tokens) and
   ONE batched forward pass scoring the guided scaffolds.
@@ -21,6 +22,9 @@ prefix cache and runs again timed; the peers run two questions first.
 `generate_speedup`: MCTS + SPRE (the demo's search settings) on `--mcts-questions` training
 questions, questions per minute with the prefix cache against the same runner with it off
 (`sampler.prefix_cache_mb=0`), in this run; `generate_same_trees` checks both wrote the same trees.
+`generate_decode_fraction(_no_reuse)` is the share of each search's wall time spent decoding, and
+`generate_speedup_outside_decode` the speedup of the rest (prompts read, scored, prefilled; host
+code): decoding is the same work in both arms, so that is what reuse itself changes.
 Token counts come from the sampler's own counters: `prefill_tokens_per_question` is prompt tokens
 computed (not padding, not cached), `padding_fraction` the share of prefill slots that held
 padding, `prefix_hit_rate` the share of prompt tokens read from the cache,
@@ -153,14 +157,17 @@ def run_jax(runner: EpisodeRunner, examples, seeds) -> tuple[list, float]:
     return out, time.perf_counter() - t0
 
 
-def search_rate(cfg, runner: EpisodeRunner, examples) -> tuple[float, list]:
-    """Questions per minute of MCTS + SPRE (warm: two questions searched first)."""
+def search_rate(cfg, runner: EpisodeRunner, examples) -> tuple[float, float, list]:
+    """Questions per minute of MCTS + SPRE (warm: two questions searched first), and the share
+    of the timed search's wall time spent decoding."""
     from reasonrag_jax.mcts.search import search
 
     search(runner, examples[:2], cfg.mcts, cfg.seed)
+    runner.sampler.stats.reset()
     t0 = time.perf_counter()
     trees = search(runner, examples, cfg.mcts, cfg.seed)
-    return len(examples) / (time.perf_counter() - t0) * 60, trees
+    wall = time.perf_counter() - t0
+    return len(examples) / wall * 60, runner.sampler.stats.decode_s / wall, trees
 
 
 def main() -> None:
@@ -172,6 +179,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "e2e")
     ap.add_argument("--config", default="smollm2_cpu")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compute dtype of both sides' policy (trained in float32)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="CPUs for both sides (JAX's pool, torch's threads)")
     args = ap.parse_args()
@@ -197,7 +206,7 @@ def main() -> None:
     examples = read_qa(data / "test.jsonl")[: args.questions]
     retriever = Retriever.load(index, cfg.retrieval)
     seeds = list(range(len(examples)))
-    model, tokenizer = load_policy(str(ckpt), dtype=cfg.model.dtype)
+    model, tokenizer = load_policy(str(ckpt), dtype=args.dtype)
 
     def runner(agent=cfg.agent, **sampler):
         return EpisodeRunner(Sampler(model, tokenizer, dataclasses.replace(cfg.sampler, **sampler)),
@@ -224,11 +233,16 @@ def main() -> None:
     # MCTS + SPRE with and without prefix reuse (the demo's search settings).
     mcts_cfg = search_config(cfg)
     mcts_examples = read_qa(data / "train.jsonl")[-args.mcts_questions:]
-    rates, trees = {}, {}
+    rates, decode_share, trees = {}, {}, {}
     for name, mb in (("reuse", cfg.sampler.prefix_cache_mb), ("no_reuse", 0)):
-        rates[name], trees[name] = search_rate(
+        rates[name], decode_share[name], trees[name] = search_rate(
             mcts_cfg, runner(mcts_cfg.agent, prefix_cache_mb=mb), mcts_examples)
-        print(f"generate ({name}): {rates[name]:.2f} questions/min", flush=True)
+        print(f"generate ({name}): {rates[name]:.2f} questions/min, "
+              f"{decode_share[name]:.1%} of it decoding", flush=True)
+    # Reuse changes what is read, not what is decoded: the speedup of the search's time outside
+    # decode is what prefix reuse itself bought and, with decode the same in both arms, the most
+    # `generate_speedup` can be.
+    outside_decode = {k: (1 - decode_share[k]) / rates[k] for k in rates}
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -238,7 +252,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False             # full float32, like the JAX side
     peer_model = AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.float32).eval().to(args.device)
+        str(hf_dir), dtype=getattr(torch, args.dtype)).eval().to(args.device)
     peer = TransformersPolicy(peer_model, load_tokenizer(hf_dir))
     batched = EpisodeRunner(peer, retriever, dataclasses.replace(cfg.agent,
                                                                  batch_size=len(examples)))
@@ -280,10 +294,14 @@ def main() -> None:
         "generate_q_per_min_no_reuse": round(rates["no_reuse"], 3),
         "generate_speedup": round(rates["reuse"] / rates["no_reuse"], 2),
         "generate_same_trees": trees["reuse"] == trees["no_reuse"],
+        "generate_decode_fraction": round(decode_share["reuse"], 3),
+        "generate_decode_fraction_no_reuse": round(decode_share["no_reuse"], 3),
+        "generate_speedup_outside_decode": round(
+            outside_decode["no_reuse"] / outside_decode["reuse"], 2),
         "jax_peak_rss_mb": round(jax_rss_mb), "questions": len(examples),
         "jax_s": round(jax_s, 1), "jax_first_pass_s": round(first_s, 1),
         "batched_s": round(batched_s, 1),
-        "sequential_s": round(sequential_s, 1), "threads": args.threads,
+        "sequential_s": round(sequential_s, 1), "threads": args.threads, "dtype": args.dtype,
         "device": jax.devices()[0].device_kind})
 
 

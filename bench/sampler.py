@@ -95,15 +95,16 @@ def matmul_step_ms(params: dict, cfg, rows: int, repeats: int = 7) -> float:
     import jax
     import jax.numpy as jnp
 
-    from reasonrag_jax.models.decoder import logits
+    from reasonrag_jax.models.decoder import dense, logits
 
     @jax.jit
     def matmuls(params, x):
         for p in params["layers"]:
-            heads = x @ p["wq"].reshape(x.shape[-1], -1)
-            kv = x @ p["wk"].reshape(x.shape[-1], -1) + x @ p["wv"].reshape(x.shape[-1], -1)
-            x = x + heads @ p["wo"].reshape(-1, x.shape[-1]) + jnp.mean(kv)
-            x = x + (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+            heads = dense(x, p["wq"].reshape(x.shape[-1], -1))
+            kv = dense(x, p["wk"].reshape(x.shape[-1], -1)) + dense(
+                x, p["wv"].reshape(x.shape[-1], -1))
+            x = x + dense(heads, p["wo"].reshape(-1, x.shape[-1])) + jnp.mean(kv)
+            x = x + dense(jax.nn.silu(dense(x, p["w_gate"])) * dense(x, p["w_up"]), p["w_down"])
         return logits(cfg, params, x[:, None])
 
     x = jnp.ones((rows, cfg.hidden_size), params["embed"].dtype)

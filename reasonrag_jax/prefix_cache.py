@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reasonrag_jax.models.decoder import DecoderConfig, KVCache
+from reasonrag_jax.models.decoder import DecoderConfig, KVCache, kv_dtype
 
 
 def page_bytes(cfg: DecoderConfig, page_size: int) -> int:
     """Device bytes of one page: K and V of `page_size` positions in every layer."""
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * page_size * \
-        jnp.dtype(cfg.dtype).itemsize
+        kv_dtype(cfg).itemsize
 
 
 class PrefixIndex:

@@ -209,6 +209,38 @@ def test_bfloat16_runs_in_bfloat16_within_its_precision(tiny_llama_cfg):
     assert u / 16 * scale < err <= (2 * tiny_llama_cfg.num_layers + 1) * 2 * u * scale, err / scale
 
 
+def test_bfloat16_decode_on_cpu_keeps_a_float32_cache(tiny_llama_cfg):
+    """XLA:CPU has no bfloat16 scatter: writing a step's K/V into a bfloat16 cache converted
+    every layer's whole cache to float32 and back. There the cache is float32 (no scatter into
+    bfloat16 at all) while the weight matmuls stay bfloat16 with float32 accumulation, and a
+    prefill then a decode step give the uncached bfloat16 logits within bfloat16's precision."""
+    cfg = dataclasses.replace(tiny_llama_cfg, dtype="bfloat16")
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 9), dtype=np.int32))
+
+    def cached(state, cache):
+        m = nnx.merge(graphdef, state)
+        first, cache = m(tokens[:, :8], arange_positions(2, 8), cache)
+        last, cache = m(tokens[:, 8:], jnp.full((2, 1), 8, jnp.int32), cache)
+        return jnp.concatenate([first, last], axis=1)
+
+    cache = KVCache.init(cfg, 2, 16)
+    assert jax.default_backend() == "cpu" and cache.k[0].dtype == jnp.float32
+    eqns = list(equations(jax.make_jaxpr(cached)(state, cache).jaxpr))
+    scatters = [e for e in eqns if e.primitive.name == "scatter"]
+    assert scatters and all(v.aval.dtype == jnp.float32 for e in scatters for v in e.invars[:1])
+    weight_dots = [e for e in eqns if e.primitive.name == "dot_general"
+                   and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert len(weight_dots) >= 7 * cfg.num_layers * 2
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in weight_dots)
+    out = np.asarray(jax.jit(cached)(state, cache))
+    full32 = np.asarray(forward(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(0)), tokens,
+                                arange_positions(2, 9)))
+    u, scale = 2.0 ** -8, float(np.abs(full32).max())
+    assert np.abs(out - full32).max() <= (2 * cfg.num_layers + 1) * 2 * u * scale
+
+
 def test_every_param_has_logical_axis_names(tiny_qwen2_cfg):
     model = nnx.eval_shape(lambda: Decoder(tiny_qwen2_cfg, rngs=nnx.Rngs(0)))
     allowed = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}

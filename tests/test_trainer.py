@@ -187,6 +187,26 @@ def test_held_out_pairs_are_scored_at_every_save(dpo_run):
     assert all(k.encode() in events for k in ("eval_loss", "eval_reward_accuracy", "eval_margin"))
 
 
+def test_a_training_dir_loads_in_the_asked_compute_dtype(dpo_run):
+    """`model.dtype` reaches a trained checkpoint (eval, generate, DPO from SFT; it was dropped,
+    so a bfloat16 eval of a float32-trained policy ran in float32). The weights stay as trained
+    and the sampler holds them in the compute dtype, all but the final norm, which `forward`
+    reads as it is."""
+    import jax.numpy as jnp
+
+    from reasonrag_jax.config import SamplerConfig
+    from reasonrag_jax.models.policy import load_policy
+    from reasonrag_jax.sampling import Sampler
+
+    assert load_policy(str(dpo_run))[0].cfg.dtype == "float32"      # what it was trained in
+    model, tokenizer = load_policy(str(dpo_run), dtype="bfloat16")
+    assert model.cfg.dtype == "bfloat16" and model.embed[...].dtype == jnp.float32
+    params = Sampler(model, tokenizer, SamplerConfig(cache_size=128, prefix_cache_mb=0)).params
+    assert params["final_norm"].dtype == jnp.float32
+    held = {w.dtype for layer in params["layers"] for w in layer.values()} | {params["embed"].dtype}
+    assert held == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_eval_reward_accuracy_counts_chosen_above_rejected(dpo_run, tiny_policy):
     """The last step's held-out metrics against the held-out pairs scored apart from the
     trainer: log-probs of the trained and the initial policy, and in numpy the margin

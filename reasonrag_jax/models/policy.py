@@ -46,16 +46,18 @@ def resolve_policy(spec: str) -> Path:
     return snapshot
 
 
-def load_policy(spec: str, *, dtype: str = "float32", param_dtype: str = "float32",
+def load_policy(spec: str, *, dtype: str | None = None, param_dtype: str = "float32",
                 remat: bool = False) -> tuple[Decoder, Any]:
     """`embedded` | HF dir | cached hub id | .gguf file | training output dir →
-    (Decoder, tokenizer)."""
+    (Decoder, tokenizer). `dtype`: the compute dtype (default: float32, or what a training dir
+    was trained in); a training dir keeps the parameter dtype it was trained in."""
     path = resolve_policy(spec)
     if path.suffix == ".gguf" and path.is_file():
         path = gguf_as_hf_dir(path)
     if (path / "config.json").is_file():
-        model = load_hf_dir(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        model = load_hf_dir(path, dtype=dtype or "float32", param_dtype=param_dtype,
+                            remat=remat)
         return model, load_tokenizer(path)
     if path.is_dir():
-        return load_trained_policy(path)
+        return load_trained_policy(path, dtype=dtype, remat=remat)
     raise InputError(f"{spec}: not a GGUF file, a Hugging Face directory or a training directory")
