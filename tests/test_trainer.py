@@ -188,8 +188,8 @@ def test_held_out_pairs_are_scored_at_every_save(dpo_run):
 
 
 def test_a_training_dir_loads_in_the_asked_compute_dtype(dpo_run):
-    """`model.dtype` reaches a trained checkpoint (eval, generate, DPO from SFT; it was dropped,
-    so a bfloat16 eval of a float32-trained policy ran in float32). The weights stay as trained
+    """`model.dtype` reaches a trained checkpoint loaded for eval or generate (it was dropped, so
+    a bfloat16 eval of a float32-trained policy ran in float32). The weights stay as trained
     and the sampler holds them in the compute dtype, all but the final norm, which `forward`
     reads as it is."""
     import jax.numpy as jnp
