@@ -212,8 +212,9 @@ def test_bfloat16_runs_in_bfloat16_within_its_precision(tiny_llama_cfg):
 def test_bfloat16_decode_on_cpu_keeps_a_float32_cache(tiny_llama_cfg):
     """XLA:CPU has no bfloat16 scatter: writing a step's K/V into a bfloat16 cache converted
     every layer's whole cache to float32 and back. There the cache is float32 (no scatter into
-    bfloat16 at all) while the weight matmuls stay bfloat16 with float32 accumulation, and a
-    prefill then a decode step give the uncached bfloat16 logits within bfloat16's precision."""
+    bfloat16 at all) while the matmuls, attention's included, take bfloat16 operands with float32
+    accumulation, and a prefill then a decode step give the float32 model's logits within
+    bfloat16's precision."""
     cfg = dataclasses.replace(tiny_llama_cfg, dtype="bfloat16")
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
@@ -230,10 +231,10 @@ def test_bfloat16_decode_on_cpu_keeps_a_float32_cache(tiny_llama_cfg):
     eqns = list(equations(jax.make_jaxpr(cached)(state, cache).jaxpr))
     scatters = [e for e in eqns if e.primitive.name == "scatter"]
     assert scatters and all(v.aval.dtype == jnp.float32 for e in scatters for v in e.invars[:1])
-    weight_dots = [e for e in eqns if e.primitive.name == "dot_general"
-                   and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
-    assert len(weight_dots) >= 7 * cfg.num_layers * 2
-    assert all(e.params["preferred_element_type"] == jnp.float32 for e in weight_dots)
+    bf16_dots = [e for e in eqns if e.primitive.name == "dot_general"
+                 and all(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert len(bf16_dots) >= 7 * cfg.num_layers * 2
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in bf16_dots)
     out = np.asarray(jax.jit(cached)(state, cache))
     full32 = np.asarray(forward(Decoder(tiny_llama_cfg, rngs=nnx.Rngs(0)), tokens,
                                 arange_positions(2, 9)))
