@@ -32,6 +32,8 @@ padding, `prefix_hit_rate` the share of prompt tokens read from the cache,
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/e2e.py [--questions 64] [--out runs/bench/e2e]
     python bench/e2e.py --device cuda [--threads N]
+    # A/B of a runner setting: the JAX pass alone (minutes, not the whole bench's 40)
+    JAX_PLATFORMS=cpu .venv/bin/python bench/e2e.py --jax-only --set sampler.draft_tokens=1
 """
 from __future__ import annotations
 
@@ -183,6 +185,10 @@ def main() -> None:
                     help="compute dtype of both sides' policy (trained in float32)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="CPUs for both sides (JAX's pool, torch's threads)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override (repeatable); the SFT policy is made without them")
+    ap.add_argument("--jax-only", action="store_true",
+                    help="stop after the timed JAX pass: no search, no peers")
     args = ap.parse_args()
     use_device(args.device, args.threads)
 
@@ -196,13 +202,15 @@ def main() -> None:
 
     persistent_compilation_cache()
     cfg = load_config(args.config, ["agent.mode=guided", "agent.temperature=0.0"])
+    policy_cfg, cfg = cfg, load_config(args.config, ["agent.mode=guided", "agent.temperature=0.0",
+                                                     *args.set])
     set_matmul_precision(cfg.model.matmul_precision)          # float32 means float32 on a GPU
     data, index = args.out / "data", args.out / "index"
     if not (data / "test.jsonl").exists():
         write_synthetic(data, seed=0)
     if not index.is_dir():
         build_index(data / "corpus.jsonl", index, cfg.retrieval)
-    ckpt, hf_dir = searching_policy(cfg, data, index, args.out, args.sft_questions)
+    ckpt, hf_dir = searching_policy(policy_cfg, data, index, args.out, args.sft_questions)
     examples = read_qa(data / "test.jsonl")[: args.questions]
     retriever = Retriever.load(index, cfg.retrieval)
     seeds = list(range(len(examples)))
@@ -226,9 +234,24 @@ def main() -> None:
                  "host_s": r.host_s, "sampler_prefill_s": s.prefill_s,
                  "sampler_decode_s": s.decode_s, "steps": dict(r.steps),
                  "decode_idle_fraction": s.decode_idle / max(s.decode_idle + s.decode_steps, 1)}
-    print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s; "
-          f"{json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()})}",
+    breakdown = {k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()}
+    print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s; {json.dumps(breakdown)}",
           flush=True)
+    jax_result = {
+        "jax_q_per_s": round(len(ours) / jax_s, 4),
+        "steps_per_question": round(steps / len(ours), 2),
+        "prefill_tokens_per_question": round(s.computed_tokens / len(ours), 1),
+        "padding_fraction": round(s.padding_fraction, 4),
+        "prefix_hit_rate": round(s.hit_rate, 4),
+        "decode_tokens_per_step": round(s.decode_tokens / max(s.decode_steps, 1), 2),
+        "jax_peak_rss_mb": round(jax_rss_mb), "questions": len(examples),
+        "jax_s": round(jax_s, 1), "jax_first_pass_s": round(first_s, 1),
+        "threads": args.threads, "dtype": args.dtype, "overrides": args.set,
+        "device": jax.devices()[0].device_kind}
+    if args.jax_only:
+        print_result({**jax_result, **{k: v for k, v in breakdown.items() if k != "steps"},
+                      "predictions": [ep.prediction for ep in ours]})
+        return
 
     # MCTS + SPRE with and without prefix reuse (the demo's search settings).
     mcts_cfg = search_config(cfg)
@@ -278,18 +301,13 @@ def main() -> None:
                   f"{b.prediction!r}", flush=True)
     jax_qps = len(ours) / jax_s
     print_result({
-        "jax_q_per_s": round(jax_qps, 4),
+        **jax_result,
         "batched_q_per_s": round(len(theirs) / batched_s, 4),
         "sequential_q_per_s": round(k / sequential_s, 4),
         "ratio": round(jax_qps / (len(theirs) / batched_s), 2),
         "ratio_sequential": round(jax_qps / (k / sequential_s), 2),
         "same_answers": same(ours, theirs),
         "same_answers_sequential": same(ours[:k], one_by_one),
-        "steps_per_question": round(steps / len(ours), 2),
-        "prefill_tokens_per_question": round(s.computed_tokens / len(ours), 1),
-        "padding_fraction": round(s.padding_fraction, 4),
-        "prefix_hit_rate": round(s.hit_rate, 4),
-        "decode_tokens_per_step": round(s.decode_tokens / max(s.decode_steps, 1), 2),
         "generate_q_per_min": round(rates["reuse"], 3),
         "generate_q_per_min_no_reuse": round(rates["no_reuse"], 3),
         "generate_speedup": round(rates["reuse"] / rates["no_reuse"], 2),
@@ -298,11 +316,7 @@ def main() -> None:
         "generate_decode_fraction_no_reuse": round(decode_share["no_reuse"], 3),
         "generate_speedup_outside_decode": round(
             outside_decode["no_reuse"] / outside_decode["reuse"], 2),
-        "jax_peak_rss_mb": round(jax_rss_mb), "questions": len(examples),
-        "jax_s": round(jax_s, 1), "jax_first_pass_s": round(first_s, 1),
-        "batched_s": round(batched_s, 1),
-        "sequential_s": round(sequential_s, 1), "threads": args.threads, "dtype": args.dtype,
-        "device": jax.devices()[0].device_kind})
+        "batched_s": round(batched_s, 1), "sequential_s": round(sequential_s, 1)})
 
 
 if __name__ == "__main__":
