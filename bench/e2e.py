@@ -201,9 +201,9 @@ def main() -> None:
     from reasonrag_jax.cli import persistent_compilation_cache, set_matmul_precision
 
     persistent_compilation_cache()
-    cfg = load_config(args.config, ["agent.mode=guided", "agent.temperature=0.0"])
-    policy_cfg, cfg = cfg, load_config(args.config, ["agent.mode=guided", "agent.temperature=0.0",
-                                                     *args.set])
+    base = ["agent.mode=guided", "agent.temperature=0.0"]
+    policy_cfg = load_config(args.config, base)         # the SFT policy's: made once, cached
+    cfg = load_config(args.config, [*base, *args.set])
     set_matmul_precision(cfg.model.matmul_precision)          # float32 means float32 on a GPU
     data, index = args.out / "data", args.out / "index"
     if not (data / "test.jsonl").exists():
