@@ -237,8 +237,9 @@ def main() -> None:
     breakdown = {k: round(v, 3) if isinstance(v, float) else v for k, v in breakdown.items()}
     print(f"jax: {len(ours)} questions, {steps} steps in {jax_s:.1f}s; {json.dumps(breakdown)}",
           flush=True)
+    jax_qps = len(ours) / jax_s
     jax_result = {
-        "jax_q_per_s": round(len(ours) / jax_s, 4),
+        "jax_q_per_s": round(jax_qps, 4),
         "steps_per_question": round(steps / len(ours), 2),
         "prefill_tokens_per_question": round(s.computed_tokens / len(ours), 1),
         "padding_fraction": round(s.padding_fraction, 4),
@@ -299,7 +300,6 @@ def main() -> None:
         if a.prediction != b.prediction:
             print(f"differs on {a.example.id}: jax {a.prediction!r} vs transformers "
                   f"{b.prediction!r}", flush=True)
-    jax_qps = len(ours) / jax_s
     print_result({
         **jax_result,
         "batched_q_per_s": round(len(theirs) / batched_s, 4),
