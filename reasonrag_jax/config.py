@@ -50,7 +50,8 @@ class SamplerConfig:
     """The sampler's shapes and its prefix cache.
 
     cache_size: KV slots per row (prompt + new tokens), a multiple of the attention block (128);
-    max_batch: decode rows, always this many (finished rows are refilled from the queue);
+    max_batch: decode slots (finished rows are refilled from the queue); decode_widths: fewer
+    rows a decode call may run on when no more are live;
     batch_buckets: row counts of prefill calls; prefill_tokens: at most this many token slots
     (rows × length) per prefill call, and prefill_buckets the lengths; prefix_cache_mb: device
     memory for cached prompt pages (0: no prefix reuse); page_size: tokens per page, a divisor
@@ -83,6 +84,10 @@ class SamplerConfig:
     # calls draft nothing by default (README, "Drafted decoding").
     draft_tokens: int = 3
     draft_tokens_sampled: int = 0
+    # Fewer rows for a decode call when few are live: each width is used only where it gives
+    # a row the same bits as `max_batch` rows (probed once, `Sampler._widths`). On a CPU a
+    # step's cost follows its rows; on a GPU or TPU it hardly does, so by default none.
+    decode_widths: tuple[int, ...] = ()
 
 
 @dataclass

@@ -25,7 +25,10 @@ SPRE rollout starts from. A call runs in two parts:
   decodes on until its call ends (a small chunk wastes few steps; the host's work per call is
   small next to one step). A row that stops frees its slot at once and waiting requests,
   longest prompt first, are prefilled into free slots, so short rows never wait for long ones.
-  `n` samples of a prompt share its prefill (cache rows are gathered).
+  When the queue is empty and few rows are live, they move to the front slots and a call runs
+  on only as many rows as `decode_widths` allows (on a CPU a step costs what its rows compute:
+  the tail of an MCTS iteration, where one to eight of 16 rows are live, is most of its
+  decode calls). `n` samples of a prompt share its prefill (cache rows are gathered).
 
 Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
 recompile; the weights live in the decoder's serving layout (per-layer arrays, see
@@ -38,8 +41,9 @@ Determinism: a row's output depends only on (its prompt, its seed, the sampling 
 never on the other rows, the cache length of the call, or what was cached. On XLA:CPU a matmul
 gives a row the same bits for every row count between 64 and 2048 (measured on an AVX-512 Xeon,
 where no row count outside it did, and on Zen 5), so every prefill call holds
-64..`prefill_tokens` token slots, every decode step and every logits head runs on exactly
-`max_batch` rows, and attention runs over fixed blocks of the cache, with no shape-dependent
+64..`prefill_tokens` token slots, the logits head that admits rows runs on exactly `max_batch`
+rows, every decode step too or on fewer where this machine gives them the same bits (probed
+once, `Sampler._widths`), and attention runs over fixed blocks of the cache, with no shape-dependent
 reduction and a floor on its query rows (`decoder._cached_attention`); prompt KV is then the
 same bits whichever call computed it. Before that attention (2026-12-02), SmolLM2's log-probs
 moved by up to 4e-5 between a prompt alone, in a batch, prefilled in chunks or from the prefix
@@ -290,12 +294,15 @@ class _Programs:
                               out_shardings=(cache, rows_3d))
         self.admit = jax.jit(self._admit_fn, donate_argnums=(1, 2, 3),
                              out_shardings=(cache, rows_2d, rows_2d))
-        self.decode = jax.jit(self._decode_fn, static_argnums=(0, 1), donate_argnums=(3,),
+        self.decode = jax.jit(self._decode_fn, static_argnums=(0, 1, 2), donate_argnums=(4,),
                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
                                                          replicated, rows_2d),
                                              replicated, replicated, replicated))
+        self.move = jax.jit(self._move_fn, donate_argnums=(0, 1, 2),
+                            out_shardings=(cache, rows_2d, rows_2d))
         self.logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
         self.gather = jax.jit(lambda out, rows, cols: out[rows, cols], out_shardings=replicated)
+        self.widths: dict[tuple[int, int], tuple[int, ...]] = {}   # see `Sampler._widths`
 
     def _extend_fn(self, params, cache, out, tokens, positions, take, keep):
         """Rows' next tokens at `positions` into `cache`; where `keep`, `out` gets the hidden
@@ -320,8 +327,15 @@ class _Programs:
         head = logits(self.model_cfg, params, rows[:, None])[:, 0]
         return cache, jnp.where(fresh[:, None], head, last), context
 
-    def _decode_fn(self, chunk, draft, params, state: DecodeState, words, knobs):
-        """Up to `chunk` steps for every row; rows that hit EOS or their budget stop.
+    def _move_fn(self, cache, logits, context, src, dst):
+        """Decode rows `src[i]` → slots `dst[i]` (cache, logits, context); `dst` past the rows is
+        padding and dropped. Rows move only into empty slots, so no source is overwritten."""
+        self.compilations += 1
+        return jax.tree.map(lambda x: x.at[dst].set(x[src], mode="drop"), (cache, logits, context))
+
+    def _decode_fn(self, chunk, draft, call_rows, params, state: DecodeState, words, knobs):
+        """Up to `chunk` steps for each of the first `call_rows` rows (the others are empty and
+        left as they are: see `Sampler._widths`); rows that hit EOS or their budget stop.
 
         A step chooses the row's next token, drafts `draft` more from its context
         (`lookup_drafts`) and runs all 1 + `draft` positions in one forward pass; a draft is
@@ -331,7 +345,9 @@ class _Programs:
         unseen, until its next tokens overwrite them."""
         self.compilations += 1
         temperature, top_p, top_k, budget, eos = knobs
-        keys = row_keys(words)
+        full = state
+        state = DecodeState(full.cache, *(x[:call_rows] for x in full[1:]))
+        keys = row_keys(words[:, :call_rows])
         b, width = state.logits.shape[0], 1 + draft
         offsets = jnp.arange(width)
         rows = jnp.arange(b)[:, None]
@@ -387,6 +403,8 @@ class _Programs:
                  jnp.zeros((b, chunk * width), jnp.float32), zeros, zeros)
         _, state, tokens, logps, _, live = jax.lax.while_loop(
             lambda c: (c[0] < chunk) & ~jnp.all(c[1].done), body, carry)
+        state = DecodeState(state.cache, *(x.at[:call_rows].set(y)
+                                           for x, y in zip(full[1:], state[1:])))
         return state, tokens, logps, live
 
     def _logprobs_fn(self, params, hidden, targets, mask):
@@ -682,12 +700,63 @@ class Sampler:
             self._drop_scratch()
         return results
 
+    def _knobs(self, params: SamplingParams) -> tuple[jax.Array, ...]:
+        """A decode call's sampling arguments (replicated): temperature, top-p, top-k, the
+        token budget and the EOS ids."""
+        eos = sorted(self.eos_ids) if not params.ignore_eos else []
+        eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
+        return tuple(self._replicate(x) for x in (
+            np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
+            np.int32(params.max_new_tokens), eos))
+
+    def _words(self, seeds: np.ndarray, samples: np.ndarray) -> jax.Array:
+        return global_array(seed_words(seeds, samples),
+                            NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
+
+    def _widths(self, draft: int, size: int) -> tuple[int, ...]:
+        """Row counts a decode call may run on, fewest first: `max_batch`, and each of
+        `decode_widths` whose rows this machine computes to the same bits as a `max_batch`
+        call's, so that a row's tokens never depend on how many others are live. XLA:CPU picks
+        matmul kernels by row count (Zen 4, SmolLM2-135M: 8 rows of one position matched 16,
+        4 did not; 8 rows of 4 positions did not match 16), so each is probed once per draft
+        count (`_probe`). On a mesh the rows are split over devices: always `max_batch`."""
+        narrow = tuple(sorted(w for w in set(self.config.decode_widths) if 0 < w < self.slots))
+        key = (draft, self.slots, narrow)
+        if key not in self.programs.widths:
+            kept: list[int] = []
+            if narrow and self.row_multiple == 1:
+                full = self._probe(draft, self.slots, size)
+                kept = [w for w in narrow if all(np.array_equal(a[:w], b) for a, b in
+                                                 zip(full, self._probe(draft, w, size)))]
+            self.programs.widths[key] = (*kept, self.slots)
+        return self.programs.widths[key]
+
+    def _probe(self, draft: int, width: int, size: int) -> tuple[np.ndarray, ...]:
+        """(tokens, log-probs, next-token logits) of the first `width` rows after one decode
+        call on them, from a made-up state: random logits and context, an empty cache."""
+        d, vocab = self.slots, self.model_cfg.vocab_size
+        rng = np.random.default_rng(0)
+        state = DecodeState(
+            self.programs.new_cache(d, size),
+            self._place_rows(rng.standard_normal((d, vocab), np.float32)),
+            self._place_rows(rng.integers(1 + draft, size // 2, d, dtype=np.int32)),
+            self._replicate(np.zeros(d, bool)), self._replicate(np.zeros(d, np.int32)),
+            self._place_rows(rng.integers(0, vocab, (d, size), dtype=np.int32)))
+        state, tok, lp, _ = self.programs.decode(
+            self.config.decode_chunk, draft, width, self.params, state,
+            self._words(np.arange(d, dtype=np.uint64), np.zeros(d, np.int32)),
+            self._knobs(SamplingParams(max_new_tokens=size, temperature=1.0, ignore_eos=True)))
+        return np.asarray(tok), np.asarray(lp), np.asarray(state.logits)[:width]
+
     def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
                results: list[list[Any]], size: int) -> None:
         """Decode every queued request on `self.slots` rows, admitting waiting requests into
         slots as rows finish; fills `results[i][j]`."""
         d = self.slots
         place, replicate = self._place_rows, self._replicate
+        draft = (self.config.draft_tokens if params.temperature == 0
+                 else self.config.draft_tokens_sampled)
+        widths = self._widths(draft, size)          # before the state: its probe makes its own
         state = DecodeState(self.programs.new_cache(d, size),
                             place(np.zeros((d, self.model_cfg.vocab_size), np.float32)),
                             None, None, None, place(np.zeros((d, size), np.int32)))
@@ -696,13 +765,7 @@ class Sampler:
         logps: list[list[float]] = [[] for _ in range(d)]
         pos, n_done = np.zeros(d, np.int32), np.zeros(d, np.int32)
         seed_of, sample_of = np.zeros(d, np.uint64), np.zeros(d, np.int32)
-        eos = sorted(self.eos_ids) if not params.ignore_eos else []
-        eos = np.asarray((eos + [-1] * self.max_eos)[:self.max_eos], np.int32)
-        draft = (self.config.draft_tokens if params.temperature == 0
-                 else self.config.draft_tokens_sampled)
-        knobs = tuple(replicate(x) for x in (
-            np.float32(params.temperature), np.float32(params.top_p), np.int32(params.top_k),
-            np.int32(params.max_new_tokens), eos))
+        knobs = self._knobs(params)
         while queue or any(o is not None for o in owner):
             free = [s for s in range(d) if owner[s] is None]
             # Admit when a quarter of the slots are free (a prefill call per freed row would be
@@ -715,22 +778,31 @@ class Sampler:
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
                     pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
+            # The fewest rows that hold the live ones, which move to the front slots first.
+            live_slots = [s for s in range(d) if owner[s] is not None]
+            width = next(w for w in widths if w >= len(live_slots))
+            src = [s for s in live_slots if s >= width]
+            if src:
+                dst = [s for s in range(width) if owner[s] is None][:len(src)]
+                state = self._move(state, src, dst)
+                for a, b in zip(src, dst):
+                    owner[b], tokens[b], logps[b], owner[a] = owner[a], tokens[a], logps[a], None
+                    for x in (pos, n_done, seed_of, sample_of):
+                        x[b] = x[a]
             done = np.asarray([o is None for o in owner])
-            words = global_array(seed_words(seed_of, sample_of),
-                                 NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
             started = time.perf_counter()
             state, tok, lp, live = self.programs.decode(
-                self.config.decode_chunk, draft, self.params, state._replace(
+                self.config.decode_chunk, draft, width, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
-                words, knobs)
+                self._words(seed_of, sample_of), knobs)
             tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)
             device_done, live = np.asarray(state.done), np.asarray(live)
             self.stats.decode_s += time.perf_counter() - started
             made = new_n - n_done
             self.stats.decode_tokens += int(made.sum())
             self.stats.decode_steps += int(live.sum())
-            self.stats.decode_idle += d * int(live.max(initial=0)) - int(live.sum())
-            for s in range(d):
+            self.stats.decode_idle += width * int(live.max(initial=0)) - int(live.sum())
+            for s in range(width):
                 if owner[s] is None:
                     continue
                 tokens[s] += tok[s, :made[s]].tolist()
@@ -742,6 +814,15 @@ class Sampler:
                     i, j = owner[s]
                     results[i][j] = finished
                     owner[s] = None
+
+    def _move(self, state: DecodeState, src: list[int], dst: list[int]) -> DecodeState:
+        """`state` with decode rows `src` moved into the empty slots `dst`."""
+        rows = np.zeros((2, self.slots), np.int32)
+        rows[1] = self.slots                                        # padding: dropped
+        rows[0, :len(src)], rows[1, :len(dst)] = src, dst
+        cache, logits, context = self.programs.move(state.cache, state.logits, state.context,
+                                                    *map(self._replicate, rows))
+        return state._replace(cache=cache, logits=logits, context=context)
 
     def _stored_requests(self, queue: deque, room: int) -> int:
         """How many of the first `room` waiting requests have their prompt's end stored."""

@@ -389,6 +389,23 @@ def test_smollm2_rows_are_the_same_bits_alone_batched_chunked_and_cached(smollm2
     assert cached.stats.computed_tokens - computed == 12
 
 
+def test_smollm2_sampled_rows_alone_on_fewer_rows_are_the_bits_of_a_full_batch(smollm2):
+    """A sampled row decoded alone runs on the fewest rows the probe kept (8 of 16 on a Zen 4)
+    and gets the tokens and log-probs it gets among 12 rows, to the bit."""
+    model, tokenizer = smollm2
+    s = Sampler(model, tokenizer, SamplerConfig(cache_size=512, max_batch=16, prefix_cache_mb=0,
+                                                decode_widths=(4, 8)))
+    prompts = [[100 + (i * 11 + j * 5) % 5000 for j in range(30 + 17 * i)] for i in range(12)]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
+
+    def run(rows):
+        return [(c.token_ids, c.logprobs) for (c,) in
+                s.generate_ids([prompts[i] for i in rows], params, list(rows))]
+
+    together = run(range(12))
+    assert [run([i])[0] for i in (0, 5, 11)] == [together[i] for i in (0, 5, 11)]
+
+
 def test_prefill_groups_keep_padding_rows_under_a_quarter(sampler):
     """Five equal prompts: one call of 8 rows would be 3/8 padding rows, so they go as 4 + 1;
     seven fit one call of 8 (1/8 padding)."""
@@ -433,3 +450,45 @@ def test_a_long_remainder_goes_in_a_second_call_rather_than_as_padding(model):
     s.generate_ids([[1 + i % 90] * 300 for i in range(2)], SamplingParams(max_new_tokens=1),
                    [0, 1])
     assert (s.stats.computed_tokens, s.stats.padded_tokens) == (600, 2 * 4)
+
+
+def test_few_live_rows_decode_on_fewer_rows_moved_to_the_front(model, monkeypatch):
+    """Rows stopping at different tokens leave few live: with `decode_widths` those decode on
+    2 or 4 of the 8 slots, moved to the front first, and get the tokens of full-width calls
+    (the widths are forced here, not probed, so log-probs may differ in the last bits)."""
+    params = SamplingParams(max_new_tokens=30, temperature=1.1, stop=("e", "Q"))
+    config = dataclasses.replace(CONFIG, decode_chunk=2)
+    want = Sampler(model, CharTokenizer(), config).generate(PROMPTS, params, [21, 22, 23], n=4)
+    narrow = Sampler(model, CharTokenizer(), dataclasses.replace(config, decode_widths=(2, 4)))
+    monkeypatch.setattr(narrow, "_widths", lambda draft, size: (2, 4, 8))
+    rows, moves, decode, move = [], [], narrow.programs.decode, narrow._move
+    monkeypatch.setattr(narrow.programs, "decode", lambda chunk, draft, call_rows, *args: (
+        rows.append(call_rows), decode(chunk, draft, call_rows, *args))[1])
+    monkeypatch.setattr(narrow, "_move", lambda state, src, dst: (
+        moves.append((src, dst)), move(state, src, dst))[1])
+    got = narrow.generate(PROMPTS, params, [21, 22, 23], n=4)
+    assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row]
+                                                            for row in want]
+    for row, want_row in zip(got, want):
+        for c, w in zip(row, want_row):
+            np.testing.assert_allclose(c.logprobs, w.logprobs, atol=1e-5)
+    assert set(rows) == {2, 4, 8} and moves
+
+
+def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(model,
+                                                                            monkeypatch):
+    """`_widths` keeps a narrower row count only where one probe call gives its rows exactly
+    the tokens, log-probs and logits of a full-width call; one ulp off drops it. Widths at or
+    past `max_batch` are not narrower."""
+    base = [np.arange(8 * 5, dtype=np.float32).reshape(8, 5)] * 3
+
+    def probe(draft, width, size):
+        out = [x[:width].copy() for x in base]
+        if width == 2:
+            out[1][1, 3] = np.nextafter(out[1][1, 3], np.float32(np.inf))
+        return tuple(out)
+
+    s = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_widths=(2, 4, 8, 16)))
+    monkeypatch.setattr(s, "_probe", probe)
+    monkeypatch.setattr(s.programs, "widths", {})
+    assert s._widths(0, 256) == (4, 8)

@@ -452,7 +452,8 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
            mask: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
            decoding: bool = False):
     """One pre-norm layer → (residual stream, this layer's cache buffers with the call's K/V
-    written in, or None). `kv`: the buffers (keys transposed, see `KVCache`)."""
+    written in, or None). `kv`: the buffers (keys transposed, see `KVCache`), whose first
+    rows are the call's rows."""
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -477,8 +478,9 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
         keys = kv[0].at[rows, :, :, positions].set(k.astype(kv[0].dtype), mode="drop")
         values = kv[1].at[rows, :, positions, :].set(v.astype(kv[1].dtype), mode="drop")
         kv = (keys, values)
-        attn = _cached_attention(q, keys, values, positions, groups, cfg.head_dim ** -0.5,
-                                 decoding)
+        # A call may run on the first rows of a larger cache (a decode call on its live rows).
+        attn = _cached_attention(q, keys[:b], values[:b], positions, groups,
+                                 cfg.head_dim ** -0.5, decoding)
     attn = attn.reshape(b, cfg.num_kv_heads, groups, t, -1).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, -1)
     x = x + dense(attn, p["wo"].reshape(-1, p["wo"].shape[-1]))
