@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from conftest import TINY
-from reasonrag_jax.config import SamplerConfig
+from reasonrag_jax.config import SamplerConfig, bucket
 from reasonrag_jax.models.decoder import Decoder, DecoderConfig
 from reasonrag_jax import sampling
 from reasonrag_jax.sampling import Sampler, SamplingParams, call_length, row_keys, seed_words
@@ -419,6 +419,23 @@ def test_prefill_groups_keep_padding_rows_under_a_quarter(sampler):
     assert sizes(7) == [7]
 
 
+def test_prefill_groups_split_where_that_computes_fewer_slots():
+    """A grounding prompt's 192 new tokens and seven reasoning prompts' few do not share a call
+    (8 × 192 slots, 80 % padding: MCTS's prefill was 42 % padding so): one call of 192, then
+    4 × 32 and 4 × 16 slots. Equal rows stay together unless padding rows cost more than
+    `CALL_SLOTS`, and rows with nothing to compute cost nothing."""
+    buckets = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+    def plan(left):
+        return sampling.plan_groups(left, 16, lambda n: bucket(n, (1, 2, 4, 8, 16)),
+                                    lambda n: bucket(min(n, 2048), buckets), 2048)
+
+    assert plan([192, 30, 25, 20, 18, 15, 12, 10]) == [1, 4, 3]
+    assert plan([40] * 7) == [7] and plan([40] * 5) == [4, 1]
+    assert plan([300] * 3 + [0] * 4) == [2, 1, 4]
+    assert plan([8] * 20) == [16, 4]
+
+
 def test_waiting_prompts_are_admitted_longest_first(model):
     """Two slots, four prompts: the two longest are prefilled first, together, and every row
     still gets its own completion."""
@@ -460,7 +477,7 @@ def test_few_live_rows_decode_on_fewer_rows_moved_to_the_front(model, monkeypatc
     config = dataclasses.replace(CONFIG, decode_chunk=2)
     want = Sampler(model, CharTokenizer(), config).generate(PROMPTS, params, [21, 22, 23], n=4)
     narrow = Sampler(model, CharTokenizer(), dataclasses.replace(config, decode_widths=(2, 4)))
-    monkeypatch.setattr(narrow, "_widths", lambda draft, size: (2, 4, 8))
+    monkeypatch.setattr(narrow, "_widths", lambda draft: (2, 4, 8))
     rows, moves, decode, move = [], [], narrow.programs.decode, narrow._move
     monkeypatch.setattr(narrow.programs, "decode", lambda chunk, draft, call_rows, *args: (
         rows.append(call_rows), decode(chunk, draft, call_rows, *args))[1])
@@ -482,7 +499,7 @@ def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(mod
     past `max_batch` are not narrower."""
     base = [np.arange(8 * 5, dtype=np.float32).reshape(8, 5)] * 3
 
-    def probe(draft, width, size):
+    def probe(draft, width):
         out = [x[:width].copy() for x in base]
         if width == 2:
             out[1][1, 3] = np.nextafter(out[1][1, 3], np.float32(np.inf))
@@ -491,4 +508,4 @@ def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(mod
     s = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_widths=(2, 4, 8, 16)))
     monkeypatch.setattr(s, "_probe", probe)
     monkeypatch.setattr(s.programs, "widths", {})
-    assert s._widths(0, 256) == (4, 8)
+    assert s._widths(0) == (4, 8)
