@@ -467,6 +467,9 @@ class Sampler:
         for key in ("draft_tokens", "draft_tokens_sampled"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"sampler.{key} must be at least 0, not {getattr(cfg, key)}")
+        if any(w < 1 for w in cfg.decode_widths):
+            raise ValueError(f"sampler.decode_widths must be row counts of at least 1, not "
+                             f"{list(cfg.decode_widths)}")
         if ATTENTION_BLOCK % cfg.page_size:
             raise ValueError(f"sampler.page_size {cfg.page_size} must divide {ATTENTION_BLOCK}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
@@ -749,7 +752,7 @@ class Sampler:
         matmul kernels by row count (Zen 4, SmolLM2-135M: 8 rows of one position matched 16,
         4 did not; 8 rows of 4 positions did not match 16), so each is probed once per draft
         count (`_probe`). On a mesh the rows are split over devices: always `max_batch`."""
-        narrow = tuple(sorted(w for w in set(self.config.decode_widths) if 0 < w < self.slots))
+        narrow = tuple(sorted(w for w in set(self.config.decode_widths) if w < self.slots))
         key = (draft, self.slots, narrow)
         if key not in self.programs.widths:
             kept: list[int] = []
@@ -814,7 +817,7 @@ class Sampler:
             src = [s for s in live_slots if s >= width]
             if src:
                 dst = [s for s in range(width) if owner[s] is None][:len(src)]
-                state = self._move(state, src, dst)
+                state = self._move(state, src, dst, width)
                 for a, b in zip(src, dst):
                     owner[b], tokens[b], logps[b], owner[a] = owner[a], tokens[a], logps[a], None
                     for x in (pos, n_done, seed_of, sample_of):
@@ -845,9 +848,11 @@ class Sampler:
                     results[i][j] = finished
                     owner[s] = None
 
-    def _move(self, state: DecodeState, src: list[int], dst: list[int]) -> DecodeState:
-        """`state` with decode rows `src` moved into the empty slots `dst`."""
-        rows = np.zeros((2, self.slots), np.int32)
+    def _move(self, state: DecodeState, src: list[int], dst: list[int], width: int
+              ) -> DecodeState:
+        """`state` with decode rows `src` moved into the empty slots `dst`, all below `width`:
+        the copy gathers `width` rows, not every slot's."""
+        rows = np.zeros((2, width), np.int32)
         rows[1] = self.slots                                        # padding: dropped
         rows[0, :len(src)], rows[1, :len(dst)] = src, dst
         cache, logits, context = self.programs.move(state.cache, state.logits, state.context,

@@ -481,8 +481,8 @@ def test_few_live_rows_decode_on_fewer_rows_moved_to_the_front(model, monkeypatc
     rows, moves, decode, move = [], [], narrow.programs.decode, narrow._move
     monkeypatch.setattr(narrow.programs, "decode", lambda chunk, draft, call_rows, *args: (
         rows.append(call_rows), decode(chunk, draft, call_rows, *args))[1])
-    monkeypatch.setattr(narrow, "_move", lambda state, src, dst: (
-        moves.append((src, dst)), move(state, src, dst))[1])
+    monkeypatch.setattr(narrow, "_move", lambda state, src, dst, width: (
+        moves.append((src, dst)), move(state, src, dst, width))[1])
     got = narrow.generate(PROMPTS, params, [21, 22, 23], n=4)
     assert [[c.token_ids for c in row] for row in got] == [[c.token_ids for c in row]
                                                             for row in want]
@@ -496,7 +496,7 @@ def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(mod
                                                                             monkeypatch):
     """`_widths` keeps a narrower row count only where one probe call gives its rows exactly
     the tokens, log-probs and logits of a full-width call; one ulp off drops it. Widths at or
-    past `max_batch` are not narrower."""
+    past `max_batch` are not narrower; a width below 1 is an error."""
     base = [np.arange(8 * 5, dtype=np.float32).reshape(8, 5)] * 3
 
     def probe(draft, width):
@@ -509,3 +509,5 @@ def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(mod
     monkeypatch.setattr(s, "_probe", probe)
     monkeypatch.setattr(s.programs, "widths", {})
     assert s._widths(0) == (4, 8)
+    with pytest.raises(ValueError, match=r"sampler.decode_widths .* not \[0, 4\]"):
+        Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_widths=(0, 4)))
