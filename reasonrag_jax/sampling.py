@@ -193,8 +193,9 @@ def plan_groups(left: Sequence[int], max_rows: int, rows_of: Callable[[int], int
     best: list[tuple[float, int]] = [(math.inf, 0)] * n + [(0, 0)]     # rows i.. → (cost, calls)
     size = [0] * n
     for i in range(n - 1, -1, -1):
+        length = length_of(left[i]) if left[i] else 0        # row i is its group's longest
         for j in range(min(n, i + max_rows), i, -1):        # the largest first group on a tie
-            slots = rows_of(j - i) * length_of(left[i]) if left[i] else 0
+            slots = rows_of(j - i) * length
             if slots > max_slots and j - i > 1:
                 continue
             cost = (best[j][0] + (max(slots, MIN_CALL_TOKENS) if slots else 0) + CALL_SLOTS,
