@@ -51,7 +51,8 @@ class SamplerConfig:
 
     cache_size: KV slots per row (prompt + new tokens), a multiple of the attention block (128);
     max_batch: decode slots (finished rows are refilled from the queue); decode_widths: fewer
-    rows a decode call may run on when no more are live;
+    rows a decode call may run on when no more are live, decode_attention_rows fewer of those
+    that attend;
     batch_buckets: row counts of prefill calls; prefill_tokens: at most this many token slots
     (rows × length) per prefill call, and prefill_buckets the lengths; prefix_cache_mb: device
     memory for cached prompt pages (0: no prefix reuse); page_size: tokens per page, a divisor
@@ -88,6 +89,9 @@ class SamplerConfig:
     # a row the same bits as `max_batch` rows (probed once, `Sampler._widths`). On a CPU a
     # step's cost follows its rows; on a GPU or TPU it hardly does, so by default none.
     decode_widths: tuple[int, ...] = ()
+    # Fewer rows of a decode call that attend, the others empty: the matmuls keep their row
+    # count (and so their bits) and a step costs what its rows' attention reads (probed too).
+    decode_attention_rows: tuple[int, ...] = ()
 
 
 @dataclass

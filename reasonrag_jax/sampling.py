@@ -26,9 +26,10 @@ SPRE rollout starts from. A call runs in two parts:
   small next to one step). A row that stops frees its slot at once and waiting requests,
   longest prompt first, are prefilled into free slots, so short rows never wait for long ones.
   When the queue is empty and few rows are live, they move to the front slots and a call runs
-  on only as many rows as `decode_widths` allows (on a CPU a step costs what its rows compute:
-  the tail of an MCTS iteration, where one to eight of 16 rows are live, is most of its
-  decode calls). `n` samples of a prompt share its prefill (cache rows are gathered).
+  on only as many rows as `decode_widths` allows, of which only as many attend as
+  `decode_attention_rows` allows (on a CPU a step costs what its rows compute, mostly their
+  attention: the tail of an MCTS iteration, where one to eight of 16 rows are live, is most of
+  its decode calls). `n` samples of a prompt share its prefill (cache rows are gathered).
 
 Shapes are bucketed and params are jit arguments, so new lengths and trained weights rarely
 recompile; the weights live in the decoder's serving layout (per-layer arrays, see
@@ -330,7 +331,7 @@ class _Programs:
                               out_shardings=(cache, rows_3d))
         self.admit = jax.jit(self._admit_fn, donate_argnums=(1, 2, 3),
                              out_shardings=(cache, rows_2d, rows_2d))
-        self.decode = jax.jit(self._decode_fn, static_argnums=(0, 1, 2), donate_argnums=(4,),
+        self.decode = jax.jit(self._decode_fn, static_argnums=(0, 1, 2, 3), donate_argnums=(5,),
                               out_shardings=(DecodeState(cache, rows_2d, rows, replicated,
                                                          replicated, rows_2d),
                                              replicated, replicated, replicated))
@@ -369,9 +370,11 @@ class _Programs:
         self.compilations += 1
         return jax.tree.map(lambda x: x.at[dst].set(x[src], mode="drop"), (cache, logits, context))
 
-    def _decode_fn(self, chunk, draft, call_rows, params, state: DecodeState, words, knobs):
+    def _decode_fn(self, chunk, draft, call_rows, attention_rows, params, state: DecodeState,
+                   words, knobs):
         """Up to `chunk` steps for each of the first `call_rows` rows (the others are empty and
-        left as they are: see `Sampler._widths`); rows that hit EOS or their budget stop.
+        left as they are), of which only the first `attention_rows` attend: the rest are empty
+        too (see `Sampler._widths`); rows that hit EOS or their budget stop.
 
         A step chooses the row's next token, drafts `draft` more from its context
         (`lookup_drafts`) and runs all 1 + `draft` positions in one forward pass; a draft is
@@ -406,7 +409,7 @@ class _Programs:
             # Its writes land in its own row, which admission overwrites whole.
             positions = jnp.where(s.done[:, None], offsets, s.pos[:, None] + offsets)
             hidden, cache = forward(self.model_cfg, params, step, positions, s.cache,
-                                    decoding=True)
+                                    decoding=True, attention_rows=attention_rows)
             step_logits = logits(self.model_cfg, params, hidden)           # [b, width, vocab]
             lp = jnp.concatenate([_token_logprobs(s.logits[:, None], step[:, :1]),
                                   _token_logprobs(step_logits[:, :-1], step[:, 1:])], axis=1)
@@ -468,9 +471,10 @@ class Sampler:
         for key in ("draft_tokens", "draft_tokens_sampled"):
             if getattr(cfg, key) < 0:
                 raise ValueError(f"sampler.{key} must be at least 0, not {getattr(cfg, key)}")
-        if any(w < 1 for w in cfg.decode_widths):
-            raise ValueError(f"sampler.decode_widths must be row counts of at least 1, not "
-                             f"{list(cfg.decode_widths)}")
+        for key in ("decode_widths", "decode_attention_rows"):
+            if any(w < 1 for w in getattr(cfg, key)):
+                raise ValueError(f"sampler.{key} must be row counts of at least 1, not "
+                                 f"{list(getattr(cfg, key))}")
         if ATTENTION_BLOCK % cfg.page_size:
             raise ValueError(f"sampler.page_size {cfg.page_size} must divide {ATTENTION_BLOCK}")
         if cfg.prefill_tokens < MIN_CALL_TOKENS:
@@ -746,41 +750,56 @@ class Sampler:
         return global_array(seed_words(seeds, samples),
                             NamedSharding(self.mesh, PartitionSpec(None, *self.rows.spec)))
 
-    def _widths(self, draft: int) -> tuple[int, ...]:
-        """Row counts a decode call may run on, fewest first: `max_batch`, and each of
-        `decode_widths` whose rows this machine computes to the same bits as a `max_batch`
-        call's, so that a row's tokens never depend on how many others are live. XLA:CPU picks
-        matmul kernels by row count (Zen 4, SmolLM2-135M: 8 rows of one position matched 16,
-        4 did not; 8 rows of 4 positions did not match 16), so each is probed once per draft
-        count (`_probe`). On a mesh the rows are split over devices: always `max_batch`."""
-        narrow = tuple(sorted(w for w in set(self.config.decode_widths) if w < self.slots))
-        key = (draft, self.slots, narrow)
+    def _widths(self, draft: int) -> tuple[tuple[int, int], ...]:
+        """(rows, attending rows) a decode call may run on, fewest attending first: all
+        `max_batch` slots, each of `decode_widths` whose rows this machine computes to the same
+        bits as a `max_batch` call's, and each of `decode_attention_rows` attending on the fewest
+        such rows that hold it, the others empty, where that keeps the bits too. So a row's
+        tokens never depend on how many others are live. XLA:CPU picks matmul kernels by row
+        count (Zen 4, SmolLM2-135M: 8 rows of one position matched 16, 4 did not; 8 rows of 4
+        positions did not match 16, 10 did), and a step's cost is mostly its rows' attention
+        (8 rows, 1 attending: 47 ms a sampled step against 74 for 8 attending), so each is
+        probed once per draft count (`_probe`). On a mesh the rows are split over devices:
+        always `max_batch`."""
+        cfg, slots = self.config, self.slots
+        narrow = tuple(sorted(w for w in set(cfg.decode_widths) if w < slots))
+        attending = tuple(sorted(a for a in set(cfg.decode_attention_rows) if a < slots))
+        key = (draft, slots, narrow, attending)
         if key not in self.programs.widths:
-            kept: list[int] = []
-            if narrow and self.row_multiple == 1:
-                full = self._probe(draft, self.slots)
-                kept = [w for w in narrow if all(np.array_equal(a[:w], b) for a, b in
-                                                 zip(full, self._probe(draft, w)))]
-            self.programs.widths[key] = (*kept, self.slots)
+            kept = [(slots, slots)]
+            if (narrow or attending) and self.row_multiple == 1:
+                full = self._probe(draft, slots, slots)
+
+                def same(rows: int, attention: int) -> bool:
+                    return all(np.array_equal(a[:attention], b) for a, b in
+                               zip(full, self._probe(draft, rows, attention)))
+
+                kept += [(w, w) for w in narrow if same(w, w)]
+                for a in attending:
+                    rows = min(r for r, _ in kept if r >= a)
+                    if rows > a and same(rows, a):
+                        kept.append((rows, a))
+            self.programs.widths[key] = tuple(sorted(kept, key=lambda w: (w[1], w[0])))
         return self.programs.widths[key]
 
-    def _probe(self, draft: int, width: int) -> tuple[np.ndarray, ...]:
-        """(tokens, log-probs, next-token logits) of the first `width` rows after one decode
-        call on them, from a made-up state: random logits and context, an empty cache of the
-        smallest length (a row's bits do not depend on it: `decoder._cached_attention`)."""
+    def _probe(self, draft: int, rows: int, attention: int) -> tuple[np.ndarray, ...]:
+        """(tokens, log-probs, next-token logits) of the first `attention` rows after one decode
+        call on `rows` rows, the others empty, from a made-up state: random logits and context,
+        an empty cache of the smallest length (a row's bits do not depend on it:
+        `decoder._cached_attention`)."""
         d, vocab, size = self.slots, self.model_cfg.vocab_size, self._cache_length(1)
         rng = np.random.default_rng(0)
         state = DecodeState(
             self.programs.new_cache(d, size),
             self._place_rows(rng.standard_normal((d, vocab), np.float32)),
             self._place_rows(rng.integers(1 + draft, size // 2, d, dtype=np.int32)),
-            self._replicate(np.zeros(d, bool)), self._replicate(np.zeros(d, np.int32)),
+            self._replicate(np.arange(d) >= attention), self._replicate(np.zeros(d, np.int32)),
             self._place_rows(rng.integers(0, vocab, (d, size), dtype=np.int32)))
         state, tok, lp, _ = self.programs.decode(
-            self.config.decode_chunk, draft, width, self.params, state,
+            self.config.decode_chunk, draft, rows, attention, self.params, state,
             self._words(np.arange(d, dtype=np.uint64), np.zeros(d, np.int32)),
             self._knobs(SamplingParams(max_new_tokens=size, temperature=1.0, ignore_eos=True)))
-        return np.asarray(tok), np.asarray(lp), np.asarray(state.logits)[:width]
+        return tuple(np.asarray(x)[:attention] for x in (tok, lp, state.logits))
 
     def _drain(self, queue: deque, params: SamplingParams, seeds: list[int],
                results: list[list[Any]], size: int) -> None:
@@ -812,13 +831,14 @@ class Sampler:
                 for s, (i, j), length in placed:
                     owner[s], tokens[s], logps[s] = (i, j), [], []
                     pos[s], n_done[s], seed_of[s], sample_of[s] = length, 0, seeds[i], j
-            # The fewest rows that hold the live ones, which move to the front slots first.
+            # The fewest attending rows that hold the live ones, which move to the front slots
+            # first.
             live_slots = [s for s in range(d) if owner[s] is not None]
-            width = next(w for w in widths if w >= len(live_slots))
-            src = [s for s in live_slots if s >= width]
+            width, attention = next(w for w in widths if w[1] >= len(live_slots))
+            src = [s for s in live_slots if s >= attention]
             if src:
-                dst = [s for s in range(width) if owner[s] is None][:len(src)]
-                state = self._move(state, src, dst, width)
+                dst = [s for s in range(attention) if owner[s] is None][:len(src)]
+                state = self._move(state, src, dst, attention)
                 for a, b in zip(src, dst):
                     owner[b], tokens[b], logps[b], owner[a] = owner[a], tokens[a], logps[a], None
                     for x in (pos, n_done, seed_of, sample_of):
@@ -826,7 +846,7 @@ class Sampler:
             done = np.asarray([o is None for o in owner])
             started = time.perf_counter()
             state, tok, lp, live = self.programs.decode(
-                self.config.decode_chunk, draft, width, self.params, state._replace(
+                self.config.decode_chunk, draft, width, attention, self.params, state._replace(
                     pos=place(pos), done=replicate(done), n_done=replicate(n_done)),
                 self._words(seed_of, sample_of), knobs)
             tok, lp, new_n = np.asarray(tok), np.asarray(lp), np.asarray(state.n_done)

@@ -390,11 +390,13 @@ def test_smollm2_rows_are_the_same_bits_alone_batched_chunked_and_cached(smollm2
 
 
 def test_smollm2_sampled_rows_alone_on_fewer_rows_are_the_bits_of_a_full_batch(smollm2):
-    """A sampled row decoded alone runs on the fewest rows the probe kept (8 of 16 on a Zen 4)
-    and gets the tokens and log-probs it gets among 12 rows, to the bit."""
+    """A sampled row decoded alone runs on the fewest rows the probe kept and attends alone (8
+    rows, 1 attending, of 16 on a Zen 4) and gets the tokens and log-probs it gets among 12
+    rows, to the bit."""
     model, tokenizer = smollm2
     s = Sampler(model, tokenizer, SamplerConfig(cache_size=512, max_batch=16, prefix_cache_mb=0,
-                                                decode_widths=(4, 8)))
+                                                decode_widths=(8,), decode_attention_rows=(1,)))
+    assert s._widths(0)[0][1] == 1, "attending on one row of a decode call lost its bits"
     prompts = [[100 + (i * 11 + j * 5) % 5000 for j in range(30 + 17 * i)] for i in range(12)]
     params = SamplingParams(max_new_tokens=6, temperature=1.0, ignore_eos=True)
 
@@ -471,16 +473,18 @@ def test_a_long_remainder_goes_in_a_second_call_rather_than_as_padding(model):
 
 def test_few_live_rows_decode_on_fewer_rows_moved_to_the_front(model, monkeypatch):
     """Rows stopping at different tokens leave few live: with `decode_widths` those decode on
-    2 or 4 of the 8 slots, moved to the front first, and get the tokens of full-width calls
-    (the widths are forced here, not probed, so log-probs may differ in the last bits)."""
+    4 of the 8 slots, 1, 2 or 4 of them attending, moved to the front first, and get the tokens
+    of full-width calls (the widths are forced here, not probed, so log-probs may differ in the
+    last bits)."""
     params = SamplingParams(max_new_tokens=30, temperature=1.1, stop=("e", "Q"))
     config = dataclasses.replace(CONFIG, decode_chunk=2)
     want = Sampler(model, CharTokenizer(), config).generate(PROMPTS, params, [21, 22, 23], n=4)
     narrow = Sampler(model, CharTokenizer(), dataclasses.replace(config, decode_widths=(2, 4)))
-    monkeypatch.setattr(narrow, "_widths", lambda draft: (2, 4, 8))
+    widths = ((4, 1), (4, 2), (4, 4), (8, 8))
+    monkeypatch.setattr(narrow, "_widths", lambda draft: widths)
     rows, moves, decode, move = [], [], narrow.programs.decode, narrow._move
-    monkeypatch.setattr(narrow.programs, "decode", lambda chunk, draft, call_rows, *args: (
-        rows.append(call_rows), decode(chunk, draft, call_rows, *args))[1])
+    monkeypatch.setattr(narrow.programs, "decode", lambda chunk, draft, *args: (
+        rows.append(args[:2]), decode(chunk, draft, *args))[1])
     monkeypatch.setattr(narrow, "_move", lambda state, src, dst, width: (
         moves.append((src, dst)), move(state, src, dst, width))[1])
     got = narrow.generate(PROMPTS, params, [21, 22, 23], n=4)
@@ -489,25 +493,36 @@ def test_few_live_rows_decode_on_fewer_rows_moved_to_the_front(model, monkeypatc
     for row, want_row in zip(got, want):
         for c, w in zip(row, want_row):
             np.testing.assert_allclose(c.logprobs, w.logprobs, atol=1e-5)
-    assert set(rows) == {2, 4, 8} and moves
+    assert set(rows) == set(widths) and moves
 
 
 def test_a_decode_width_is_kept_only_where_its_rows_are_the_full_widths_bits(model,
                                                                             monkeypatch):
-    """`_widths` keeps a narrower row count only where one probe call gives its rows exactly
-    the tokens, log-probs and logits of a full-width call; one ulp off drops it. Widths at or
-    past `max_batch` are not narrower; a width below 1 is an error."""
+    """`_widths` keeps a narrower width only where one probe call gives its rows exactly the
+    tokens, log-probs and logits of a full-width call; one ulp off drops it. Fewer attending
+    rows run on the fewest kept rows that hold them, and are kept on the same rule. Widths at
+    or past `max_batch` are not narrower; a width below 1 is an error."""
     base = [np.arange(8 * 5, dtype=np.float32).reshape(8, 5)] * 3
+    off: set[tuple[int, int]] = set()
 
-    def probe(draft, width):
-        out = [x[:width].copy() for x in base]
-        if width == 2:
+    def probe(draft, rows, attention):
+        out = [x[:attention].copy() for x in base]
+        if (rows, attention) in off:
             out[1][1, 3] = np.nextafter(out[1][1, 3], np.float32(np.inf))
         return tuple(out)
 
-    s = Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_widths=(2, 4, 8, 16)))
+    s = Sampler(model, CharTokenizer(), dataclasses.replace(
+        CONFIG, decode_widths=(2, 4, 8, 16), decode_attention_rows=(1, 2)))
     monkeypatch.setattr(s, "_probe", probe)
-    monkeypatch.setattr(s.programs, "widths", {})
-    assert s._widths(0) == (4, 8)
+    for wrong, kept in ((set(), ((2, 1), (2, 2), (4, 4), (8, 8))),
+                        ({(2, 2)}, ((4, 1), (4, 2), (4, 4), (8, 8))),
+                        ({(2, 2), (4, 2)}, ((4, 1), (4, 4), (8, 8))),
+                        ({(2, 2), (4, 4)}, ((8, 1), (8, 2), (8, 8)))):
+        off.clear()
+        off.update(wrong)
+        monkeypatch.setattr(s.programs, "widths", {})
+        assert s._widths(0) == kept
     with pytest.raises(ValueError, match=r"sampler.decode_widths .* not \[0, 4\]"):
         Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_widths=(0, 4)))
+    with pytest.raises(ValueError, match=r"sampler.decode_attention_rows .* not \[0\]"):
+        Sampler(model, CharTokenizer(), dataclasses.replace(CONFIG, decode_attention_rows=(0,)))

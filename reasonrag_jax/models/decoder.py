@@ -290,11 +290,13 @@ def attention_mask(positions: jax.Array, ends: jax.Array | None = None) -> jax.A
 
 
 def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None, ends: jax.Array | None = None, decoding: bool = False
-            ) -> tuple[jax.Array, KVCache | None]:
+            cache: KVCache | None = None, ends: jax.Array | None = None, decoding: bool = False,
+            attention_rows: int | None = None) -> tuple[jax.Array, KVCache | None]:
     """→ (final-normed hidden [B, T, H], the cache with this call's K/V written in).
     `decoding`: a decode step's few positions a row keep their own attention shape (see
-    `_cached_attention`).
+    `_cached_attention`). `attention_rows`: only the first rows attend; the others are empty
+    decode slots, whose attention output is zeros (on a CPU a decode step's cost is mostly its
+    rows' attention over their KV).
 
     Stacked `layers` run as one `lax.scan` (training and scoring: a 30-layer model compiles as
     one layer, and remat is one flag). A tuple of per-layer dicts runs unrolled — the serving
@@ -312,7 +314,7 @@ def forward(cfg: DecoderConfig, params: dict[str, Any], tokens: jax.Array, posit
 
     def layer(x, p, kv=None):
         return _block(cfg, {n: w.astype(dtype) for n, w in p.items()}, x, positions, mask, kv,
-                      decoding)
+                      decoding, attention_rows)
 
     if isinstance(layers, dict):
         if cache is not None:
@@ -450,10 +452,10 @@ def _masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
 
 def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions: jax.Array,
            mask: jax.Array | None, kv: tuple[jax.Array, jax.Array] | None,
-           decoding: bool = False):
+           decoding: bool = False, attention_rows: int | None = None):
     """One pre-norm layer → (residual stream, this layer's cache buffers with the call's K/V
     written in, or None). `kv`: the buffers (keys transposed, see `KVCache`), whose first
-    rows are the call's rows."""
+    rows are the call's rows; only the first `attention_rows` of them attend (`forward`)."""
     b, t, _ = x.shape
     groups = cfg.num_heads // cfg.num_kv_heads
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -478,9 +480,12 @@ def _block(cfg: DecoderConfig, p: dict[str, jax.Array], x: jax.Array, positions:
         keys = kv[0].at[rows, :, :, positions].set(k.astype(kv[0].dtype), mode="drop")
         values = kv[1].at[rows, :, positions, :].set(v.astype(kv[1].dtype), mode="drop")
         kv = (keys, values)
-        # A call may run on the first rows of a larger cache (a decode call on its live rows).
-        attn = _cached_attention(q, keys[:b], values[:b], positions, groups,
+        # A call may run on the first rows of a larger cache (a decode call on its live rows),
+        # and attend on fewer still (the rows past them are empty slots).
+        a = attention_rows or b
+        attn = _cached_attention(q[:a], keys[:a], values[:a], positions[:a], groups,
                                  cfg.head_dim ** -0.5, decoding)
+        attn = jnp.pad(attn, ((0, b - a), (0, 0), (0, 0), (0, 0)))
     attn = attn.reshape(b, cfg.num_kv_heads, groups, t, -1).transpose(0, 3, 1, 2, 4)
     attn = attn.reshape(b, t, -1)
     x = x + dense(attn, p["wo"].reshape(-1, p["wo"].shape[-1]))
