@@ -42,16 +42,15 @@ Determinism: a row's output depends only on (its prompt, its seed, the sampling 
 never on the other rows, the cache length of the call, or what was cached. On XLA:CPU a matmul
 gives a row the same bits for every row count between 64 and 2048 (measured on an AVX-512 Xeon,
 where no row count outside it did, and on Zen 5), so every prefill call holds
-64..`prefill_tokens` token slots, the logits head that admits rows runs on exactly
-`max_batch` rows, every decode step too or on fewer where this machine gives them the same
-bits (probed once, `Sampler._widths`), and attention runs over fixed blocks of the cache, with
-no shape-dependent reduction and a floor on its query rows (`decoder._cached_attention`);
-prompt KV is then the
-same bits whichever call computed it. Before that attention (2026-12-02), SmolLM2's log-probs
-moved by up to 4e-5 between a prompt alone, in a batch, prefilled in chunks or from the prefix
-cache, on every CPU measured (AVX2 Zen 3, Sapphire Rapids, Zen 5; greedy tokens always
-matched); on the Zen 5 they are now equal to the bit (`tests/test_sampling.py`); the other two
-were not re-measured.
+64..`prefill_tokens` token slots, the logits head that admits rows runs on exactly `max_batch`
+rows, every decode step too or on fewer rows, or fewer attending, where this machine gives them
+the same bits (probed once, `Sampler._widths`), and attention runs over fixed blocks of the
+cache, with no shape-dependent reduction and a floor on its query rows
+(`decoder._cached_attention`); prompt KV is then the same bits whichever call computed it.
+Before that attention (2026-12-02), SmolLM2's log-probs moved by up to 4e-5 between a prompt
+alone, in a batch, prefilled in chunks or from the prefix cache, on every CPU measured (AVX2 Zen
+3, Sapphire Rapids, Zen 5; greedy tokens always matched); on the Zen 5 they are now equal to the
+bit (`tests/test_sampling.py`); the other two were not re-measured.
 Row i, sample j, token t draws with key(seed_i, j) folded with t, whichever step computes
 token t, and a row's drafts come from its own tokens only, so drafting keeps every guarantee
 above (a drafted step computes its positions in another shape than a one-token step does, so
@@ -339,7 +338,7 @@ class _Programs:
                             out_shardings=(cache, rows_2d, rows_2d))
         self.logprobs = jax.jit(self._logprobs_fn, out_shardings=replicated)
         self.gather = jax.jit(lambda out, rows, cols: out[rows, cols], out_shardings=replicated)
-        self.widths: dict[tuple[Any, ...], tuple[int, ...]] = {}   # see `Sampler._widths`
+        self.widths: dict[tuple[Any, ...], tuple[tuple[int, int], ...]] = {}   # `Sampler._widths`
 
     def _extend_fn(self, params, cache, out, tokens, positions, take, keep):
         """Rows' next tokens at `positions` into `cache`; where `keep`, `out` gets the hidden
