@@ -16,7 +16,11 @@ bandwidth (STREAM convention: bytes read + bytes written per second). A decode s
 every weight once; at the largest batch it also reads the KV cache (reported alongside). Also
 reported: the step's weight matmuls alone at the largest batch (`decode_matmuls_ms_b16`), the
 rate XLA's dots actually stream the weights at — the floor this engine can reach, against the
-copy-bandwidth one.
+copy-bandwidth one. Prefill has a compute floor instead: the same weight matmuls on a full
+prefill call's rows (`sampler.prefill_tokens`, no output head), as tokens a second
+(`prefill_matmuls_tok_s`) and GFLOP/s (`prefill_matmuls_gflops`), against the sampler's
+prefill rate at the largest batch (`jax_prefill_tok_s_bN`, which also pays attention, the
+admission head and one decode step).
 
 Prints progress lines, then one JSON line:
 `{"jax_tok_s_b1", "hf_tok_s_b1", "ratio_b1", "jax_tok_s_b16", "hf_tok_s_b16", "ratio_b16",
@@ -88,10 +92,11 @@ def copy_bandwidth(device: str, nbytes: int = 512 * 2**20, repeats: int = 5) -> 
     return 2 * nbytes / best_of(repeats, lambda: jax.block_until_ready(negate(src)))[0]
 
 
-def matmul_step_ms(params: dict, cfg, rows: int, repeats: int = 7) -> float:
+def matmul_step_ms(params: dict, cfg, rows: int, repeats: int = 7, head: bool = True) -> float:
     """One decode step's weight matmuls alone, chained through every layer and the output head
     at `rows` rows: what XLA's dot reaches streaming the weights, the part of a step that no
-    change to attention, sampling or the loop can remove."""
+    change to attention, sampling or the loop can remove. `head=False`: the layers only, as a
+    prefill call runs them (it takes logits at few positions)."""
     import jax
     import jax.numpy as jnp
 
@@ -105,7 +110,7 @@ def matmul_step_ms(params: dict, cfg, rows: int, repeats: int = 7) -> float:
                 x, p["wv"].reshape(x.shape[-1], -1))
             x = x + dense(heads, p["wo"].reshape(-1, x.shape[-1])) + jnp.mean(kv)
             x = x + dense(jax.nn.silu(dense(x, p["w_gate"])) * dense(x, p["w_up"]), p["w_down"])
-        return logits(cfg, params, x[:, None])
+        return logits(cfg, params, x[:, None]) if head else x
 
     x = jnp.ones((rows, cfg.hidden_size), params["embed"].dtype)
     jax.block_until_ready(matmuls(params, x))
@@ -220,6 +225,10 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     floor_ms = 1e3 * weight_bytes / bandwidth
     matmul_ms = matmul_step_ms(sampler.params, cfg, top)
+    prefill_rows = SamplerConfig().prefill_tokens
+    prefill_matmul_s = matmul_step_ms(sampler.params, cfg, prefill_rows, args.repeats,
+                                      head=False) / 1e3
+    layer_weights = sum(x.size for x in jax.tree.leaves(sampler.params["layers"]) if x.ndim > 1)
 
     def step_ms(r, b):
         return 1e3 * (r[f"total_s_b{b}"] - r[f"prefill_s_b{b}"]) / (NEW_TOKENS - 1) if r else None
@@ -231,7 +240,9 @@ def main() -> None:
         f"floor {floor_ms:.2f} ms; + mean KV read {kv_bytes / 1e6:.0f} MB -> "
         f"{1e3 * (weight_bytes + kv_bytes) / bandwidth:.2f} ms; weight matmuls alone "
         f"{matmul_ms:.2f} ms ({weight_bytes / matmul_ms / 1e6:.1f} GB/s); "
-        f"jax step {step_ms(res, top):.2f} ms at batch {top}")
+        f"jax step {step_ms(res, top):.2f} ms at batch {top}; prefill matmuls alone "
+        f"{prefill_rows / prefill_matmul_s:.0f} tok/s against the sampler's "
+        f"{per_s(top * PROMPT_LEN, res, f'prefill_s_b{top}'):.0f}")
     result: dict = {}
     for b in batches:
         result.update({
@@ -248,6 +259,8 @@ def main() -> None:
         f"decode_floor_ms_b{top}": floor_ms,
         f"decode_floor_with_kv_ms_b{top}": 1e3 * (weight_bytes + kv_bytes) / bandwidth,
         f"decode_matmuls_ms_b{top}": matmul_ms,
+        "prefill_matmuls_tok_s": prefill_rows / prefill_matmul_s,
+        "prefill_matmuls_gflops": 2 * layer_weights * prefill_rows / prefill_matmul_s / 1e9,
         "copy_gb_s": bandwidth / 1e9,
         "jax_threads": len(os.sched_getaffinity(0)),
         "torch_threads": hf.get("threads"),
