@@ -6,12 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from reasonrag_jax.agent.episodes import Episode, Step
+from reasonrag_jax.agent.episodes import Episode, Step, derive_seed
 from reasonrag_jax.config import MCTSConfig
 from reasonrag_jax.data.qa import QAExample
 from reasonrag_jax.io import read_jsonl
-from reasonrag_jax.mcts.search import generate, output_paths, search, untried_choice
-from reasonrag_jax.mcts.spre import SPRE
+from reasonrag_jax.mcts.search import (generate, output_paths, question_seed, search,
+                                       untried_choice)
+from reasonrag_jax.mcts.spre import SPRE, answer_f1
 
 GOLD = "Zyper"
 EXAMPLES = [QAExample(f"q{i}", f"Where was person {i} born?", (GOLD,), {}) for i in range(5)]
@@ -23,22 +24,21 @@ def step(kind, content, depth):
 
 
 class FakeRunner:
-    """Scripted policy. Expansion: the new step's text comes from the row's seed (reasoning: an
-    answer, right or wrong, or one of two queries; grounding: evidence). Rollout r of an episode
-    answers right iff (r + number of steps) is even, after grounding a pending query — so a
-    node's SPRE value depends only on its own episode and can be recomputed by hand."""
+    """Scripted policy, one step per row from the row's seed: after a query, evidence; else an
+    answer (right or wrong) or one of two queries, and an answer at depth 5 — expansions and
+    rollout steps alike, as in the real runner. Records each call's (question, seed) rows;
+    `die_on` raises KeyboardInterrupt (a kill) at the first row of that question."""
 
-    def __init__(self, die_after=None):
-        self.calls, self.die_after = [], die_after
+    def __init__(self, die_on=None):
+        self.calls, self.die_on = [], die_on
 
     def start(self, examples):
         return [Episode(ex) for ex in examples]
 
     def expand(self, episodes, n, temperature, seeds, choices=None):
         assert n == 1 and temperature > 0 and episodes and not any(e.done for e in episodes)
-        self.calls.append(("expand", len(episodes)))
-        expands = sum(c[0] == "expand" for c in self.calls)
-        if self.die_after is not None and expands > self.die_after:
+        self.calls.append([(ep.example.id, seed) for ep, seed in zip(episodes, seeds)])
+        if any(ep.example.id == self.die_on for ep in episodes):
             raise KeyboardInterrupt
         return [[ep.advance(self.next_step(ep, seed, choice))]
                 for ep, seed, choice in zip(episodes, seeds, choices or [None] * len(seeds))]
@@ -54,16 +54,15 @@ class FakeRunner:
             return step("answer", GOLD if r % 2 == 0 else "Lyon", depth)
         return step("query", f"query {r}", depth)
 
-    def finish(self, episodes, temperature, seeds, k=1):
-        self.calls.append(("finish", len(episodes), k))
-        return [[self.rollout(ep, r) for r in range(k)] for ep in episodes]
-
-    @staticmethod
-    def rollout(ep, r):
-        if ep.steps[-1].kind == "query":
-            ep = ep.advance(step("evidence", "fact", len(ep.steps)))
-        return ep.advance(step("answer", GOLD if (r + len(ep.steps)) % 2 == 0 else "Lyon",
-                               len(ep.steps)))
+    def finish(self, ep, seed, k):
+        """The node's k rollouts, as `EpisodeRunner.finish([ep], T, [seed], k)[0]` runs them."""
+        out = []
+        for r in range(k):
+            e = ep
+            while not e.done:
+                ((e,),) = self.expand([e], 1, 1.0, [derive_seed(seed, r)])
+            out.append(e)
+        return out
 
 
 CFG = MCTSConfig(max_rollouts=10, max_children=2, spre_rollouts=3, beta=0.9, temperature=1.0,
@@ -83,39 +82,46 @@ def episode_of(dump, i):
     return ep
 
 
-def test_search_batches_calls_and_keeps_consistent_statistics():
+def test_search_interleaves_trees_and_keeps_consistent_statistics():
     runner = FakeRunner()
     dumps = search(runner, EXAMPLES[:3], CFG, seed=7)
-    # One batched expansion per iteration, then (at most) one batched set of rollouts.
-    kinds = [c[0] for c in runner.calls]
-    assert kinds.count("expand") <= CFG.max_rollouts
-    assert sum(c[1] for c in runner.calls if c[0] == "expand") == sum(
-        len(d["nodes"]) - 1 for d in dumps)
-    assert all(a == "expand" for a, b in zip(kinds, kinds[1:]) if b == "finish")
-    assert {c[2] for c in runner.calls if c[0] == "finish"} == {3}
-    assert max(c[1] for c in runner.calls if c[0] == "expand") == 3
+    expansion_seeds = {derive_seed(question_seed(7, ex.id), it)
+                       for ex in EXAMPLES[:3] for it in range(CFG.max_rollouts)}
+    rows = [[seed in expansion_seeds for _, seed in call] for call in runner.calls]
+    # Every new node is one expansion row; a round never holds more than every tree's work.
+    assert sum(map(sum, rows)) == sum(len(d["nodes"]) - 1 for d in dumps)
+    assert max(map(len, rows)) <= 3 * CFG.spre_rollouts
+    # Trees do not wait for each other: some round expands one tree while others roll out.
+    assert any(any(r) and not all(r) for r in rows)
     spre = SPRE(k=3, beta=0.9)
+    replay = FakeRunner()
     for dump in dumps:
         nodes = dump["nodes"]
         assert 2 <= len(nodes) <= CFG.max_rollouts + 1
         assert dump["rollouts"] == 3 * sum(not n["terminal"] for n in nodes[1:])
+        assert nodes[0]["seed"] == question_seed(7, dump["question_id"])
         for n in nodes:
             kids = [nodes[c] for c in n["children"]]
             assert len(kids) <= CFG.max_children and not (n["terminal"] and kids)
             assert all(k["depth"] == n["depth"] + 1 and k["parent"] == n["id"] for k in kids)
             if n["id"] == 0:
                 continue
-            # The node's reward is SPRE of its episode; its statistics are its own backups
-            # (once, or once per visit for an answer node) plus its children's.
-            valuation = spre(runner, [episode_of(dump, n["id"])], [0])
-            assert n["reward"] == pytest.approx(valuation.values[0])
-            assert len(n["rollout_f1"]) == (0 if n["terminal"] else 3)
+            # The node's reward is SPRE over its rollouts, replayed from its episode and seed;
+            # its statistics are its own backups (once, or once per visit for an answer node)
+            # plus its children's.
+            ep = episode_of(dump, n["id"])
+            assert n["seed"] in expansion_seeds
+            rollouts = [] if ep.done else replay.finish(ep, n["seed"], 3)
+            assert n["reward"] == pytest.approx(spre.value(ep, rollouts))
+            assert n["rollout_f1"] == pytest.approx([answer_f1(r) for r in rollouts])
             own = n["visits"] - sum(k["visits"] for k in kids)
             assert own == 1 or (n["terminal"] and own >= 1)
             assert n["q_value"] * n["visits"] == pytest.approx(
                 own * n["reward"] + sum(k["q_value"] * k["visits"] for k in kids), abs=1e-5)
         root = nodes[0]
         assert root["visits"] == CFG.max_rollouts
+    # Rollouts reach different answers: the values are not all equal.
+    assert len({n["reward"] for d in dumps for n in d["nodes"][1:]}) > 2
 
 
 def test_untried_choice_is_the_one_no_child_took():
@@ -159,14 +165,14 @@ def test_generate_resumes_after_a_kill_to_the_same_files(tmp_path):
 
     killed = output_paths(tmp_path / "killed" / "pairs.jsonl")
     with pytest.raises(KeyboardInterrupt):      # dies in the second batch (q2, q3)
-        generate(FakeRunner(die_after=CFG.max_rollouts + 3), EXAMPLES, killed, CFG, seed=3)
+        generate(FakeRunner(die_on="q2"), EXAMPLES, killed, CFG, seed=3)
     assert [o["question_id"] for _, o in read_jsonl(killed["trees"])] == ["q0", "q1"]
     with open(killed["trees"], "a") as f:        # a torn line from a kill mid-write
         f.write('{"question_id": "q2", "nod')
     killed["pairs"].write_text("")               # a kill between the tree and pair appends
     runner = FakeRunner()
     assert generate(runner, EXAMPLES, killed, CFG, seed=3) == summary
-    assert max(c[1] for c in runner.calls if c[0] == "expand") == 2     # only q2..q4 searched
+    assert {q for call in runner.calls for q, _ in call} == {"q2", "q3", "q4"}   # only these
     for key in ("trees", "pairs", "outcome", "summary"):
         assert killed[key].read_text() == full[key].read_text(), key
     runner = FakeRunner()

@@ -18,10 +18,13 @@ _FIELDS = ("parent", "depth", "kind", "visits", "value_sum", "reward", "terminal
 
 
 def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any],
-              rollout_f1: dict[int, list[float]] | None = None, **extra: Any) -> dict[str, Any]:
-    """Tree `i` of the batch as JSON: one record per node with its statistics, its step and the
-    answer F1 of each value rollout run from it."""
-    rollout_f1 = rollout_f1 or {}
+              rollout_f1: dict[int, list[float]] | None = None,
+              seeds: dict[int, int] | None = None, **extra: Any) -> dict[str, Any]:
+    """Tree `i` of the batch as JSON: one record per node with its statistics, its step, the
+    answer F1 of each value rollout run from it and the seed its step and rollouts were drawn
+    with (rollout r of a node replays as `runner.finish([its episode], T, [seed], k)[0][r]`;
+    the root's is the question's, which the iteration seeds derive from)."""
+    rollout_f1, seeds = rollout_f1 or {}, seeds or {}
     arr = {k: np.asarray(getattr(tree, k)[i]) for k in _FIELDS}
     example = episodes[T.ROOT].example
     nodes = []
@@ -40,6 +43,7 @@ def dump_tree(tree: T.Tree, i: int, episodes: dict[int, Any],
             "content": step.content if step else "", "prediction": ep.prediction,
             "retrieved": [p.id for p in step.retrieved] if step else [],
             "rollout_f1": [round(float(f), 6) for f in rollout_f1.get(node, [])],
+            "seed": seeds.get(node),
         })
     return {"question_id": example.id, "question": example.question,
             "golden_answers": list(example.golden_answers), **extra, "nodes": nodes}

@@ -1,9 +1,12 @@
 """MCTS over reasoning steps for a batch of questions, and `reasonrag-jax generate`.
 
-Each iteration, for all B questions at once: select a node in every tree (UCT, arrays) → expand
-it by one protocol step with ONE batched `runner.expand` (retrieval included for query steps) →
-value the new nodes with ONE batched value-function call (SPRE rollouts) → back the values up
-and select the next nodes in ONE tree call (`tree.grow`).
+An iteration of one tree: select a node (UCT, arrays) → expand it by one protocol step
+(retrieval included for query steps) → value the new node (SPRE: K rollouts that finish its
+episode) → back the value up and select the next node (`tree.grow`). The B trees of a batch do
+not wait for each other: each round is ONE batched `runner.expand` over every tree's pending
+step (an expansion, or the next step of each unfinished rollout), and every tree whose new node
+is valued grows in ONE tree call and joins the next round with its next expansion. A tree's
+dump depends only on its own seeds, never on the batch or on when its steps ran.
 Selection is standard UCT (`tree.select`): an answer node competes with its siblings like any
 other node. A selected answer node cannot grow; its own value is backed up again (no new node),
 so when answering is right its visits and its ancestors' values keep growing towards it.
@@ -41,7 +44,7 @@ from reasonrag_jax.logs import write_scalars
 from reasonrag_jax.mcts import pairs as P
 from reasonrag_jax.mcts import tree as T
 from reasonrag_jax.mcts.render import dump_tree, render_tree
-from reasonrag_jax.mcts.spre import SPRE, ValueFn
+from reasonrag_jax.mcts.spre import SPRE, ValueFn, answer_f1
 from reasonrag_jax.sharding import lead_process, resume_keys
 
 
@@ -52,9 +55,6 @@ class Runner(Protocol):
 
     def expand(self, episodes: list[Episode], n: int, temperature: float, seeds: list[int],
                choices: list[str | None] | None = None) -> list[list[Episode]]: ...
-
-    def finish(self, episodes: list[Episode], temperature: float, seeds: list[int],
-               k: int = 1) -> list[list[Episode]]: ...
 
 
 def question_seed(seed: int, qid: str) -> int:
@@ -75,45 +75,87 @@ def untried_choice(kinds: list[str]) -> str | None:
 
 def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int,
            value_fn: ValueFn | None = None) -> list[dict[str, Any]]:
-    """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps."""
+    """Grow one tree per example for `cfg.max_rollouts` iterations; returns their JSON dumps.
+
+    The trees advance independently, in rounds: a round is ONE `runner.expand` step (one per
+    temperature) over every tree's pending work — its selected leaf's expansion, or the next
+    step of each unfinished rollout from its new node — and every tree whose new node then has
+    all its rollouts is grown in ONE `tree.grow` call, so its next expansion joins the next
+    round while other trees are still rolling out. A tree's steps depend only on its own seeds
+    (iteration seeds from `question_seed`, rollout r of a node from the node's seed and r), so
+    its dump does not depend on the batch or on when its work ran."""
     value_fn = value_fn or default_value_fn(cfg)
+    k = value_fn.rollouts_per_node
     b, n = len(examples), cfg.max_rollouts + 1
     tree = T.init(b, n, cfg.max_children)
     table: list[dict[int, Episode]] = [{T.ROOT: ep} for ep in runner.start(examples)]  # (q, node)
     seeds = [question_seed(seed, ex.id) for ex in examples]
+    node_seeds: list[dict[int, int]] = [{T.ROOT: s} for s in seeds]
     c_uct = jnp.full((b,), cfg.c_uct, jnp.float32)
     rollouts = np.zeros(b, np.int64)
     rollout_f1: list[dict[int, list[float]]] = [{} for _ in range(b)]
-    nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
     kid_kinds: list[dict[int, list[str]]] = [{} for _ in range(b)]   # (q, node) → its kids' kinds
-    leaf = np.asarray(T.select(tree, c_uct))
-    for it in range(cfg.max_rollouts):
-        room = nodes < n
-        if not room.any():
+    nodes = np.ones(b, np.int64)            # tree.num_nodes, kept on the host
+    it = np.zeros(b, np.int64)              # iterations each tree has run
+    leaf = np.array(T.select(tree, c_uct))
+    new: list[Episode | None] = [None] * b                    # each tree's node being valued
+    flight: list[dict[int, Episode]] = [{} for _ in range(b)]  # its unfinished rollouts, by r
+    ends: list[list[Episode]] = [[] for _ in range(b)]         # and its finished ones, by r
+    while True:
+        # Grow the trees whose new node is valued; back up again each selected finished leaf
+        # (no new node). Repeat while a tree selects a finished leaf next.
+        while True:
+            valued = np.array([e is not None and not f for e, f in zip(new, flight)])
+            idle = np.array([e is None for e in new]) & (it < cfg.max_rollouts) & (nodes < n)
+            revisit = idle & np.array([table[i][leaf[i]].done for i in range(b)])
+            if not (valued | revisit).any():
+                break
+            value, kind = np.zeros(b, np.float32), np.zeros(b, np.int32)
+            terminal = np.zeros(b, bool)
+            for i in np.flatnonzero(valued):
+                value[i] = value_fn.value(new[i], ends[i])
+                kind[i], terminal[i] = T.KINDS.index(new[i].steps[-1].kind), new[i].done
+            tree, grown = T.grow(tree, leaf, kind, value, terminal, valued, revisit, c_uct)
+            child, selected = np.asarray(grown)
+            for i in np.flatnonzero(valued):
+                kid_kinds[i].setdefault(int(leaf[i]), []).append(new[i].steps[-1].kind)
+                if child[i] >= 0:
+                    table[i][int(child[i])] = new[i]
+                    node_seeds[i][int(child[i])] = derive_seed(seeds[i], int(it[i]))
+                    rollout_f1[i][int(child[i])] = [answer_f1(r) for r in ends[i]]
+                    nodes[i] += 1
+                new[i] = None
+            it += valued | revisit
+            leaf = np.where(valued | revisit, selected, leaf)
+        # One round: every waiting tree's expansion and every unfinished rollout's next step.
+        work = []        # (tree, rollout index or -1 for the expansion, episode, seed, choice)
+        for i in range(b):
+            node_seed = derive_seed(seeds[i], int(it[i]))
+            if new[i] is None and it[i] < cfg.max_rollouts and nodes[i] < n:
+                choice = (untried_choice(kid_kinds[i].get(int(leaf[i]), []))
+                          if cfg.untried_choice else None)
+                work.append((i, -1, table[i][leaf[i]], node_seed, choice))
+            work += [(i, r, ep, derive_seed(node_seed, r), None) for r, ep in flight[i].items()]
+        if not work:
             break
-        at_end = np.array([table[i][leaf[i]].done for i in range(b)])
-        grow = [i for i in range(b) if room[i] and not at_end[i]]
-        it_seeds = [derive_seed(seeds[i], it) for i in grow]
-        choices = [untried_choice(kid_kinds[i].get(int(leaf[i]), [])) if cfg.untried_choice
-                   else None for i in grow]
-        new = [kid[0] for kid in runner.expand([table[i][leaf[i]] for i in grow], 1,
-                                               cfg.temperature, it_seeds, choices)] if grow else []
-        valuation = value_fn(runner, new, it_seeds) if grow else None
-        value, kind = np.zeros(b, np.float32), np.zeros(b, np.int32)
-        terminal, valid = np.zeros(b, bool), np.zeros(b, bool)
-        for j, (i, ep) in enumerate(zip(grow, new)):
-            value[i], kind[i] = valuation.values[j], T.KINDS.index(ep.steps[-1].kind)
-            terminal[i], valid[i] = ep.done, True
-            rollouts[i] += 0 if ep.done else value_fn.rollouts_per_node
-        tree, grown = T.grow(tree, leaf, kind, value, terminal, valid, room & at_end, c_uct)
-        parent = leaf
-        child, leaf = np.asarray(grown)
-        nodes += child >= 0
-        for j, (i, ep) in enumerate(zip(grow, new)):
-            kid_kinds[i].setdefault(int(parent[i]), []).append(ep.steps[-1].kind)
-            table[i][int(child[i])] = ep
-            rollout_f1[i][int(child[i])] = valuation.rollout_f1[j]
-    return [dump_tree(tree, i, table[i], rollout_f1[i], rollouts=int(rollouts[i]))
+        for temperature in sorted({cfg.temperature if r < 0 else value_fn.temperature
+                                   for _, r, *_ in work}):
+            rows = [w for w in work
+                    if (cfg.temperature if w[1] < 0 else value_fn.temperature) == temperature]
+            stepped = runner.expand([w[2] for w in rows], 1, temperature, [w[3] for w in rows],
+                                    [w[4] for w in rows])
+            for (i, r, *_), (ep,) in zip(rows, stepped):
+                if r < 0:
+                    new[i] = ep
+                    flight[i] = {} if ep.done else dict.fromkeys(range(k), ep)
+                    ends[i] = [] if ep.done else [None] * k
+                    rollouts[i] += 0 if ep.done else k
+                elif ep.done:
+                    ends[i][r] = ep
+                    del flight[i][r]
+                else:
+                    flight[i][r] = ep
+    return [dump_tree(tree, i, table[i], rollout_f1[i], node_seeds[i], rollouts=int(rollouts[i]))
             for i in range(b)]
 
 

@@ -5,32 +5,31 @@ value(node) = mean over K rollouts that finish the episode from the node of
 Correct answers score high, and among correct ones the shorter path scores higher, which is what
 teaches the policy to stop searching once it knows. A finished episode is its own only rollout.
 
-The search only needs a *value function*: any callable `(runner, episodes, seeds) -> Valuation`
-(`ValueFn`). `SPRE` is the default; an LLM judge (the original's 0–100 score) would be a second
-class with the same call and no rollouts to report. The rollouts' undiscounted F1s come back
-too: they are complete trajectories, which is what outcome-reward (ORL) pairs compare.
+The search only needs a *value function* (`ValueFn`): how many rollouts to run from a new node,
+at what temperature, and the node's value from them. The search runs the rollouts itself, step
+by step with every other tree's work, and keeps their undiscounted F1s: they are complete
+trajectories, which is what outcome-reward (ORL) pairs compare. `SPRE` is the default; an LLM
+judge (the original's 0–100 score) would need no rollouts, but a batched judge call of its own.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from reasonrag_jax.eval.metrics import f1_score
 
 
-class Valuation(NamedTuple):
-    values: np.ndarray               # [len] float32 in [0, 1], one per episode
-    rollout_f1: list[list[float]]    # per episode: final-answer F1 of each rollout run from it
-
-
 class ValueFn(Protocol):
-    rollouts_per_node: int      # episodes run to the end per unfinished node (progress display)
+    """How good a new tree node is, from the episodes the search finishes from it: it runs
+    `rollouts_per_node` rollouts at `temperature` from an unfinished node, none from a finished
+    one, interleaved with every other tree's work (`search.search`)."""
+    rollouts_per_node: int
+    temperature: float
 
-    def __call__(self, runner: Any, episodes: Sequence[Any], seeds: Sequence[int]) -> Valuation:
-        """Value of each episode (a new tree node), from one batched evaluation."""
+    def value(self, node: Any, rollouts: Sequence[Any]) -> float: ...
 
 
 def answer_f1(episode: Any) -> float:
@@ -45,14 +44,13 @@ def outcome(episode: Any, beta: float) -> float:
 
 @dataclass(frozen=True)
 class SPRE:
-    """Mean of `outcome` over `k` rollouts at `temperature`, all rows in ONE `runner.finish`.
+    """Mean of `outcome` over `k` rollouts at `temperature`.
 
     Why K = 4 by default: a rollout's outcome lies in [0, 1], so the standard error of the mean
     is at most 0.5/√K — 0.25 at K = 4, half that of one rollout — and the tree averages it
     further over every visit below the node. Rollouts are nearly all of the cost (each is a whole
     episode of sampler rounds, the expansion is one step), so doubling K to halve the error again
-    would double the run time; and with the default 8 questions per search batch, 8 × 4 = 32
-    rollouts fill exactly one sampler batch (`sampler.max_batch`).
+    would double the run time.
     """
     k: int = 4
     beta: float = 0.9
@@ -62,15 +60,8 @@ class SPRE:
     def rollouts_per_node(self) -> int:
         return self.k
 
-    def __call__(self, runner: Any, episodes: Sequence[Any], seeds: Sequence[int]) -> Valuation:
-        values = np.array([outcome(ep, self.beta) if ep.done else 0.0 for ep in episodes],
-                          np.float32)
-        rollout_f1: list[list[float]] = [[] for _ in episodes]
-        live = [i for i, ep in enumerate(episodes) if not ep.done]
-        if live:
-            finished = runner.finish([episodes[i] for i in live], self.temperature,
-                                     [seeds[i] for i in live], self.k)
-            for i, rollouts in zip(live, finished):
-                values[i] = np.mean([outcome(r, self.beta) for r in rollouts])
-                rollout_f1[i] = [answer_f1(r) for r in rollouts]
-        return Valuation(values, rollout_f1)
+    def value(self, node: Any, rollouts: Sequence[Any]) -> float:
+        """`outcome` of a finished node, else its mean over the node's finished rollouts."""
+        if node.done:
+            return outcome(node, self.beta)
+        return float(np.mean([outcome(r, self.beta) for r in rollouts]))
