@@ -26,11 +26,11 @@ def step(kind, content, depth):
 class FakeRunner:
     """Scripted policy, one step per row from the row's seed: after a query, evidence; else an
     answer (right or wrong) or one of two queries, and an answer at depth 5 — expansions and
-    rollout steps alike, as in the real runner. Records each call's (question, seed) rows;
-    `die_on` raises KeyboardInterrupt (a kill) at the first row of that question."""
+    rollout steps alike, as in the real runner. Records each call's (question, seed) rows and
+    temperature; `die_on` raises KeyboardInterrupt (a kill) at the first row of that question."""
 
     def __init__(self, die_on=None):
-        self.calls, self.die_on = [], die_on
+        self.calls, self.temperatures, self.die_on = [], [], die_on
 
     def start(self, examples):
         return [Episode(ex) for ex in examples]
@@ -38,6 +38,7 @@ class FakeRunner:
     def expand(self, episodes, n, temperature, seeds, choices=None):
         assert n == 1 and temperature > 0 and episodes and not any(e.done for e in episodes)
         self.calls.append([(ep.example.id, seed) for ep, seed in zip(episodes, seeds)])
+        self.temperatures.append(temperature)
         if any(ep.example.id == self.die_on for ep in episodes):
             raise KeyboardInterrupt
         return [[ep.advance(self.next_step(ep, seed, choice))]
@@ -122,6 +123,19 @@ def test_search_interleaves_trees_and_keeps_consistent_statistics():
         assert root["visits"] == CFG.max_rollouts
     # Rollouts reach different answers: the values are not all equal.
     assert len({n["reward"] for d in dumps for n in d["nodes"][1:]}) > 2
+
+
+def test_rollouts_run_at_the_value_function_temperature():
+    runner = FakeRunner()
+    spre = SPRE(k=3, beta=0.9, temperature=0.5)
+    dumps = search(runner, EXAMPLES[:3], CFG, seed=7, value_fn=spre)
+    expansion_seeds = {derive_seed(question_seed(7, ex.id), it)
+                       for ex in EXAMPLES[:3] for it in range(CFG.max_rollouts)}
+    assert set(runner.temperatures) == {0.5, CFG.temperature}
+    for temperature, call in zip(runner.temperatures, runner.calls):
+        assert all((s in expansion_seeds) == (temperature == CFG.temperature) for _, s in call)
+    # The scripted policy ignores the temperature: the same trees as one call per round.
+    assert dumps == search(FakeRunner(), EXAMPLES[:3], CFG, seed=7)
 
 
 def test_untried_choice_is_the_one_no_child_took():

@@ -127,21 +127,21 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
                 new[i] = None
             it += valued | revisit
             leaf = np.where(valued | revisit, selected, leaf)
-        # One round: every waiting tree's expansion and every unfinished rollout's next step.
-        work = []        # (tree, rollout index or -1 for the expansion, episode, seed, choice)
+        # One round: every waiting tree's expansion and every unfinished rollout's next step,
+        # as (temperature, tree, rollout index or -1 for the expansion, episode, seed, choice).
+        work = []
         for i in range(b):
             node_seed = derive_seed(seeds[i], int(it[i]))
             if new[i] is None and it[i] < cfg.max_rollouts and nodes[i] < n:
                 choice = (untried_choice(kid_kinds[i].get(int(leaf[i]), []))
                           if cfg.untried_choice else None)
-                work.append((i, -1, table[i][leaf[i]], node_seed, choice))
-            work += [(i, r, ep, derive_seed(node_seed, r), None) for r, ep in flight[i].items()]
+                work.append((cfg.temperature, i, -1, table[i][leaf[i]], node_seed, choice))
+            work += [(value_fn.temperature, i, r, ep, derive_seed(node_seed, r), None)
+                     for r, ep in flight[i].items()]
         if not work:
             break
-        for temperature in sorted({cfg.temperature if r < 0 else value_fn.temperature
-                                   for _, r, *_ in work}):
-            rows = [w for w in work
-                    if (cfg.temperature if w[1] < 0 else value_fn.temperature) == temperature]
+        for temperature in sorted({w[0] for w in work}):
+            rows = [w[1:] for w in work if w[0] == temperature]
             stepped = runner.expand([w[2] for w in rows], 1, temperature, [w[3] for w in rows],
                                     [w[4] for w in rows])
             for (i, r, *_), (ep,) in zip(rows, stepped):
