@@ -253,3 +253,5 @@ def test_configs_carry_the_original_caps(name):
     searching = search_config(cfg)
     assert searching.agent.max_retrievals == 3 and searching.mcts == cfg.mcts
     assert searching.agent.num_passages == cfg.agent.num_passages
+    # A search round holds every tree's expansion or K rollout steps: one agent batch.
+    assert cfg.agent.batch_size == cfg.mcts.batch_questions * cfg.mcts.spre_rollouts

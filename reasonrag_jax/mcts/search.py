@@ -83,7 +83,8 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
     all its rollouts is grown in ONE `tree.grow` call, so its next expansion joins the next
     round while other trees are still rolling out. A tree's steps depend only on its own seeds
     (iteration seeds from `question_seed`, rollout r of a node from the node's seed and r), so
-    its dump does not depend on the batch or on when its work ran."""
+    its dump does not depend on the batch or on when its work ran. A round holds at most
+    B × max(1, K) episodes: the shipped configs size `agent.batch_size` to that."""
     value_fn = value_fn or default_value_fn(cfg)
     k = value_fn.rollouts_per_node
     b, n = len(examples), cfg.max_rollouts + 1
