@@ -132,8 +132,11 @@ def search(runner: Runner, examples: list[QAExample], cfg: MCTSConfig, seed: int
         # as (temperature, tree, rollout index or -1 for the expansion, episode, seed, choice).
         work = []
         for i in range(b):
+            expanding = new[i] is None and it[i] < cfg.max_rollouts and nodes[i] < n
+            if not (expanding or flight[i]):
+                continue
             node_seed = derive_seed(seeds[i], int(it[i]))
-            if new[i] is None and it[i] < cfg.max_rollouts and nodes[i] < n:
+            if expanding:
                 choice = (untried_choice(kid_kinds[i].get(int(leaf[i]), []))
                           if cfg.untried_choice else None)
                 work.append((cfg.temperature, i, -1, table[i][leaf[i]], node_seed, choice))
