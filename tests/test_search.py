@@ -83,11 +83,16 @@ def episode_of(dump, i):
     return ep
 
 
+def iteration_seeds(examples, seed):
+    """Every seed an expansion of these questions' trees can be drawn with."""
+    return {derive_seed(question_seed(seed, ex.id), it)
+            for ex in examples for it in range(CFG.max_rollouts)}
+
+
 def test_search_interleaves_trees_and_keeps_consistent_statistics():
     runner = FakeRunner()
     dumps = search(runner, EXAMPLES[:3], CFG, seed=7)
-    expansion_seeds = {derive_seed(question_seed(7, ex.id), it)
-                       for ex in EXAMPLES[:3] for it in range(CFG.max_rollouts)}
+    expansion_seeds = iteration_seeds(EXAMPLES[:3], 7)
     rows = [[seed in expansion_seeds for _, seed in call] for call in runner.calls]
     # Every new node is one expansion row; a round never holds more than every tree's work.
     assert sum(map(sum, rows)) == sum(len(d["nodes"]) - 1 for d in dumps)
@@ -129,8 +134,7 @@ def test_rollouts_run_at_the_value_function_temperature():
     runner = FakeRunner()
     spre = SPRE(k=3, beta=0.9, temperature=0.5)
     dumps = search(runner, EXAMPLES[:3], CFG, seed=7, value_fn=spre)
-    expansion_seeds = {derive_seed(question_seed(7, ex.id), it)
-                       for ex in EXAMPLES[:3] for it in range(CFG.max_rollouts)}
+    expansion_seeds = iteration_seeds(EXAMPLES[:3], 7)
     assert set(runner.temperatures) == {0.5, CFG.temperature}
     for temperature, call in zip(runner.temperatures, runner.calls):
         assert all((s in expansion_seeds) == (temperature == CFG.temperature) for _, s in call)
